@@ -1,0 +1,144 @@
+"""The gate (router) interface shared by every routing rule.
+
+A gate maps tokens to experts. It returns a :class:`Routing`: a flat list of *assignments*
+(token, expert, weight), so that token-choice gates (each token picks ``k`` experts), dynamic gates
+(each token picks a variable number) and expert-choice gates (each expert picks tokens) all feed the
+same dispatcher.
+
+Shape legend: ``T`` tokens, ``D`` model width, ``E`` experts (logical ids), ``K`` experts per token,
+``N`` assignments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class AuxLoss(NamedTuple):
+    """An auxiliary loss of one forward: its raw value and the coefficient it enters the loss with."""
+
+    value: torch.Tensor
+    coefficient: float
+
+    @property
+    def weighted(self) -> torch.Tensor:
+        return self.value * self.coefficient
+
+
+@dataclass
+class Routing:
+    """What a gate decided for one batch of tokens.
+
+    Attributes:
+        token_index_N: the token of each assignment, ``[N]`` (int64).
+        expert_index_N: the logical expert of each assignment, ``[N]`` (int64).
+        weight_N: the weight the expert's output is combined with, ``[N]`` (float32).
+        num_tokens: ``T``.
+        aux_losses: auxiliary losses by name (e.g. ``"load_balance_loss"``).
+        stats: detached per-batch statistics by name (e.g. ``"router_entropy"``).
+
+    NOTE: assignments are in *priority order*: when a capacity limit drops assignments, the later
+    ones go first. Token-choice gates list all first choices, then all second choices, and so on,
+    as GShard (Lepikhin et al. 2020, Sec. 2.2) does.
+    """
+
+    token_index_N: torch.Tensor
+    expert_index_N: torch.Tensor
+    weight_N: torch.Tensor
+    num_tokens: int
+    aux_losses: dict[str, AuxLoss] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def routing_from_topk(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> Routing:
+    """Flatten token-choice ``[T, K]`` routing into assignments in k-major (priority) order."""
+    num_tokens, top_k = topk_ids_TK.shape
+    token_index_KT = torch.arange(num_tokens, device=topk_ids_TK.device).expand(top_k, num_tokens)
+    return Routing(
+        token_index_N=token_index_KT.reshape(-1),
+        expert_index_N=topk_ids_TK.t().reshape(-1),
+        weight_N=topk_weights_TK.t().reshape(-1).float(),
+        num_tokens=num_tokens,
+    )
+
+
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the per-token routing distribution: low means confident routing."""
+    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
+
+
+def check_positive_int(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner}: `{name}` must be a positive integer, got {value!r}. Set `{name}` to 1 or more.")
+
+
+def check_non_negative(owner: str, name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{owner}: `{name}` must be a finite number >= 0, got {value!r}. Use 0.0 to turn it off.")
+
+
+class Gate(nn.Module):
+    """Base class of every routing rule.
+
+    A gate is constructed with its own hyper-parameters only (so that a YAML ``class_path`` can
+    name it), then :meth:`build` gives it the layer's width and number of experts and creates its
+    parameters. :class:`~lightning_moe.MoELayer` calls :meth:`build`; a gate is never shared
+    between layers.
+
+    Subclasses implement :meth:`_build` and :meth:`forward`, and may set ``needs_bias_update`` with
+    :meth:`update_bias` (aux-loss-free balancing).
+    """
+
+    #: Whether :meth:`update_bias` must be called after every optimizer step.
+    needs_bias_update: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d_model: int | None = None
+        self.num_experts: int | None = None
+
+    def build(self, d_model: int, num_experts: int) -> Gate:
+        """Create this gate's parameters for a layer of width ``d_model`` with ``num_experts`` experts."""
+        if self.num_experts is not None:
+            raise RuntimeError(f"{type(self).__name__} is already built; give each MoELayer its own gate.")
+        owner = type(self).__name__
+        check_positive_int(owner, "d_model", d_model)
+        check_positive_int(owner, "num_experts", num_experts)
+        self.d_model, self.num_experts = d_model, num_experts
+        self._build(d_model, num_experts)
+        return self
+
+    def _build(self, d_model: int, num_experts: int) -> None:
+        """Validate hyper-parameters against ``num_experts`` and create parameters."""
+        raise NotImplementedError
+
+    def forward(self, x_TD: torch.Tensor, *, num_sequences: int = 1) -> Routing:
+        """Route ``T`` tokens. ``num_sequences`` splits them into equal consecutive sequences (for
+        sequence-level losses)."""
+        raise NotImplementedError
+
+    def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """Adjust selection biases from the load seen since the last optimizer step."""
+
+    def reset_parameters(self, init_std: float) -> None:
+        """Re-initialise the routing weights with a normal of standard deviation ``init_std``."""
+        for parameter in self.parameters(recurse=False):
+            nn.init.normal_(parameter, std=init_std)
+
+
+class LinearRouterGate(Gate):
+    """A gate whose scores come from one linear map ``x W^T``, ``W: [E, D]``, computed in fp32."""
+
+    def _build(self, d_model: int, num_experts: int) -> None:
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        # NOTE: routing in fp32 (as DeepSeek-V3 and Megatron's `moe_router_dtype=fp32`): bf16 logits
+        # flip near-tied top-k choices between runs and between EP layouts.
+        return torch.nn.functional.linear(x_TD.float(), self.weight.float())  # (T, E)

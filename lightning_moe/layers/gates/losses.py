@@ -1,0 +1,26 @@
+"""Auxiliary routing losses shared by several gates.
+
+Shape legend: ``T`` tokens, ``E`` experts, ``K`` experts per token, ``N`` assignments.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def switch_load_balance_loss(probs_TE: torch.Tensor, expert_index_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4): ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of assignments sent to expert ``e`` (for top-k, of the ``T * K``
+    assignments, so the ``f_e`` sum to 1) and ``P_e`` the mean router probability of ``e``. It is 1.0
+    for perfectly uniform routing; only ``P_e`` carries gradient.
+    """
+    counts_E = torch.bincount(expert_index_N, minlength=num_experts).to(probs_TE.dtype)
+    fraction_E = counts_E / counts_E.sum().clamp_min(1.0)
+    mean_prob_E = probs_TE.mean(dim=0)
+    return num_experts * torch.sum(fraction_E * mean_prob_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): ``mean_t (logsumexp_e logits_te)^2``."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()

@@ -1,0 +1,173 @@
+"""The Mixture-of-Experts layer: gate + dispatcher + routed experts + optional shared experts.
+
+Shape legend: ``T`` tokens, ``D`` model width, ``E`` experts, ``N`` assignments (token, expert).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_moe.layers.dispatch import LocalDispatcher, drop_over_capacity
+from lightning_moe.layers.experts import Experts, FeedForward, check_activation
+from lightning_moe.layers.gates import AuxLoss, Gate, make_gate
+from lightning_moe.layers.gates.base import check_positive_int
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    ``forward(x)`` takes ``[..., D]`` and returns the same shape. Every token is routed by the gate
+    to one or more of ``num_experts`` experts; their outputs are summed with the gate's weights. With
+    ``num_shared_experts > 0`` a dense FFN that every token passes through is added (DeepSeekMoE,
+    Dai et al. 2024); ``shared_expert_gate=True`` scales it by ``sigmoid(x w)`` as in Qwen2-MoE.
+
+    After each forward the layer keeps, for losses and monitoring (never in module globals):
+    ``aux_losses`` (name -> :class:`AuxLoss`), ``tokens_per_expert`` (``[E]``, per logical expert,
+    after capacity drops), ``dropped_tokens`` (assignments dropped), ``routed_tokens`` (assignments
+    before drops), ``num_tokens`` and ``stats`` (gate statistics such as ``router_entropy``).
+
+    Args:
+        d_model: model width.
+        d_ff: hidden width of each routed expert (small for fine-grained experts).
+        num_experts: number of routed experts.
+        gate: a gate name (``"topk"``, ``"noisy_topk"``, ``"dynamic"``, ``"expert_choice"``,
+            ``"sigmoid"``) or a :class:`~lightning_moe.layers.gates.Gate` instance, which is copied.
+        top_k: experts per token, for gates that take it.
+        gate_kwargs: further keyword arguments of the named gate (e.g. ``{"z_loss_coef": 1e-3}``).
+        activation: ``"swiglu"`` or ``"gelu"`` for routed and shared experts.
+        num_shared_experts: shared experts that every token passes through (0 for none).
+        shared_expert_d_ff: hidden width of the shared FFN; ``num_shared_experts * d_ff`` by default.
+        shared_expert_gate: scale the shared output by a learned sigmoid gate (Qwen2-MoE).
+        capacity_factor: ``None`` for dropless routing; otherwise each expert takes at most
+            ``ceil(capacity_factor * assignments / num_experts)`` assignments and drops the rest.
+        init_std: standard deviation of the normal weight initialisation.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        gate: str | Gate = "topk",
+        top_k: int = 2,
+        gate_kwargs: dict[str, Any] | None = None,
+        activation: str = "swiglu",
+        num_shared_experts: int = 0,
+        shared_expert_d_ff: int | None = None,
+        shared_expert_gate: bool = False,
+        capacity_factor: float | None = None,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        check_positive_int("MoELayer", "d_model", d_model)
+        check_positive_int("MoELayer", "d_ff", d_ff)
+        check_positive_int("MoELayer", "num_experts", num_experts)
+        check_positive_int("MoELayer", "top_k", top_k)
+        check_activation(activation)
+        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f"`num_shared_experts` must be an integer >= 0, got {num_shared_experts!r}.")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(
+                f"`capacity_factor` must be > 0, got {capacity_factor!r}. Use None for dropless routing "
+                f"or a positive factor such as 1.25."
+            )
+        self.d_model, self.num_experts = d_model, num_experts
+        self.capacity_factor = capacity_factor
+
+        gate_module = make_gate(gate, top_k=top_k, **(gate_kwargs or {}))
+        if isinstance(gate, Gate):
+            gate_module = copy.deepcopy(gate_module)
+        self.gate = gate_module.build(d_model, num_experts)
+        self.experts = Experts(
+            num_experts=num_experts, d_model=d_model, d_ff=d_ff, activation=activation, init_std=init_std
+        )
+        self.shared_experts: FeedForward | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        if num_shared_experts > 0 or shared_expert_d_ff:
+            self.shared_experts = FeedForward(
+                d_model=d_model,
+                d_ff=shared_expert_d_ff or num_shared_experts * d_ff,
+                activation=activation,
+                init_std=init_std,
+            )
+            if shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
+                nn.init.normal_(self.shared_expert_gate.weight, std=init_std)
+        #: Replaced by MoEStrategy with an expert-parallel dispatcher (same interface).
+        self.dispatcher: Any = LocalDispatcher(num_experts)
+
+        self.aux_losses: dict[str, AuxLoss] = {}
+        self.stats: dict[str, torch.Tensor] = {}
+        self.num_tokens = 0
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("routed_tokens", torch.zeros((), dtype=torch.long), persistent=False)
+        # Load since the last optimizer step, for gates with aux-loss-free bias balancing.
+        self.register_buffer("load_since_bias_update", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer expects inputs with last dimension d_model={self.d_model}, got {tuple(x.shape)}.")
+        x_TD = x.reshape(-1, self.d_model)
+        num_sequences = x.shape[:-2].numel() if x.dim() >= 3 else 1
+
+        # 1. Route: assignments (token, logical expert, weight) in priority order.
+        routing = self.gate(x_TD, num_sequences=num_sequences)
+        routed = routing.expert_index_N.numel()
+        dropped = 0
+        if self.capacity_factor is not None:
+            routing, dropped = drop_over_capacity(routing, self.num_experts, self.capacity_factor)
+
+        # 2. Permute: rows sorted by expert (and sent to the expert's rank under expert parallelism).
+        x_ND = x_TD[routing.token_index_N]
+        expert_input, tokens_per_local_expert, dispatch_context = self.dispatcher.dispatch(x_ND, routing.expert_index_N)
+
+        # 3. Compute: one grouped GEMM per projection over all local experts.
+        expert_output = self.experts(expert_input, tokens_per_local_expert)
+
+        # 4. Un-permute and combine with the gate's weights.
+        y_ND = self.dispatcher.combine(expert_output, dispatch_context)
+        y_ND = y_ND * routing.weight_N.to(y_ND.dtype).unsqueeze(-1)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, routing.token_index_N, y_ND)
+
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_expert_gate(x_TD))
+            y_TD = y_TD + shared_TD
+
+        self._record(routing.aux_losses, routing.stats, routing.expert_index_N, x_TD.shape[0], routed, dropped)
+        return y_TD.view(x.shape)
+
+    @torch.no_grad()
+    def _record(self, aux_losses, stats, expert_index_N, num_tokens, routed, dropped) -> None:
+        self.aux_losses = dict(aux_losses)
+        self.stats = {name: value.detach() for name, value in stats.items()}
+        self.num_tokens = num_tokens
+        counts_E = torch.bincount(expert_index_N, minlength=self.num_experts)
+        self.tokens_per_expert.copy_(counts_E)
+        self.dropped_tokens.fill_(dropped)
+        self.routed_tokens.fill_(routed)
+        if self.training and self.gate.needs_bias_update:
+            self.load_since_bias_update += counts_E
+
+    @torch.no_grad()
+    def update_gate_bias(self) -> None:
+        """Apply the gate's aux-loss-free bias update with the load since the last call, then reset it.
+
+        Called after each optimizer step (see :func:`lightning_moe.layers.balancing.register_bias_update`).
+        The load is summed over every process that routes with this gate, so biases stay identical.
+        """
+        if not self.gate.needs_bias_update:
+            return
+        load_E = self.dispatcher.reduce_load(self.load_since_bias_update.clone())
+        self.gate.update_bias(load_E)
+        self.load_since_bias_update.zero_()
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, capacity_factor={self.capacity_factor}"
