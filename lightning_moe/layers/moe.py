@@ -79,10 +79,15 @@ class MoELayer(nn.Module):
         self.d_model, self.num_experts = d_model, num_experts
         self.capacity_factor = capacity_factor
 
-        gate_module = make_gate(gate, top_k=top_k, **(gate_kwargs or {}))
+        gate_module = make_gate(gate, top_k=top_k, gate_kwargs=gate_kwargs)
         if isinstance(gate, Gate):
             gate_module = copy.deepcopy(gate_module)
         self.gate = gate_module.build(d_model, num_experts)
+        if capacity_factor is not None and self.gate.has_own_capacity:
+            raise ValueError(
+                f"`capacity_factor`={capacity_factor} was set with gate {type(self.gate).__name__}, which bounds "
+                f"each expert's load itself. Leave `capacity_factor` as None and set the gate's own capacity."
+            )
         self.experts = Experts(
             num_experts=num_experts, d_model=d_model, d_ff=d_ff, activation=activation, init_std=init_std
         )

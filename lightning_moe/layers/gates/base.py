@@ -96,11 +96,16 @@ class Gate(nn.Module):
 
     #: Whether :meth:`update_bias` must be called after every optimizer step.
     needs_bias_update: bool = False
+    #: Whether the gate bounds each expert's load itself (expert choice), so that a layer-level
+    #: ``capacity_factor`` would be a second, conflicting limit.
+    has_own_capacity: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.d_model: int | None = None
         self.num_experts: int | None = None
+        #: Device-limited routing: at most this many expert groups per token (see set_expert_groups).
+        self.expert_group_limit: int | None = None
 
     def build(self, d_model: int, num_experts: int) -> Gate:
         """Create this gate's parameters for a layer of width ``d_model`` with ``num_experts`` experts."""
@@ -124,6 +129,57 @@ class Gate(nn.Module):
 
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         """Adjust selection biases from the load seen since the last optimizer step."""
+
+    def set_expert_groups(self, group_of_expert_E: torch.Tensor | None, max_groups: int | None) -> None:
+        """Limit each token to experts of at most ``max_groups`` groups (``None`` lifts the limit).
+
+        Device-limited routing (DeepSeek-V2, Dai et al. 2024, Sec. 2.1.3): with groups = the
+        expert-parallel ranks that hold the experts, a token's experts span at most ``max_groups``
+        ranks, which bounds its all-to-all traffic. Set by :class:`~lightning_moe.MoEStrategy` from
+        its placement; token-choice gates apply it with :meth:`limit_to_expert_groups` before top-k.
+        """
+        if group_of_expert_E is None or max_groups is None:
+            self.expert_group_limit = None
+            return
+        check_positive_int(type(self).__name__, "max_groups", max_groups)
+        group_of_expert_E = torch.as_tensor(group_of_expert_E, dtype=torch.long)
+        if group_of_expert_E.shape != (self.num_experts,):
+            raise ValueError(
+                f"{type(self).__name__}.set_expert_groups: `group_of_expert_E` must have shape ({self.num_experts},), "
+                f"got {tuple(group_of_expert_E.shape)}. Give one group id per logical expert."
+            )
+        top_k = getattr(self, "top_k", 1)
+        smallest_group = int(torch.bincount(group_of_expert_E).min())
+        if smallest_group * max_groups < top_k:
+            raise ValueError(
+                f"{type(self).__name__}: device-limited routing to {max_groups} group(s) of {smallest_group} "
+                f"expert(s) cannot reach top_k={top_k} experts. Raise the limit (`device_limited_routing`) "
+                f"or lower `top_k`."
+            )
+        device = next((t.device for t in self.parameters()), None)
+        self.register_buffer("expert_group", group_of_expert_E.to(device), persistent=False)
+        self.expert_group_limit = max_groups
+
+    def limit_to_expert_groups(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """``scores_TE`` with the experts outside each token's ``max_groups`` best groups set to -inf.
+
+        A group's affinity is the best score of its experts (DeepSeek-V2 Sec. 2.1.3). Without a limit
+        (or when it allows every group) the scores are returned unchanged.
+        """
+        max_groups = self.expert_group_limit
+        if max_groups is None:
+            return scores_TE
+        group_E = self.expert_group.to(scores_TE.device)
+        num_groups = int(group_E.max()) + 1
+        if max_groups >= num_groups:
+            return scores_TE
+        num_tokens = scores_TE.shape[0]
+        group_TE = group_E.expand(num_tokens, -1)
+        group_score_TG = scores_TE.new_full((num_tokens, num_groups), float("-inf"))
+        group_score_TG = group_score_TG.scatter_reduce(1, group_TE, scores_TE, reduce="amax")
+        kept_group_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+        kept_group_TG.scatter_(1, group_score_TG.topk(max_groups, dim=-1).indices, True)
+        return scores_TE.masked_fill(~kept_group_TG.gather(1, group_TE), float("-inf"))
 
     def reset_parameters(self, init_std: float) -> None:
         """Re-initialise the routing weights with a normal of standard deviation ``init_std``."""

@@ -58,7 +58,10 @@ class TopKGate(LinearRouterGate):
     def forward(self, x_TD: torch.Tensor, *, num_sequences: int = 1) -> Routing:
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        topk_probs_TK, topk_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        # Device-limited routing (a no-op unless MoEStrategy set expert groups): the chosen experts
+        # are the top-k of the allowed ones; their weights are their unmasked probabilities.
+        topk_ids_TK = torch.topk(self.limit_to_expert_groups(probs_TE), self.top_k, dim=-1).indices
+        topk_probs_TK = probs_TE.gather(1, topk_ids_TK)
         if self.normalize:
             topk_probs_TK = topk_probs_TK / topk_probs_TK.sum(dim=-1, keepdim=True)
         routing = routing_from_topk(topk_ids_TK, topk_probs_TK)

@@ -1,0 +1,192 @@
+"""MoELayer: grouped GEMM against a per-expert loop, capacity and drop accounting, shapes, errors."""
+
+import pytest
+import torch
+
+from lightning_moe import MoELayer, collect_aux_loss, collect_aux_losses
+from lightning_moe.layers.dispatch import drop_over_capacity, expert_capacity
+from lightning_moe.layers.gates import Routing
+from lightning_moe.ops.grouped_mm import grouped_mm, grouped_mm_loop
+
+
+def _layer(**kwargs) -> MoELayer:
+    torch.manual_seed(0)
+    defaults = dict(d_model=16, d_ff=32, num_experts=4, top_k=2)
+    defaults.update(kwargs)
+    return MoELayer(**defaults)
+
+
+def _forward_backward(layer: MoELayer, x: torch.Tensor, grad_output: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(grad_output)
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_matches_loop_with_empty_groups(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(11, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 16, 8, dtype=dtype, requires_grad=True)
+    counts = torch.tensor([3, 0, 8, 0])
+    grad = torch.randn(11, 8, dtype=dtype)
+    out = grouped_mm(x, w, counts)
+    out.backward(grad)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref = grouped_mm_loop(x, w, counts)
+    ref.backward(grad)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(gx, x.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(gw, w.grad, atol=tol, rtol=tol)
+    assert gw[1].abs().sum() == 0 and gw[3].abs().sum() == 0
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_mm_path_equals_per_expert_loop(activation):
+    layer = _layer(activation=activation, num_experts=8, top_k=2)
+    x = torch.randn(3, 7, 16)
+    grad_output = torch.randn(3, 7, 16)
+    y_grouped, gx_grouped, grads_grouped = _forward_backward(layer, x, grad_output)
+    layer.experts.use_grouped_mm = False
+    y_loop, gx_loop, grads_loop = _forward_backward(layer, x, grad_output)
+    torch.testing.assert_close(y_grouped, y_loop, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gx_grouped, gx_loop, atol=1e-6, rtol=1e-5)
+    assert grads_grouped.keys() == grads_loop.keys()
+    for name in grads_grouped:
+        torch.testing.assert_close(grads_grouped[name], grads_loop[name], atol=1e-6, rtol=1e-5)
+
+
+def test_layer_equals_dense_reference_per_token():
+    """Each token's output is the weighted sum of its experts' SwiGLU outputs, computed naively."""
+    layer = _layer(num_experts=4, top_k=2)
+    x = torch.randn(5, 16)
+    y = layer(x)
+    probs = torch.softmax(x @ layer.gate.weight.t(), dim=-1)
+    top_probs, top_ids = probs.topk(2, dim=-1)
+    top_probs = top_probs / top_probs.sum(-1, keepdim=True)
+    expected = torch.zeros_like(x)
+    for t in range(5):
+        for slot in range(2):
+            e = top_ids[t, slot]
+            gate, up = (x[t] @ layer.experts.w_in[e]).chunk(2)
+            expected[t] += top_probs[t, slot] * ((torch.nn.functional.silu(gate) * up) @ layer.experts.w_out[e])
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_dropless_equals_capacity_mode_with_large_capacity():
+    layer = _layer(num_experts=4, top_k=2)
+    x, grad_output = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    dropless = _forward_backward(layer, x, grad_output)
+    layer.capacity_factor = 4.0  # every expert could take every assignment
+    capped = _forward_backward(layer, x, grad_output)
+    assert layer.dropped_tokens.item() == 0
+    torch.testing.assert_close(dropless[0], capped[0])
+    torch.testing.assert_close(dropless[1], capped[1])
+    for name in dropless[2]:
+        torch.testing.assert_close(dropless[2][name], capped[2][name])
+
+
+def test_drop_over_capacity_keeps_first_choices_first():
+    # 4 tokens, top-2, 2 experts; k-major order: first choices [0, 0, 0, 1], second [1, 1, 1, 0].
+    routing = Routing(
+        token_index_N=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]),
+        expert_index_N=torch.tensor([0, 0, 0, 1, 1, 1, 1, 0]),
+        weight_N=torch.arange(8, dtype=torch.float32),
+        num_tokens=4,
+    )
+    # capacity = ceil(0.5 * 8 / 2) = 2 per expert
+    assert expert_capacity(8, 2, 0.5) == 2
+    kept, dropped = drop_over_capacity(routing, num_experts=2, capacity_factor=0.5)
+    assert dropped == 4
+    # expert 0 keeps tokens 0, 1 (first choices, earliest); expert 1 keeps token 3's first choice and
+    # token 0's second choice.
+    assert kept.token_index_N.tolist() == [0, 1, 3, 0]
+    assert kept.expert_index_N.tolist() == [0, 0, 1, 1]
+    assert kept.weight_N.tolist() == [0.0, 1.0, 3.0, 4.0]
+
+
+def test_dropped_tokens_are_counted_and_pass_as_zero():
+    layer = _layer(num_experts=4, top_k=1, capacity_factor=0.5)
+    x = torch.randn(1, 16, 16)
+    y = layer(x)
+    capacity = expert_capacity(16, 4, 0.5)
+    assert layer.routed_tokens.item() == 16
+    assert layer.tokens_per_expert.max().item() <= capacity
+    assert layer.dropped_tokens.item() == 16 - layer.tokens_per_expert.sum().item()
+    assert layer.dropped_tokens.item() > 0
+    zero_rows = (y.reshape(16, 16).abs().sum(-1) == 0).sum().item()
+    assert zero_rows == layer.dropped_tokens.item()  # top-1: a dropped token gets no expert output
+
+
+def test_counts_sum_to_tokens_times_k_in_dropless_mode():
+    layer = _layer(num_experts=8, top_k=3)
+    layer(torch.randn(4, 5, 16))
+    assert layer.tokens_per_expert.sum().item() == 4 * 5 * 3
+    assert layer.num_tokens == 20 and layer.dropped_tokens.item() == 0
+
+
+@pytest.mark.parametrize("shape", [(16,), (7, 16), (2, 3, 16), (2, 2, 3, 16)])
+def test_any_leading_dimensions(shape):
+    layer = _layer()
+    assert layer(torch.randn(*shape)).shape == shape
+
+
+def test_shared_experts_with_sigmoid_gate_add_to_output():
+    layer = _layer(num_shared_experts=2, shared_expert_gate=True)
+    assert layer.shared_experts.w_out.in_features == 64
+    x = torch.randn(6, 16)
+    y = layer(x)
+    shared = layer.shared_experts(x) * torch.sigmoid(layer.shared_expert_gate(x))
+    layer.shared_experts = None
+    torch.testing.assert_close(y, layer(x) + shared)
+
+
+def test_fine_grained_experts_and_aux_losses():
+    layer = _layer(num_experts=64, d_ff=8, top_k=6, gate_kwargs={"z_loss_coef": 1e-3})
+    layer(torch.randn(32, 16))
+    losses = collect_aux_losses(layer)
+    assert set(losses) == {"load_balance_loss", "z_loss"}
+    expected = 0.01 * layer.aux_losses["load_balance_loss"].value + 1e-3 * layer.aux_losses["z_loss"].value
+    torch.testing.assert_close(collect_aux_loss(layer), expected)
+
+
+def test_a_gate_instance_is_copied_per_layer():
+    from lightning_moe.layers.gates import TopKGate
+
+    template = TopKGate(top_k=1, normalize=False)
+    first = MoELayer(d_model=16, d_ff=32, num_experts=4, gate=template)
+    second = MoELayer(d_model=16, d_ff=32, num_experts=4, gate=template)
+    assert first.gate is not second.gate and template.num_experts is None
+    assert first.gate.top_k == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(top_k=5), "top_k"),
+        (dict(gate="nope"), "gate"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(capacity_factor=-1.0), "capacity_factor"),
+        (dict(num_experts=0), "num_experts"),
+        (dict(activation="relu6"), "activation"),
+        (dict(gate_kwargs={"temperature": 2.0}), "gate_kwargs"),
+        (dict(num_shared_experts=-1), "num_shared_experts"),
+    ],
+)
+def test_bad_configuration_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        _layer(**kwargs)
+
+
+def test_top_k_given_twice_is_a_value_error():
+    with pytest.raises(ValueError, match="top_k"):
+        _layer(top_k=2, gate_kwargs={"top_k": 3})
+
+
+def test_expert_choice_refuses_a_second_capacity_limit():
+    with pytest.raises(ValueError, match="capacity_factor"):
+        _layer(gate="expert_choice", capacity_factor=1.0)
