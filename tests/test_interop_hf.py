@@ -48,15 +48,6 @@ def _deepseek(**overrides):
     return DeepseekV3MoE(DeepseekV3Config(**COMMON, **{**kwargs, **overrides}))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster and does not fight the other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2,

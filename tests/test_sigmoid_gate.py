@@ -209,15 +209,6 @@ def test_bias_is_a_checkpointed_buffer_and_update_follows_the_sign_rule():
     assert frozen.needs_bias_update
 
 
-@pytest.fixture
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster and does not fight the other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _skewed_tokens(generator: torch.Generator, num_tokens: int, common_D: torch.Tensor) -> torch.Tensor:
     """Tokens sharing a strong common direction: the experts aligned with it take most of them."""
     return torch.randn(num_tokens, common_D.numel(), generator=generator) + 2.0 * common_D
