@@ -1,0 +1,75 @@
+"""Gradient reduction and clipping for expert-parallel training.
+
+Dense parameters are replicated on every rank and DDP averages their gradients over the world.
+Expert parameters are sharded over the EP group and left out of DDP. After the backward of a
+micro-batch that syncs, each expert gradient already holds the sum over the ranks of its EP group
+(the backward of the dispatch all-to-all brings every source rank's contribution home), so summing
+over the expert-data-parallel (EDP) group gives the sum over the whole world; dividing by the world
+size gives the same average that DDP takes of the dense gradients:
+
+    grad_e = (1 / W) * sum_{edp} sum_{ep} dL_rank / dw_e = (1 / W) * sum_{ranks} dL_rank / dw_e.
+
+Clipping by norm must see the norm of the *whole* model: the dense part once (identical on every
+rank) plus each expert shard once, i.e. the sum of squares of the expert part all-reduced over the
+EP group (EDP replicas hold identical expert gradients after the sync and are not counted again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from lightning_moe.layers.experts import is_expert_param
+
+
+@torch.no_grad()
+def sync_expert_grads(
+    parameters: Iterable[torch.nn.Parameter], *, edp_group: dist.ProcessGroup | None, edp_size: int, world_size: int
+) -> None:
+    """Sum expert gradients over the EDP group (one flat all-reduce) and divide by the world size."""
+    parameters = list(parameters)
+    for p in parameters:
+        # A layer skipped in this forward leaves `grad` unset on some ranks only: give it zeros, so
+        # that every rank all-reduces a buffer of the same size.
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in parameters]
+    if not grads:
+        return
+    if edp_size > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=edp_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    if world_size > 1:
+        torch._foreach_div_(grads, float(world_size))
+
+
+@torch.no_grad()
+def clip_grad_norm_global(
+    parameters: Iterable[torch.Tensor], max_norm: float, *, ep_group: dist.ProcessGroup | None, ep_size: int
+) -> torch.Tensor:
+    """Clip gradients in place by the global norm of dense and sharded expert gradients; return that norm.
+
+    Same rule as ``torch.nn.utils.clip_grad_norm_``: scale by ``max_norm / (norm + 1e-6)`` when that
+    is below one.
+    """
+    grads_dense, grads_expert = [], []
+    for p in parameters:
+        if p.grad is not None:
+            (grads_expert if is_expert_param(p) else grads_dense).append(p.grad)
+    device = (grads_dense + grads_expert)[0].device if grads_dense or grads_expert else torch.device("cpu")
+    dense_sq = sum((g.detach().float().pow(2).sum() for g in grads_dense), torch.zeros((), device=device))
+    expert_sq = sum((g.detach().float().pow(2).sum() for g in grads_expert), torch.zeros((), device=device))
+    if ep_size > 1:
+        dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=ep_group)
+    total_norm = (dense_sq + expert_sq).sqrt()
+    clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    grads = grads_dense + grads_expert
+    if grads:
+        torch._foreach_mul_(grads, clip_coef.to(grads[0].device))
+    return total_norm

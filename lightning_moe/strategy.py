@@ -1,0 +1,315 @@
+"""MoEStrategy: expert parallelism x data parallelism for any LightningModule that holds ``MoELayer``s.
+
+The world is an ``[edp, ep]`` grid (:mod:`lightning_moe.parallel.mesh`). Every rank holds the dense
+parameters (DDP averages their gradients) and ``E / ep`` experts of every MoE layer, fed by an
+all-to-all dispatcher (:mod:`lightning_moe.parallel.dispatch`); expert gradients are reduced by
+:mod:`lightning_moe.parallel.grad_sync`; checkpoints are written per logical expert
+(:mod:`lightning_moe.checkpoint`) so that they can be resumed at any layout. See docs/parallelism.md.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies.ddp import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.nn import Module
+from torch.nn.parallel.distributed import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+import lightning.pytorch as pl
+from lightning_moe.checkpoint import load_local_checkpoint, save_sharded_checkpoint
+from lightning_moe.layers.balancing import register_bias_update
+from lightning_moe.layers.experts import is_expert_param
+from lightning_moe.parallel.dispatch import AllToAllDispatcher
+from lightning_moe.parallel.grad_sync import clip_grad_norm_global, sync_expert_grads
+from lightning_moe.parallel.mesh import ExpertParallelMesh, build_expert_parallel_mesh, check_layout
+from lightning_moe.parallel.placement import ExpertPlacement
+from lightning_moe.parallel.sharding import (
+    ddp_ignored_names,
+    describe_signature_mismatch,
+    expert_param_problem,
+    moe_signature,
+    named_moe_layers,
+    shard_layer,
+    sharded_expert_params,
+)
+
+
+class MoEStrategy(DDPStrategy):
+    """Data parallelism for dense parameters and expert parallelism for the experts of every ``MoELayer``.
+
+    ``Trainer(strategy=MoEStrategy(expert_parallel_size=4), devices=8)`` splits 8 processes into 2
+    expert-data-parallel replicas of 4 consecutive ranks; each rank of a group of 4 holds a quarter of
+    the experts of every MoE layer, and tokens travel to their experts by all-to-all. With
+    ``expert_parallel_size=1`` it is plain DDP (every rank holds every expert). ``strategy="moe"``
+    works once ``lightning_moe`` is imported.
+
+    Args:
+        expert_parallel_size: ranks that share the experts of a layer (``ep``); must divide the world
+            size and every layer's ``num_experts``.
+        device_limited_routing: if set to ``M``, each token's experts may span at most ``M`` EP ranks
+            (DeepSeek-V2, Sec. 2.1.3): the gate keeps the ``M`` ranks whose best expert scores highest
+            and picks its top-k there. Applies to the ``topk`` and ``sigmoid`` gates.
+        expert_placement: the logical experts of each EP rank in slot order, e.g. ``[[3, 0], [1, 2]]``,
+            used for every MoE layer; ``None`` is the identity (rank ``r`` holds experts
+            ``r*L .. r*L+L-1``).
+        accelerator: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        parallel_devices: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        cluster_environment: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        checkpoint_io: used for nothing but removing old checkpoints (checkpoints are directories).
+        precision_plugin: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        process_group_backend: ``"gloo"`` or ``"nccl"``; by default picked from the device.
+        timeout: timeout of collectives.
+        start_method: how Lightning launches processes (``"popen"`` runs the script again per rank).
+        **ddp_kwargs: passed on to ``DistributedDataParallel`` (e.g. ``find_unused_parameters``).
+    """
+
+    strategy_name = "moe"
+
+    def __init__(
+        self,
+        *,
+        expert_parallel_size: int = 1,
+        device_limited_routing: int | None = None,
+        expert_placement: list[list[int]] | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **ddp_kwargs: Any,
+    ) -> None:
+        if not isinstance(expert_parallel_size, int) or isinstance(expert_parallel_size, bool) or expert_parallel_size < 1:
+            raise ValueError(
+                f"MoEStrategy: `expert_parallel_size` must be a positive integer, got {expert_parallel_size!r}. "
+                f"Use 1 for no expert parallelism."
+            )
+        if device_limited_routing is not None and (
+            not isinstance(device_limited_routing, int) or device_limited_routing < 1
+        ):
+            raise ValueError(
+                f"MoEStrategy: `device_limited_routing` must be None or a positive integer, got "
+                f"{device_limited_routing!r}. Use None for no limit, or the number of EP ranks a token may reach."
+            )
+        if expert_placement is not None and len(expert_placement) != expert_parallel_size:
+            raise ValueError(
+                f"MoEStrategy: `expert_placement` lists {len(expert_placement)} ranks but expert_parallel_size="
+                f"{expert_parallel_size}. Give the logical experts of each of the {expert_parallel_size} EP ranks."
+            )
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **ddp_kwargs,
+        )
+        self.expert_parallel_size = expert_parallel_size
+        self.device_limited_routing = device_limited_routing
+        self.expert_placement = expert_placement
+        self.expert_mesh: ExpertParallelMesh | None = None
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Checkpoints are read after sharding: each rank then loads only its own experts.
+        return True
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._layer_sync:
+            self.model = self._layer_sync.apply(self.model)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+
+        # Shard before the optimizers exist, so that they are created over the local experts.
+        self.parallelize(self.lightning_module)
+        if fitting:
+            self.configure_ddp()
+            self.setup_optimizers(trainer)
+            for optimizer in self.optimizers:
+                register_bias_update(optimizer, self.lightning_module)
+        else:
+            # No DDP wrapper outside fitting: sync dense states by hand, leaving the expert shards alone.
+            self._broadcast_dense_states(self.lightning_module)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        # NOTE: Lightning clips through the precision plugin; its norm would only see this rank's
+        # expert shards. Route norm clipping through the global norm instead.
+        self.precision_plugin.clip_grad_by_norm = partial(self._clip_grad_by_global_norm)  # type: ignore[method-assign]
+
+    def parallelize(self, module: Module) -> None:
+        """Check ``module`` on every rank, build the mesh and shard the experts of every MoE layer.
+
+        Idempotent: layers already sharded (e.g. by an earlier ``fit`` of the same module) are kept.
+        Raises ``ValueError`` on every rank, before any step, for a layout or model that cannot work.
+        """
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        check_layout(world_size, self.expert_parallel_size)
+        problem = expert_param_problem(module, self.expert_parallel_size)
+        if problem is None and self.expert_placement is not None:
+            problem = self._placement_problem(module)
+        # All ranks take part in one gather before anyone raises, so that a problem seen by one
+        # rank stops every rank instead of leaving the others waiting in a collective.
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, (moe_signature(module), problem))
+        problems = [p for _, p in gathered if p is not None]
+        if problems:
+            raise ValueError(problems[0])
+        mismatch = describe_signature_mismatch([signature for signature, _ in gathered])
+        if mismatch is not None:
+            raise ValueError(mismatch)
+
+        layers = named_moe_layers(module)
+        if not layers:
+            rank_zero_warn("MoEStrategy found no `MoELayer` in the model; it trains like DDPStrategy.")
+        if self.expert_mesh is None:
+            self.expert_mesh = build_expert_parallel_mesh(self.root_device.type, self.expert_parallel_size)
+        mesh = self.expert_mesh
+        for _, layer in layers:
+            if not isinstance(layer.dispatcher, AllToAllDispatcher):
+                shard_layer(layer, placement=self._placement_for(layer.num_experts), ep_rank=mesh.ep_rank,
+                            ep_group=mesh.ep_group)
+            elif layer.dispatcher.ep_size != mesh.ep_size:
+                raise ValueError(
+                    f"An MoE layer is already sharded over {layer.dispatcher.ep_size} EP ranks, but this strategy "
+                    f"uses expert_parallel_size={mesh.ep_size}. Build a fresh model, or load a checkpoint into it."
+                )
+            layer.gate.set_expert_groups(
+                layer.dispatcher.placement.rank_of_expert_E if self.device_limited_routing else None,
+                self.device_limited_routing,
+            )
+
+    def _placement_for(self, num_experts: int) -> ExpertPlacement:
+        if self.expert_placement is None:
+            return ExpertPlacement.identity(num_experts, self.expert_parallel_size)
+        return ExpertPlacement.from_experts_per_rank(self.expert_placement)
+
+    def _placement_problem(self, module: Module) -> str | None:
+        try:
+            placement = ExpertPlacement.from_experts_per_rank(self.expert_placement or [])
+        except ValueError as error:
+            return f"MoEStrategy: `expert_placement` is invalid: {error}"
+        for name, layer in named_moe_layers(module):
+            if layer.num_experts != placement.num_experts:
+                return (
+                    f"MoEStrategy: `expert_placement` places {placement.num_experts} experts but MoE layer `{name}` "
+                    f"has num_experts={layer.num_experts}. Give a placement of all {layer.num_experts} experts."
+                )
+        return None
+
+    @override
+    def _setup_model(self, model: Module) -> DistributedDataParallel:
+        # Expert shards differ per EP rank: DDP must neither broadcast them at start-up nor average
+        # their gradients; and the count buffers of MoE layers are per rank (see `ddp_ignored_names`).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ddp_ignored_names(model))
+        return super()._setup_model(model)
+
+    def _broadcast_dense_states(self, module: Module) -> None:
+        ignored = set(ddp_ignored_names(module))
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if name not in ignored:
+                dist.broadcast(tensor.data, src=0)
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        # Under `no_sync` (accumulation micro-batches) DDP does not reduce; neither do we.
+        if isinstance(self.model, DistributedDataParallel) and not self.model.require_backward_grad_sync:
+            return
+        mesh = self.expert_mesh
+        if mesh is None or self.lightning_module is None:
+            return
+        experts = [p for p in self.lightning_module.parameters() if is_expert_param(p) and p.requires_grad]
+        sync_expert_grads(experts, edp_group=mesh.edp_group, edp_size=mesh.edp_size, world_size=self.world_size)
+
+    def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
+        mesh = self.expert_mesh
+        parameters = list(self.precision_plugin.main_params(optimizer))
+        clip_grad_norm_global(
+            parameters,
+            float(clip_val),
+            ep_group=mesh.ep_group if mesh is not None else None,
+            ep_size=mesh.ep_size if mesh is not None else 1,
+        )
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Write a checkpoint *directory*: dense state and training state from rank 0, and the experts of
+        each EP rank keyed by logical expert id (one file per EP rank, written by its first replica)."""
+        if storage_options is not None:
+            raise TypeError(
+                f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported: "
+                f"checkpoints are directories written without `CheckpointIO`."
+            )
+        path = Path(self.broadcast(str(filepath)))
+        mesh = self.expert_mesh
+        assert self.lightning_module is not None
+        save_sharded_checkpoint(
+            checkpoint,
+            path,
+            expert_params=sharded_expert_params(self.lightning_module),
+            optimizers=self.optimizers,
+            module=self.lightning_module,
+            is_global_zero=self.is_global_zero,
+            writes_experts=mesh is None or mesh.edp_rank == 0,
+            ep_rank=mesh.ep_rank if mesh is not None else 0,
+            barrier=self.barrier,
+        )
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read a checkpoint directory (or a single-file one, e.g. consolidated) saved at any layout, and
+        return it in this rank's local form, which Lightning's default loading then applies."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        assert self.lightning_module is not None
+        return load_local_checkpoint(
+            path,
+            expert_params=sharded_expert_params(self.lightning_module),
+            optimizers=self.optimizers,
+            module=self.lightning_module,
+            weights_only=weights_only,
+        )
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="Expert-parallel x data-parallel training of MoE models (lightning_moe)",
+            override=True,
+        )
+
+
+def register_moe_strategy() -> None:
+    """Register ``strategy="moe"`` in Lightning's ``StrategyRegistry`` (done on ``import lightning_moe``)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if MoEStrategy.strategy_name not in StrategyRegistry:
+        MoEStrategy.register_strategies(StrategyRegistry)

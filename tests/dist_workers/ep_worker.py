@@ -1,0 +1,116 @@
+"""One rank of a multi-process test: runs a list of training scenarios under MoEStrategy, one after
+another in the same process group, and writes what each rank saw to ``OUT/<scenario>/rank<r>.json``.
+
+Started by :func:`tests.dist_workers.launch.launch` with ``LOCAL_RANK``/``MASTER_PORT`` set, so
+Lightning joins the given processes instead of launching its own. Usage::
+
+    python ep_worker.py SCENARIOS.json OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(1)
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from models import TwoMoELayers, dataloader  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_moe import MoEStrategy, mark_expert_param  # noqa: E402
+from lightning_moe.layers.aux_loss import moe_layers  # noqa: E402
+
+
+class RootExpertParam(TwoMoELayers):
+    """Registers an expert-tagged parameter on the root module: must be refused at setup."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stray_expert = mark_expert_param(nn.Parameter(torch.zeros(4, 2)))
+
+
+def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
+    model_kwargs = dict(scenario.get("model", {}))
+    if scenario.get("mismatch") and rank == 1:
+        model_kwargs["num_experts"] = 2 * model_kwargs.get("num_experts", 4)
+    model_class = RootExpertParam if scenario.get("root_expert_param") else TwoMoELayers
+    model = model_class(**model_kwargs)
+    strategy = scenario.get("strategy") or MoEStrategy(
+        expert_parallel_size=scenario.get("ep", 1),
+        expert_placement=scenario.get("placement"),
+        device_limited_routing=scenario.get("device_limited"),
+    )
+    checkpoint_dir = out_dir / "checkpoints"
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy=strategy,
+        max_epochs=scenario.get("max_epochs", 1),
+        accumulate_grad_batches=scenario.get("accumulate", 1),
+        gradient_clip_val=scenario.get("clip"),
+        precision=scenario.get("precision", "32-true"),
+        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=-1, every_n_epochs=1)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    batch_size = scenario["global_batch"] // world_size
+    loader = dataloader(scenario["samples"], batch_size, rank=rank, world_size=world_size)
+    try:
+        trainer.fit(model, loader, ckpt_path=scenario.get("resume_from"))
+    except ValueError as error:
+        if scenario.get("expect_error"):
+            return {"error": str(error)}
+        raise
+    layers = moe_layers(model)
+    dispatchers = [layer.dispatcher for layer in layers]
+    extra = {"logged_loss": float(trainer.callback_metrics["train_loss"])}
+    if scenario.get("validate"):
+        # Evaluation after fit (the module keeps its shards), and a fresh module that loads the
+        # final checkpoint directory outside fitting (no optimizers, no DDP wrapper).
+        extra["val_loss_after_fit"] = trainer.validate(model, loader, verbose=False)[0]["val_loss"]
+        fresh = TwoMoELayers(**{**model_kwargs, "seed": 123})
+        evaluator = L.Trainer(accelerator="cpu", devices=world_size, strategy=MoEStrategy(
+            expert_parallel_size=scenario.get("ep", 1)), logger=False, enable_progress_bar=False,
+            enable_model_summary=False, use_distributed_sampler=False)
+        final = sorted(checkpoint_dir.glob("epoch=*"))[-1]
+        extra["val_loss_from_checkpoint"] = evaluator.validate(fresh, loader, ckpt_path=final, verbose=False)[0]["val_loss"]
+    return {
+        **extra,
+        "losses": model.micro_batch_losses,
+        "global_step": trainer.global_step,
+        "local_experts": [d.placement.experts_on_rank(d.ep_rank) for d in dispatchers if hasattr(d, "placement")],
+        "expert_shape": list(layers[0].experts.w_in.shape),
+        "tokens_sent_per_rank": layers[0].dispatcher.tokens_sent_per_rank.tolist(),
+        "gate_state": {k: v.tolist() for k, v in layers[0].gate.state_dict().items()},
+    }
+
+
+def main() -> None:
+    scenarios = json.loads(Path(sys.argv[1]).read_text())
+    out_root = Path(sys.argv[2])
+    world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    for scenario in scenarios:
+        out_dir = out_root / scenario["name"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            result = run(scenario, out_dir, world_size, rank)
+        except Exception:
+            result = {"crash": traceback.format_exc()}
+            (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+            raise
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
