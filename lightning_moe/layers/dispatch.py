@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lightning_moe.layers.gates.base import Routing
+from lightning_moe.ops.counting import count_per_expert
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
@@ -35,7 +36,7 @@ def drop_over_capacity(routing: Routing, num_experts: int, capacity_factor: floa
     # Position of each assignment within its expert's queue, in priority order: a stable sort by
     # expert keeps the priority order inside each expert.
     order_N = torch.argsort(routing.expert_index_N, stable=True)
-    counts_E = torch.bincount(routing.expert_index_N, minlength=num_experts)
+    counts_E = count_per_expert(routing.expert_index_N, num_experts)
     starts_E = torch.cumsum(counts_E, dim=0) - counts_E
     position_sorted_N = torch.arange(num_assignments, device=order_N.device) - starts_E[routing.expert_index_N[order_N]]
     position_N = torch.empty_like(position_sorted_N)
@@ -72,18 +73,23 @@ class LocalDispatcher:
     def num_local_experts(self) -> int:
         return self.num_experts
 
-    def dispatch(self, x_ND: torch.Tensor, expert_index_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Rows sorted by expert, tokens per local expert ``[E]``, and what :meth:`combine` needs."""
+    def dispatch(
+        self, x_TD: torch.Tensor, token_index_N: torch.Tensor, expert_index_N: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows of the assignments, gathered from ``x_TD`` already sorted by expert (one gather,
+        no intermediate copy), the tokens per local expert ``[E]``, and what :meth:`combine` needs."""
         order_N = torch.argsort(expert_index_N, stable=True)
-        tokens_per_expert_E = torch.bincount(expert_index_N, minlength=self.num_experts)
-        self.tokens_sent_per_rank = torch.tensor([expert_index_N.numel()])
-        return x_ND[order_N], tokens_per_expert_E, order_N
+        tokens_per_expert_E = count_per_expert(expert_index_N, self.num_experts)
+        self.tokens_sent_per_rank = tokens_per_expert_E.sum().reshape(1).cpu()
+        return x_TD[token_index_N[order_N]], tokens_per_expert_E, order_N
 
-    def combine(self, y_ND: torch.Tensor, order_N: Any) -> torch.Tensor:
-        """Expert outputs back in assignment order."""
-        out_ND = torch.empty_like(y_ND)
-        out_ND[order_N] = y_ND
-        return out_ND
+    def combine(self, y_ND: torch.Tensor, order_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert outputs, and for each output row the assignment it belongs to.
+
+        NOTE: the rows stay in expert order; the layer combines them with ``index_add_`` through
+        ``order_N``, which saves a scatter back to assignment order (and its gather in backward).
+        """
+        return y_ND, order_N
 
     def reduce_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """The load over every process that shares this layer's gate; a single process has only its own."""

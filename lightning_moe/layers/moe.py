@@ -15,6 +15,7 @@ from lightning_moe.layers.dispatch import LocalDispatcher, drop_over_capacity
 from lightning_moe.layers.experts import Experts, FeedForward, check_activation
 from lightning_moe.layers.gates import AuxLoss, Gate, make_gate
 from lightning_moe.layers.gates.base import check_positive_int
+from lightning_moe.ops.counting import count_per_expert
 
 
 class MoELayer(nn.Module):
@@ -129,16 +130,17 @@ class MoELayer(nn.Module):
             routing, dropped = drop_over_capacity(routing, self.num_experts, self.capacity_factor)
 
         # 2. Permute: rows sorted by expert (and sent to the expert's rank under expert parallelism).
-        x_ND = x_TD[routing.token_index_N]
-        expert_input, tokens_per_local_expert, dispatch_context = self.dispatcher.dispatch(x_ND, routing.expert_index_N)
+        expert_input, tokens_per_local_expert, dispatch_context = self.dispatcher.dispatch(
+            x_TD, routing.token_index_N, routing.expert_index_N
+        )
 
         # 3. Compute: one grouped GEMM per projection over all local experts.
         expert_output = self.experts(expert_input, tokens_per_local_expert)
 
-        # 4. Un-permute and combine with the gate's weights.
-        y_ND = self.dispatcher.combine(expert_output, dispatch_context)
-        y_ND = y_ND * routing.weight_N.to(y_ND.dtype).unsqueeze(-1)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, routing.token_index_N, y_ND)
+        # 4. Un-permute and combine: y_t = sum over t's assignments of weight * expert output.
+        y_ND, assignment_N = self.dispatcher.combine(expert_output, dispatch_context)
+        y_ND = y_ND * routing.weight_N[assignment_N].to(y_ND.dtype).unsqueeze(-1)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, routing.token_index_N[assignment_N], y_ND)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
@@ -154,7 +156,7 @@ class MoELayer(nn.Module):
         self.aux_losses = dict(aux_losses)
         self.stats = {name: value.detach() for name, value in stats.items()}
         self.num_tokens = num_tokens
-        counts_E = torch.bincount(expert_index_N, minlength=self.num_experts)
+        counts_E = count_per_expert(expert_index_N, self.num_experts)
         self.tokens_per_expert.copy_(counts_E)
         self.dropped_tokens.fill_(dropped)
         self.routed_tokens.fill_(routed)

@@ -85,21 +85,23 @@ class AllToAllDispatcher:
         self.placement = placement
 
     def dispatch(
-        self, x_ND: torch.Tensor, expert_index_N: torch.Tensor
+        self, x_TD: torch.Tensor, token_index_N: torch.Tensor, expert_index_N: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
-        """Rows for this rank's experts, sorted by local slot; rows per local slot ``[L]``; the context."""
+        """Rows for this rank's experts, sorted by local slot; rows per local slot ``[L]``; the context.
+
+        The assignment rows are gathered from ``x_TD`` directly in send order (one gather)."""
         ranks, slots = self.ep_size, self.num_local_experts
         # 1. Physical position of each row, and the rows sorted by it.
         physical_N = self.placement.physical_of_expert_E.to(expert_index_N.device)[expert_index_N]
         send_order_N = torch.argsort(physical_N, stable=True)
         send_counts_RL = torch.bincount(physical_N, minlength=ranks * slots).view(ranks, slots)
-        x_sorted_ND = x_ND[send_order_N]
+        x_sorted_ND = x_TD[token_index_N[send_order_N]]
         self.tokens_sent_per_rank = send_counts_RL.sum(dim=1).detach().cpu()
 
         if ranks == 1:
             recv_counts_RL = send_counts_RL
             x_recv_MD = x_sorted_ND
-            send_splits = recv_splits = [x_ND.shape[0]]
+            send_splits = recv_splits = [x_sorted_ND.shape[0]]
         else:
             # 2. Row counts: recv_counts_RL[r, l] = rows that rank r sends to our slot l.
             recv_counts_RL = torch.empty_like(send_counts_RL)
@@ -119,8 +121,9 @@ class AllToAllDispatcher:
         context = DispatchContext(send_order_N, local_order_M, send_splits, recv_splits)
         return x_recv_MD[local_order_M.to(x_recv_MD.device)], tokens_per_local_expert_L, context
 
-    def combine(self, y_MD: torch.Tensor, context: DispatchContext) -> torch.Tensor:
-        """Expert outputs back on the rank and at the position of the assignment they came from."""
+    def combine(self, y_MD: torch.Tensor, context: DispatchContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert outputs back on the rank the assignments came from, in send order, and for each
+        row the assignment it belongs to (the layer combines through it; no scatter back)."""
         y_recv_MD = torch.empty_like(y_MD)
         y_recv_MD[context.local_order_M.to(y_MD.device)] = y_MD
         if self.ep_size == 1:
@@ -130,9 +133,7 @@ class AllToAllDispatcher:
             y_sorted_ND = all_to_all_single_autograd(
                 y_recv_MD.contiguous(), context.send_splits, context.recv_splits, self.ep_group
             )
-        out_ND = torch.empty_like(y_sorted_ND)
-        out_ND[context.send_order_N.to(y_sorted_ND.device)] = y_sorted_ND
-        return out_ND
+        return y_sorted_ND, context.send_order_N.to(y_sorted_ND.device)
 
     def reduce_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Expert load summed over every process (all of them route with the same replicated gate),

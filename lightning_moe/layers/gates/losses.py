@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_moe.ops.counting import count_per_expert
+
 
 def switch_load_balance_loss(probs_TE: torch.Tensor, expert_index_N: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4): ``E * sum_e f_e * P_e``.
@@ -15,7 +17,7 @@ def switch_load_balance_loss(probs_TE: torch.Tensor, expert_index_N: torch.Tenso
     assignments, so the ``f_e`` sum to 1) and ``P_e`` the mean router probability of ``e``. It is 1.0
     for perfectly uniform routing; only ``P_e`` carries gradient.
     """
-    counts_E = torch.bincount(expert_index_N, minlength=num_experts).to(probs_TE.dtype)
+    counts_E = count_per_expert(expert_index_N, num_experts).to(probs_TE.dtype)
     fraction_E = counts_E / counts_E.sum().clamp_min(1.0)
     mean_prob_E = probs_TE.mean(dim=0)
     return num_experts * torch.sum(fraction_E * mean_prob_E)

@@ -1,0 +1,15 @@
+"""Counting assignments per expert without a device-to-host synchronisation."""
+
+from __future__ import annotations
+
+import torch
+
+
+def count_per_expert(expert_index_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert, ``[E]`` int64.
+
+    NOTE: ``torch.bincount`` on CUDA reads the input's min and max back to the host (a sync per
+    call); a ``scatter_add_`` into a fixed-size vector does not.
+    """
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=expert_index_N.device)
+    return counts_E.scatter_add_(0, expert_index_N, torch.ones_like(expert_index_N))
