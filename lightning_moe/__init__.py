@@ -1,5 +1,6 @@
 """lightning-moe: Mixture-of-Experts training for PyTorch Lightning."""
 
+from lightning_moe.callbacks import ExpertLoadMonitor
 from lightning_moe.layers import (
     Gate,
     MoELayer,
@@ -8,10 +9,21 @@ from lightning_moe.layers import (
     is_expert_param,
     mark_expert_param,
 )
+from lightning_moe.data import ByteCorpusDataModule, TextFileDataModule
+from lightning_moe.model import MoETransformer
+from lightning_moe.strategy import MoEStrategy, register_moe_strategy
+
+# `strategy="moe"` resolves once the package is imported.
+register_moe_strategy()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ByteCorpusDataModule",
+    "MoEStrategy",
+    "MoETransformer",
+    "TextFileDataModule",
+    "ExpertLoadMonitor",
     "Gate",
     "MoELayer",
     "collect_aux_loss",

@@ -10,7 +10,6 @@ all-to-all dispatcher (:mod:`lightning_moe.parallel.dispatch`); expert gradients
 from __future__ import annotations
 
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,7 +160,7 @@ class MoEStrategy(DDPStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         # NOTE: Lightning clips through the precision plugin; its norm would only see this rank's
         # expert shards. Route norm clipping through the global norm instead.
-        self.precision_plugin.clip_grad_by_norm = partial(self._clip_grad_by_global_norm)  # type: ignore[method-assign]
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
 
     def parallelize(self, module: Module) -> None:
         """Check ``module`` on every rank, build the mesh and shard the experts of every MoE layer.

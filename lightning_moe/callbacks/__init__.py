@@ -1,0 +1,6 @@
+"""Lightning callbacks that watch and act on expert load."""
+
+from lightning_moe.callbacks.expert_load import ExpertLoadMonitor
+from lightning_moe.callbacks.load_metrics import ExpertLoadMetric, LoadWindow
+
+__all__ = ["ExpertLoadMetric", "ExpertLoadMonitor", "LoadWindow"]

@@ -1,0 +1,284 @@
+"""``MoETransformer``: a decoder-only Mixture-of-Experts language model as a LightningModule.
+
+The model holds no collectives: expert parallelism is applied from outside by
+:class:`~lightning_moe.MoEStrategy`, which swaps each MoE layer's dispatcher.
+
+Shape legend: ``B`` batch, ``T`` sequence length, ``D`` model width, ``V`` vocabulary, ``R`` rotary
+frequencies.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_moe.layers.aux_loss import collect_aux_loss, collect_aux_losses
+from lightning_moe.layers.balancing import register_bias_update
+from lightning_moe.layers.experts import FeedForward
+from lightning_moe.layers.gates import Gate
+from lightning_moe.layers.moe import MoELayer
+from lightning_moe.modeling.attention import rotary_cos_sin
+from lightning_moe.modeling.block import NORM_EPS, DecoderBlock, moe_layer_layout
+from lightning_moe.modeling.config import OWNER, check_transformer_config, gate_from_hparam, gate_to_hparam
+from lightning_moe.modeling.optim import warmup_cosine, weight_decay_groups
+
+
+class MoETransformer(L.LightningModule):
+    """A decoder-only language model whose feed-forward layers are Mixtures of Experts.
+
+    Token embedding, ``n_layers`` pre-norm blocks (RMSNorm, causal attention with RoPE and optional
+    grouped-query attention, then an MoE or dense feed-forward), a final RMSNorm and an output
+    projection (optionally tied to the embedding). ``training_step`` minimises the next-token
+    cross-entropy plus the weighted auxiliary losses of every MoE layer; AdamW with linear warmup
+    and cosine decay.
+
+    Args:
+        vocab_size: vocabulary size (256 for bytes).
+        d_model: model width.
+        n_layers: number of blocks.
+        n_heads: query heads; ``d_model / n_heads`` must be even (RoPE).
+        n_kv_heads: key/value heads for grouped-query attention (Ainslie et al. 2023); ``None`` is
+            ``n_heads`` (multi-head attention).
+        d_ff: hidden width of the dense feed-forward layers.
+        max_seq_len: longest sequence the model accepts.
+        rope_theta: RoPE base (Su et al. 2021).
+        tie_embeddings: share the output projection with the token embedding (Press & Wolf 2017).
+        num_experts: routed experts per MoE layer.
+        gate: gate name (``"topk"``, ...) or a :class:`~lightning_moe.layers.gates.Gate` instance
+            (``class_path`` in YAML); each MoE layer gets its own copy. Checkpoints store an
+            instance as a ``{"class_path", "init_args"}`` dict, which is accepted here too.
+        top_k: experts per token, for named gates that take it.
+        gate_kwargs: further keyword arguments of a named gate.
+        activation: ``"swiglu"`` or ``"gelu"`` for every feed-forward.
+        num_shared_experts: shared experts per MoE layer (DeepSeekMoE).
+        shared_expert_d_ff: hidden width of the shared FFN; ``num_shared_experts * moe_d_ff`` by default.
+        shared_expert_gate: sigmoid-gate the shared FFN (Qwen2-MoE).
+        capacity_factor: ``None`` for dropless routing, else the expert capacity factor.
+        moe_d_ff: hidden width of each routed expert; ``d_ff`` by default (smaller for fine-grained experts).
+        moe_every_n_layers: every n-th block after the dense ones is MoE (GLaM uses 2).
+        first_k_dense: the first k blocks have a dense FFN (DeepSeek-V3 uses 3).
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay of matrices (not of norms, biases, embeddings).
+        warmup_steps: optimizer steps of linear warmup.
+        min_lr_ratio: final learning rate of the cosine decay, as a fraction of ``learning_rate``.
+        adam_betas: AdamW betas.
+        init_std: standard deviation of the normal initialisation of every weight matrix.
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int = 256,
+        d_model: int = 256,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        n_kv_heads: int | None = None,
+        d_ff: int = 512,
+        max_seq_len: int = 1024,
+        rope_theta: float = 10000.0,
+        tie_embeddings: bool = False,
+        num_experts: int = 8,
+        gate: str | Gate = "topk",
+        top_k: int = 2,
+        gate_kwargs: dict[str, Any] | None = None,
+        activation: str = "swiglu",
+        num_shared_experts: int = 0,
+        shared_expert_d_ff: int | None = None,
+        shared_expert_gate: bool = False,
+        capacity_factor: float | None = None,
+        moe_d_ff: int | None = None,
+        moe_every_n_layers: int = 1,
+        first_k_dense: int = 0,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        adam_betas: tuple[float, float] = (0.9, 0.95),
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        adam_betas = tuple(adam_betas)
+        gate = gate_from_hparam(gate)
+        check_transformer_config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            d_ff=d_ff,
+            moe_d_ff=moe_d_ff,
+            max_seq_len=max_seq_len,
+            num_experts=num_experts,
+            top_k=top_k,
+            moe_every_n_layers=moe_every_n_layers,
+            first_k_dense=first_k_dense,
+            rope_theta=rope_theta,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            adam_betas=adam_betas,
+            init_std=init_std,
+        )
+        self.save_hyperparameters(ignore=["gate"])
+        self.hparams["gate"] = gate_to_hparam(gate)
+        self.max_seq_len, self.rope_theta = max_seq_len, rope_theta
+        self.head_dim = d_model // n_heads
+        #: Whether each block's feed-forward is an MoE layer.
+        self.moe_layout = moe_layer_layout(
+            n_layers=n_layers, first_k_dense=first_k_dense, moe_every_n_layers=moe_every_n_layers
+        )
+
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=init_std)
+        blocks = []
+        for is_moe in self.moe_layout:
+            if is_moe:
+                feed_forward: nn.Module = MoELayer(
+                    d_model=d_model,
+                    d_ff=moe_d_ff or d_ff,
+                    num_experts=num_experts,
+                    gate=gate,
+                    top_k=top_k,
+                    gate_kwargs=gate_kwargs,
+                    activation=activation,
+                    num_shared_experts=num_shared_experts,
+                    shared_expert_d_ff=shared_expert_d_ff,
+                    shared_expert_gate=shared_expert_gate,
+                    capacity_factor=capacity_factor,
+                    init_std=init_std,
+                )
+            else:
+                feed_forward = FeedForward(d_model=d_model, d_ff=d_ff, activation=activation, init_std=init_std)
+            blocks.append(
+                DecoderBlock(
+                    d_model=d_model,
+                    n_heads=n_heads,
+                    n_kv_heads=n_kv_heads or n_heads,
+                    feed_forward=feed_forward,
+                    init_std=init_std,
+                )
+            )
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.RMSNorm(d_model, eps=NORM_EPS)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=init_std)
+        self._eval_loss_sum: torch.Tensor | None = None
+        self._eval_tokens = 0
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[B, T, V]`` for token ids ``[B, T]``."""
+        if input_ids_BT.dim() != 2:
+            raise ValueError(f"{OWNER} expects token ids of shape [batch, seq_len], got {tuple(input_ids_BT.shape)}.")
+        seq_len = input_ids_BT.shape[1]
+        if seq_len > self.max_seq_len:
+            raise ValueError(
+                f"{OWNER}: sequence length {seq_len} exceeds `max_seq_len` ({self.max_seq_len}). "
+                f"Raise `max_seq_len` or shorten the data's `seq_len`."
+            )
+        cos_TR, sin_TR = rotary_cos_sin(seq_len, self.head_dim, theta=self.rope_theta, device=input_ids_BT.device)
+        x_BTD = self.embed(input_ids_BT)
+        for block in self.blocks:
+            x_BTD = block(x_BTD, cos_TR, sin_TR)
+        return self.lm_head(self.norm(x_BTD))  # (B, T, V)
+
+    def language_model_loss(self, batch: Any) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy of a batch ``(inputs [B, T], targets [B, T])``, and its token count.
+
+        Targets equal to -100 are ignored (padding).
+        """
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(
+                f"{OWNER} expects batches of (input_ids, target_ids), each [batch, seq_len], got "
+                f"{type(batch).__name__}. "
+                f"Use a lightning_moe data module or yield such pairs."
+            )
+        input_ids_BT, target_ids_BT = batch
+        logits_BTV = self(input_ids_BT)
+        # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses precision.
+        loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), target_ids_BT.flatten(), ignore_index=-100)
+        return loss, int((target_ids_BT != -100).sum())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ce_loss, _ = self.language_model_loss(batch)
+        aux_loss = collect_aux_loss(self)
+        loss = ce_loss + aux_loss
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_ppl", torch.exp(ce_loss.detach()))
+        self.log("train/ce_loss", ce_loss.detach())
+        self.log("train/weighted_aux_loss", aux_loss.detach())
+        for name, value in collect_aux_losses(self).items():
+            self.log(f"train/{name}", value)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_loss_sum, self._eval_tokens = None, 0
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_loss_sum, self._eval_tokens = None, 0
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
+
+    def _evaluation_step(self, batch: Any, stage: str) -> None:
+        loss, tokens = self.language_model_loss(batch)
+        # sync_dist: under data or expert parallelism every rank sees other sequences.
+        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
+        weighted = loss.detach() * tokens
+        self._eval_loss_sum = weighted if self._eval_loss_sum is None else self._eval_loss_sum + weighted
+        self._eval_tokens += tokens
+
+    def _log_perplexity(self, stage: str) -> None:
+        # exp of the token-weighted mean loss; the mean of per-batch exp(loss) would overstate it.
+        if self._eval_loss_sum is None or self._eval_tokens == 0:
+            return
+        self.log(f"{stage}_ppl", torch.exp(self._eval_loss_sum / self._eval_tokens), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hparams = self.hparams
+        optimizer = torch.optim.AdamW(
+            weight_decay_groups(self, hparams.weight_decay), lr=hparams.learning_rate, betas=tuple(hparams.adam_betas)
+        )
+        # Aux-loss-free balancing (Wang et al. 2024): bias-balanced gates update after each step.
+        register_bias_update(optimizer, self)
+        total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        schedule = functools.partial(
+            warmup_cosine,
+            warmup_steps=hparams.warmup_steps,
+            total_steps=float(total_steps),
+            min_lr_ratio=hparams.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def num_parameters(self, *, active: bool = False) -> int:
+        """Parameter count; ``active=True`` counts only ``top_k`` of each layer's routed experts
+        (the parameters one token passes through)."""
+        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        if not active:
+            return total
+        for block in self.blocks:
+            if block.is_moe:
+                experts = block.ffn.experts
+                per_expert = (experts.w_in.numel() + experts.w_out.numel()) // experts.num_experts
+                used = getattr(block.ffn.gate, "top_k", self.hparams.top_k)
+                total -= per_expert * (experts.num_experts - min(used, experts.num_experts))
+        return total
