@@ -77,6 +77,15 @@ def check_positive_int(owner: str, name: str, value: object) -> None:
         raise ValueError(f"{owner}: `{name}` must be a positive integer, got {value!r}. Set `{name}` to 1 or more.")
 
 
+def check_at_most_experts(owner: str, name: str, value: int, num_experts: int) -> None:
+    """A gate cannot pick more experts per token than the layer has."""
+    if value > num_experts:
+        raise ValueError(
+            f"{owner}: `{name}` ({value}) must not exceed `num_experts` ({num_experts}). "
+            f"Lower `{name}` or raise `num_experts`."
+        )
+
+
 def check_non_negative(owner: str, name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{owner}: `{name}` must be a finite number >= 0, got {value!r}. Use 0.0 to turn it off.")

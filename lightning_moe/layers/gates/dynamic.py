@@ -12,6 +12,7 @@ import math
 import torch
 
 from lightning_moe.layers.gates.base import (
+    check_at_most_experts,
     AuxLoss,
     LinearRouterGate,
     Routing,
@@ -81,11 +82,7 @@ class DynamicGate(LinearRouterGate):
         self.entropy_loss_coef = entropy_loss_coef
 
     def _build(self, d_model: int, num_experts: int) -> None:
-        if self.max_k > num_experts:
-            raise ValueError(
-                f"{type(self).__name__}: `max_k` ({self.max_k}) must not exceed `num_experts` ({num_experts}). "
-                f"Lower `max_k` or raise `num_experts`."
-            )
+        check_at_most_experts(type(self).__name__, "max_k", self.max_k, num_experts)
         super()._build(d_model, num_experts)
 
     def forward(self, x_TD: torch.Tensor, *, num_sequences: int = 1) -> Routing:

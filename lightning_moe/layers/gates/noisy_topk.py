@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_moe.layers.gates.base import (
+    check_at_most_experts,
     AuxLoss,
     LinearRouterGate,
     Routing,
@@ -82,11 +83,7 @@ class NoisyTopKGate(LinearRouterGate):
         self.load_coef = load_coef
 
     def _build(self, d_model: int, num_experts: int) -> None:
-        if self.top_k > num_experts:
-            raise ValueError(
-                f"{type(self).__name__}: `top_k` ({self.top_k}) must not exceed `num_experts` ({num_experts}). "
-                f"Lower `top_k` or raise `num_experts`."
-            )
+        check_at_most_experts(type(self).__name__, "top_k", self.top_k, num_experts)
         super()._build(d_model, num_experts)
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model))  # W_noise^T, (E, D)
 

@@ -15,6 +15,7 @@ import math
 import torch
 
 from lightning_moe.layers.gates.base import (
+    check_at_most_experts,
     AuxLoss,
     LinearRouterGate,
     Routing,
@@ -160,11 +161,7 @@ class SigmoidGate(LinearRouterGate):
                 f"{owner}: `n_group` ({self.n_group}) leaves {experts_per_group} expert per group, but a group "
                 f"is scored by its top-2 experts. Use `n_group` <= {num_experts // 2}, or `n_group=1`."
             )
-        if self.top_k > num_experts:
-            raise ValueError(
-                f"{owner}: `top_k` ({self.top_k}) must not exceed `num_experts` ({num_experts}). "
-                f"Lower `top_k` or raise `num_experts`."
-            )
+        check_at_most_experts(owner, "top_k", self.top_k, num_experts)
         reachable = self.topk_group * experts_per_group
         if self.top_k > reachable:
             raise ValueError(

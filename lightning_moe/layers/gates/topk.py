@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_moe.layers.gates.base import (
+    check_at_most_experts,
     AuxLoss,
     LinearRouterGate,
     Routing,
@@ -48,11 +49,7 @@ class TopKGate(LinearRouterGate):
         self.z_loss_coef = z_loss_coef
 
     def _build(self, d_model: int, num_experts: int) -> None:
-        if self.top_k > num_experts:
-            raise ValueError(
-                f"{type(self).__name__}: `top_k` ({self.top_k}) must not exceed `num_experts` ({num_experts}). "
-                f"Lower `top_k` or raise `num_experts`."
-            )
+        check_at_most_experts(type(self).__name__, "top_k", self.top_k, num_experts)
         super()._build(d_model, num_experts)
 
     def forward(self, x_TD: torch.Tensor, *, num_sequences: int = 1) -> Routing:
