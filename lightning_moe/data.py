@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_moe.validation import check_positive_int
+
 _MASK64 = (1 << 64) - 1
 #: Directories of the standard library left out of the embedded corpus: third-party packages,
 #: and the test suites that some Linux distributions ship separately.
@@ -36,11 +38,6 @@ def _mix64(value: int) -> int:
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
     return value ^ (value >> 31)
-
-
-def _check_positive_int(owner: str, name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: `{name}` must be a positive integer, got {value!r}. Set `{name}` to 1 or more.")
 
 
 def _check_fraction(owner: str, name: str, value: object) -> None:
@@ -136,10 +133,10 @@ class _TokenWindowDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        _check_positive_int(owner, "seq_len", seq_len)
-        _check_positive_int(owner, "batch_size", batch_size)
+        check_positive_int(owner, "seq_len", seq_len)
+        check_positive_int(owner, "batch_size", batch_size)
         if samples_per_epoch is not None:
-            _check_positive_int(owner, "samples_per_epoch", samples_per_epoch)
+            check_positive_int(owner, "samples_per_epoch", samples_per_epoch)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(
                 f"{owner}: `num_workers` must be an integer >= 0, got {num_workers!r}. "
@@ -244,7 +241,7 @@ class ByteCorpusDataModule(_TokenWindowDataModule):
             seed=seed,
         )
         owner = type(self).__name__
-        _check_positive_int(owner, "max_bytes", max_bytes)
+        check_positive_int(owner, "max_bytes", max_bytes)
         _check_fraction(owner, "val_fraction", val_fraction)
         self.max_bytes, self.val_fraction = max_bytes, val_fraction
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "lightning_moe").expanduser()

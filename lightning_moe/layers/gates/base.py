@@ -11,12 +11,13 @@ Shape legend: ``T`` tokens, ``D`` model width, ``E`` experts (logical ids), ``K`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from lightning_moe.validation import check_non_negative, check_positive_int
 
 
 class AuxLoss(NamedTuple):
@@ -72,11 +73,6 @@ def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
 
 
-def check_positive_int(owner: str, name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: `{name}` must be a positive integer, got {value!r}. Set `{name}` to 1 or more.")
-
-
 def check_at_most_experts(owner: str, name: str, value: int, num_experts: int) -> None:
     """A gate cannot pick more experts per token than the layer has."""
     if value > num_experts:
@@ -84,11 +80,6 @@ def check_at_most_experts(owner: str, name: str, value: int, num_experts: int) -
             f"{owner}: `{name}` ({value}) must not exceed `num_experts` ({num_experts}). "
             f"Lower `{name}` or raise `num_experts`."
         )
-
-
-def check_non_negative(owner: str, name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{owner}: `{name}` must be a finite number >= 0, got {value!r}. Use 0.0 to turn it off.")
 
 
 class Gate(nn.Module):

@@ -12,15 +12,15 @@ import math
 import torch
 
 from lightning_moe.layers.gates.base import (
-    check_at_most_experts,
     AuxLoss,
     LinearRouterGate,
     Routing,
+    check_at_most_experts,
     check_non_negative,
     check_positive_int,
     router_entropy,
 )
-from lightning_moe.layers.gates.losses import router_z_loss, switch_load_balance_loss
+from lightning_moe.layers.gates.losses import add_softmax_router_losses
 
 
 class DynamicGate(LinearRouterGate):
@@ -111,13 +111,10 @@ class DynamicGate(LinearRouterGate):
             weight_N=sorted_probs_TK.t()[keep_KT],
             num_tokens=num_tokens,
         )
-        if self.load_balance_coef > 0:
-            loss = switch_load_balance_loss(probs_TE, routing.expert_index_N, self.num_experts)
-            routing.aux_losses["load_balance_loss"] = AuxLoss(loss, self.load_balance_coef)
-        if self.z_loss_coef > 0:
-            routing.aux_losses["z_loss"] = AuxLoss(router_z_loss(logits_TE), self.z_loss_coef)
+        add_softmax_router_losses(
+            routing, logits_TE, probs_TE, load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef
+        )
         if self.entropy_loss_coef > 0:
             routing.aux_losses["entropy_loss"] = AuxLoss(router_entropy(probs_TE), self.entropy_loss_coef)
         routing.stats["experts_per_token"] = keep_TK.sum(dim=-1).float().mean()
-        routing.stats["router_entropy"] = router_entropy(probs_TE.detach())
         return routing

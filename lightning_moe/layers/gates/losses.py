@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from lightning_moe.layers.gates.base import AuxLoss, Routing, router_entropy
 from lightning_moe.ops.counting import count_per_expert
 
 
@@ -26,3 +27,21 @@ def switch_load_balance_loss(probs_TE: torch.Tensor, expert_index_N: torch.Tenso
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): ``mean_t (logsumexp_e logits_te)^2``."""
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def add_softmax_router_losses(
+    routing: Routing,
+    logits_TE: torch.Tensor,
+    probs_TE: torch.Tensor,
+    *,
+    load_balance_coef: float,
+    z_loss_coef: float,
+) -> None:
+    """Put the Switch load-balancing loss and the router z-loss of a softmax gate on ``routing``
+    (each only when its coefficient is positive), and the router entropy in its stats."""
+    if load_balance_coef > 0:
+        loss = switch_load_balance_loss(probs_TE, routing.expert_index_N, probs_TE.shape[-1])
+        routing.aux_losses["load_balance_loss"] = AuxLoss(loss, load_balance_coef)
+    if z_loss_coef > 0:
+        routing.aux_losses["z_loss"] = AuxLoss(router_z_loss(logits_TE), z_loss_coef)
+    routing.stats["router_entropy"] = router_entropy(probs_TE.detach())

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_moe.layers.gates.base import (
-    check_at_most_experts,
     AuxLoss,
     LinearRouterGate,
     Routing,
+    check_at_most_experts,
     check_non_negative,
     check_positive_int,
     router_entropy,

@@ -15,10 +15,10 @@ import math
 import torch
 
 from lightning_moe.layers.gates.base import (
-    check_at_most_experts,
     AuxLoss,
     LinearRouterGate,
     Routing,
+    check_at_most_experts,
     check_non_negative,
     check_positive_int,
     router_entropy,

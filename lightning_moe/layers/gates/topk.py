@@ -5,16 +5,14 @@ from __future__ import annotations
 import torch
 
 from lightning_moe.layers.gates.base import (
-    check_at_most_experts,
-    AuxLoss,
     LinearRouterGate,
     Routing,
+    check_at_most_experts,
     check_non_negative,
     check_positive_int,
     routing_from_topk,
-    router_entropy,
 )
-from lightning_moe.layers.gates.losses import router_z_loss, switch_load_balance_loss
+from lightning_moe.layers.gates.losses import add_softmax_router_losses
 
 
 class TopKGate(LinearRouterGate):
@@ -62,10 +60,7 @@ class TopKGate(LinearRouterGate):
         if self.normalize:
             topk_probs_TK = topk_probs_TK / topk_probs_TK.sum(dim=-1, keepdim=True)
         routing = routing_from_topk(topk_ids_TK, topk_probs_TK)
-        if self.load_balance_coef > 0:
-            loss = switch_load_balance_loss(probs_TE, routing.expert_index_N, self.num_experts)
-            routing.aux_losses["load_balance_loss"] = AuxLoss(loss, self.load_balance_coef)
-        if self.z_loss_coef > 0:
-            routing.aux_losses["z_loss"] = AuxLoss(router_z_loss(logits_TE), self.z_loss_coef)
-        routing.stats["router_entropy"] = router_entropy(probs_TE.detach())
+        add_softmax_router_losses(
+            routing, logits_TE, probs_TE, load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef
+        )
         return routing
