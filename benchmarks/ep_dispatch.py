@@ -4,8 +4,10 @@ Runs ``--world-size`` CPU processes (gloo) and, for each expert-parallel size, o
 as :class:`~lightning_moe.MoEStrategy` shards it, timing forward + backward. Bytes are counted from
 the routing, summed over ranks, per optimizer step (forward and backward):
 
-- *moved*: what the all-to-all sends off-rank: one hidden vector per assignment whose expert is on
-  another rank, in dispatch and again in combine; backward sends the gradients back the same way;
+- *moved*: what the all-to-alls send off-rank: one hidden vector per distinct (token, remote rank)
+  pair (the dispatcher's own count), in dispatch and again in combine, and the gradients back the
+  same way in backward; plus the routing metadata: per off-rank assignment an int32 pair index and
+  an fp32 gate weight (and the weight's gradient in backward), and the per-step count exchange;
 - *minimum*: each token's hidden vector crosses once per *remote rank* it needs (a token whose two
   experts sit on the same remote rank needs one copy, not two), each way, forward and backward.
 
@@ -33,18 +35,19 @@ from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.sharding import shard_layer
 
 
-def traffic(layer: MoELayer, x_TD: torch.Tensor, placement: ExpertPlacement, ep_rank: int) -> tuple[int, int]:
-    """Rows the last dispatch sent off-rank (the dispatcher's own count), and the unique off-rank
-    (token, rank) pairs of the same routing (the gate is deterministic)."""
-    sent_R = layer.dispatcher.tokens_sent_per_rank
-    moved_rows = int(sent_R.sum() - sent_R[ep_rank])
+def traffic(layer: MoELayer, x_TD: torch.Tensor, placement: ExpertPlacement, ep_rank: int) -> tuple[int, int, int]:
+    """Hidden rows and assignments the last dispatch sent off-rank (the dispatcher's own counts), and
+    the distinct off-rank (token, rank) pairs of the same routing (the gate is deterministic)."""
+    dispatcher = layer.dispatcher
+    moved_rows = int(dispatcher.tokens_sent_per_rank.sum() - dispatcher.tokens_sent_per_rank[ep_rank])
+    moved_assignments = int(dispatcher.assignments_sent_per_rank.sum() - dispatcher.assignments_sent_per_rank[ep_rank])
     with torch.no_grad():
         routing = layer.gate(x_TD)
     rank_N = placement.rank_of_expert_E[routing.expert_index_N]
     off_rank_N = rank_N != ep_rank
     pairs = torch.unique(routing.token_index_N[off_rank_N] * placement.ep_size + rank_N[off_rank_N])
-    assert moved_rows == int(off_rank_N.sum())
-    return moved_rows, int(pairs.numel())
+    assert moved_assignments == int(off_rank_N.sum())
+    return moved_rows, moved_assignments, int(pairs.numel())
 
 
 def run_rank(rank: int, args: argparse.Namespace, port: int, results: dict) -> None:
@@ -69,12 +72,18 @@ def run_rank(rank: int, args: argparse.Namespace, port: int, results: dict) -> N
             dist.barrier()
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
-        moved_rows, minimum_rows = traffic(layer, x_TD, placement, mesh.ep_rank)
-        totals = torch.tensor([moved_rows, minimum_rows], dtype=torch.float64)
+        moved_rows, moved_assignments, minimum_rows = traffic(layer, x_TD, placement, mesh.ep_rank)
+        totals = torch.tensor([moved_rows, moved_assignments, minimum_rows], dtype=torch.float64)
         dist.all_reduce(totals)
+        moved_rows, moved_assignments, minimum_rows = totals.tolist()
         row_bytes = args.d_model * x_TD.element_size()
-        # x4: dispatch and combine, each in forward and in backward.
-        moved, minimum = (4 * totals * row_bytes).tolist()
+        # Rows x4: dispatch and combine, each in forward and in backward. Metadata: an int32 pair index
+        # and an fp32 weight per assignment forward, the weight's gradient backward, and each rank's
+        # [ep, L + 1] int64 counts to the other ranks of its EP group.
+        slots = args.num_experts // ep_size
+        counts_bytes = args.world_size * (ep_size - 1) * (slots + 1) * 8
+        moved = 4 * moved_rows * row_bytes + moved_assignments * (4 + 4 + 4) + counts_bytes
+        minimum = 4 * minimum_rows * row_bytes
         rows.append((ep_size, moved, minimum, sorted(times)[len(times) // 2]))
     if rank == 0:
         results["rows"] = rows

@@ -126,13 +126,13 @@ def test_dropless_counts_of_a_step_sum_to_tokens_times_k(tmp_path):
         window = monitor.history[-1]
         assert window.routed[layer] == tokens_per_step * top_k and window.dropped[layer] == 0
         assert window.num_tokens[layer] == tokens_per_step
-        # Without expert parallelism all assignments stay on the only EP rank.
-        assert monitor.traffic(layer).tolist() == [[tokens_per_step * top_k]]
+        # Without expert parallelism every token and all its assignments stay on the only EP rank.
+        assert monitor.traffic(layer).tolist() == [[tokens_per_step]]
         assert monitor.rank_load(layer).tolist() == [tokens_per_step * top_k]
         assert monitor.latest_metrics[f"moe/layer{layer}/experts_per_token"] == top_k
         assert monitor.latest_metrics[f"moe/layer{layer}/dropped_fraction"] == 0.0
     assert torch.equal(monitor.latest_load(0), monitor.history[-1].tokens_per_expert[0])
-    assert monitor.traffic().tolist() == [[tokens_per_step * 3]]
+    assert monitor.traffic().tolist() == [[tokens_per_step * 2]]
 
 
 def test_capacity_drops_are_counted(tmp_path):
@@ -154,11 +154,12 @@ def test_summary_formulas():
     window = LoadWindow(
         step=7,
         tokens_per_expert=[torch.tensor([0, 10, 30, 0]), torch.tensor([5, 5])],
-        traffic=[torch.tensor([[5, 10], [15, 10]]), torch.tensor([[10, 0], [0, 0]])],
+        traffic=[torch.tensor([[5, 8], [12, 10]]), torch.tensor([[10, 0], [0, 0]])],
         routed=[50, 10],
         dropped=[10, 0],
         num_tokens=[25, 10],
         router_entropy=[None, 0.5],
+        rank_load=[torch.tensor([20, 20]), torch.tensor([10, 0])],
     )
     run = [torch.tensor([10, 10, 40, 20]), torch.tensor([6, 4])]
     metrics = summarize(window, run)

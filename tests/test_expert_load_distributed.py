@@ -33,11 +33,13 @@ class RecordLocal(L.Callback):
         step = str(batch_idx // trainer.accumulate_grad_batches + 1)
         tokens = [layer.tokens_per_expert.tolist() for layer in layers]
         sent = [layer.dispatcher.tokens_sent_per_rank.tolist() for layer in layers]
+        assigned = [layer.dispatcher.assignments_sent_per_rank.tolist() for layer in layers]
         if step in self.per_step:
             before = self.per_step[step]
             tokens = [[a + b for a, b in zip(x, y)] for x, y in zip(before["tokens"], tokens)]
             sent = [[a + b for a, b in zip(x, y)] for x, y in zip(before["sent"], sent)]
-        self.per_step[step] = {"tokens": tokens, "sent": sent}
+            assigned = [[a + b for a, b in zip(x, y)] for x, y in zip(before["assigned"], assigned)]
+        self.per_step[step] = {"tokens": tokens, "sent": sent, "assigned": assigned}
         self.ep_rank = layers[0].dispatcher.ep_rank
 
 
@@ -71,7 +73,12 @@ def worker(out_dir: Path) -> None:
         "ep_rank": local.ep_rank,
         "local": local.per_step,
         "history": [
-            {"step": w.step, "tokens": [t.tolist() for t in w.tokens_per_expert], "traffic": [t.tolist() for t in w.traffic]}
+            {
+                "step": w.step,
+                "tokens": [t.tolist() for t in w.tokens_per_expert],
+                "traffic": [t.tolist() for t in w.traffic],
+                "rank_load": [t.tolist() for t in w.rank_load],
+            }
             for w in monitor.history
         ],
         "metrics": monitor.latest_metrics,
@@ -99,16 +106,23 @@ def test_world4_ep2_logs_global_sums_once(tmp_path):
         for layer in range(2):
             expected_tokens = torch.zeros(len(window["tokens"][layer]), dtype=torch.long)
             expected_traffic = torch.zeros(EP, EP, dtype=torch.long)
+            expected_rank_load = torch.zeros(EP, dtype=torch.long)
             for r in ranks:
                 for step in steps:
                     expected_tokens += torch.tensor(r["local"][step]["tokens"][layer])
                     expected_traffic[r["ep_rank"]] += torch.tensor(r["local"][step]["sent"][layer])
+                    expected_rank_load += torch.tensor(r["local"][step]["assigned"][layer])
             assert window["tokens"][layer] == expected_tokens.tolist()
             assert window["traffic"][layer] == expected_traffic.tolist()
-            # Dropless: all 4 ranks x 2 steps x 4 x 5 tokens x k, and every row sent is processed once.
+            assert window["rank_load"][layer] == expected_rank_load.tolist()
+            # Dropless: all 4 ranks x 2 steps x 4 x 5 tokens x k assignments, each processed once; each
+            # token is sent at least once and at most once per assignment.
             top_k = (2, 1)[layer]
-            assert sum(window["tokens"][layer]) == WORLD * EVERY_N_STEPS * 4 * 5 * top_k
-            assert expected_traffic.sum().item() == sum(window["tokens"][layer])
+            tokens = WORLD * EVERY_N_STEPS * 4 * 5
+            assert sum(window["tokens"][layer]) == sum(window["rank_load"][layer]) == tokens * top_k
+            assert tokens <= expected_traffic.sum().item() <= tokens * top_k
+            if top_k == 1:
+                assert expected_traffic.sum().item() == tokens
 
     # Written once: one event file, by rank 0, one value per step, equal to the world's MaxVio.
     event_files = list((tmp_path / "tb").rglob("events.out.tfevents.*"))

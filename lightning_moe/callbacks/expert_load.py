@@ -49,12 +49,13 @@ class ExpertLoadMonitor(Callback):
 
     - ``history``: list of :class:`~lightning_moe.callbacks.load_metrics.LoadWindow`, oldest first,
       at most ``history_size``; each holds per layer the world-summed ``tokens_per_expert`` ``[E]``,
-      ``traffic`` ``[P, P]`` (row: source EP rank, column: destination), ``routed``, ``dropped``,
-      ``num_tokens`` and ``router_entropy`` of one window, and the ``step`` that closed it.
+      ``traffic`` ``[P, P]`` (hidden rows sent, row: source EP rank, column: destination),
+      ``rank_load`` ``[P]``, ``routed``, ``dropped``, ``num_tokens`` and ``router_entropy`` of one
+      window, and the ``step`` that closed it.
     - ``latest_load(i)`` -> ``[E]`` tokens per expert of the last window (``None`` before the first).
     - ``load_history(i)`` -> ``[(step, [E]), ...]``; ``run_load(i)`` -> ``[E]`` since training began.
     - ``traffic(i)`` -> ``[P, P]`` of the last window (``traffic()`` sums the layers);
-      ``rank_load(i)`` -> ``[P]`` rows processed by each EP rank's experts (column sums).
+      ``rank_load(i)`` -> ``[P]`` assignments processed by each EP rank's experts.
     - ``latest_metrics``: the scalars of the last log, by tag.
 
     Every rank holds the same, world-summed values. The run totals and history are saved in
@@ -140,9 +141,8 @@ class ExpertLoadMonitor(Callback):
         return [(window.step, window.traffic[layer_index]) for window in self.history]
 
     def rank_load(self, layer_index: int) -> torch.Tensor | None:
-        """Assignment rows ``[P]`` that each EP rank's experts processed in the last window."""
-        traffic_PP = self.traffic(layer_index)
-        return None if traffic_PP is None else traffic_PP.sum(dim=0)
+        """Assignments ``[P]`` that each EP rank's experts processed in the last window."""
+        return self.history[-1].rank_load[layer_index] if self.history else None
 
     # ----------------------------------------------------------------- Lightning hooks
 

@@ -32,14 +32,16 @@ class LoadWindow:
         step: the optimizer step (``trainer.global_step``) that closed the window.
         tokens_per_expert: per layer, assignments each logical expert processed (after capacity
             drops), ``[E]`` int64.
-        traffic: per layer, the EP traffic matrix ``[P, P]`` int64: row = source EP rank, column =
-            destination EP rank, summed over expert-data-parallel replicas. Its column sums are the
-            rows each EP rank's experts processed.
+        traffic: per layer, the EP traffic matrix ``[P, P]`` int64: hidden rows sent from EP rank
+            ``row`` to EP rank ``column`` (one per distinct token and destination), summed over
+            expert-data-parallel replicas.
         routed: per layer, assignments the gate made (before capacity drops).
         dropped: per layer, assignments dropped by the capacity limit.
         num_tokens: per layer, tokens that entered the layer.
         router_entropy: per layer, the token-weighted mean router entropy (nats), or ``None`` when
             the gate reports none.
+        rank_load: per layer, assignments ``[P]`` that each EP rank's experts processed, summed over
+            expert-data-parallel replicas.
     """
 
     step: int
@@ -49,6 +51,7 @@ class LoadWindow:
     dropped: list[int]
     num_tokens: list[int]
     router_entropy: list[float | None] = field(default_factory=list)
+    rank_load: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -64,6 +67,7 @@ class LoadWindow:
             "dropped": list(self.dropped),
             "num_tokens": list(self.num_tokens),
             "router_entropy": list(self.router_entropy),
+            "rank_load": [t.clone() for t in self.rank_load],
         }
 
     @classmethod
@@ -100,6 +104,7 @@ class ExpertLoadMetric(Metric):
         num_layers, widest = len(self.num_experts), max(self.num_experts)
         self.add_state("tokens_per_expert_LM", torch.zeros(num_layers, widest, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("traffic_LPP", torch.zeros(num_layers, ep_size, ep_size, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("rank_load_LP", torch.zeros(num_layers, ep_size, dtype=torch.long), dist_reduce_fx="sum")
         # NOTE: float64 counters hold integer counts exactly up to 2**53 and the entropy sums.
         self.add_state("counters_LC", torch.zeros(num_layers, _NUM_COUNTERS, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -127,6 +132,7 @@ class ExpertLoadMetric(Metric):
                     f"ep_size={self.ep_size}. All MoE layers must share one expert-parallel size."
                 )
             self.traffic_LPP[index, dispatcher.ep_rank] += dispatcher.tokens_sent_per_rank.to(device)
+            self.rank_load_LP[index] += dispatcher.assignments_sent_per_rank.to(device)
             num_tokens = float(layer.num_tokens)
             entropy = layer.stats.get("router_entropy")
             entropy_sum = (
@@ -142,23 +148,25 @@ class ExpertLoadMetric(Metric):
         self.counters_LC[:, :_TOKENS] += torch.stack(on_device)
         self.counters_LC[:, _TOKENS:] += torch.tensor(on_host, dtype=torch.float64).to(device, non_blocking=True)
 
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The summed states ``([L, M], [L, P, P], [L, C])`` on the CPU (a collective: call on every rank).
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The summed states ``([L, M], [L, P, P], [L, P], [L, C])`` on the CPU (a collective: call on
+        every rank).
 
         NOTE: torchmetrics squeezes one-element tensors of the result (``[1, 1, 1]`` traffic of one
         layer without EP); :meth:`compute_window` restores the shapes.
         """
-        return self.tokens_per_expert_LM.cpu(), self.traffic_LPP.cpu(), self.counters_LC.cpu()
+        return self.tokens_per_expert_LM.cpu(), self.traffic_LPP.cpu(), self.rank_load_LP.cpu(), self.counters_LC.cpu()
 
     def compute_window(self, step: int) -> LoadWindow:
         """The window's sums over every process, as a :class:`LoadWindow` closed at ``step``.
 
         A collective when running distributed: every rank must call it.
         """
-        tokens_LM, traffic_LPP, counters_LC = self.compute()
+        tokens_LM, traffic_LPP, rank_load_LP, counters_LC = self.compute()
         num_layers = len(self.num_experts)
         tokens_LM = tokens_LM.reshape(num_layers, max(self.num_experts))
         traffic_LPP = traffic_LPP.reshape(num_layers, self.ep_size, self.ep_size)
+        rank_load_LP = rank_load_LP.reshape(num_layers, self.ep_size)
         counters_LC = counters_LC.reshape(num_layers, _NUM_COUNTERS)
         entropy = []
         for row in counters_LC:
@@ -172,6 +180,7 @@ class ExpertLoadMetric(Metric):
             dropped=[int(v) for v in counters_LC[:, _DROPPED].tolist()],
             num_tokens=[int(v) for v in counters_LC[:, _TOKENS].tolist()],
             router_entropy=entropy,
+            rank_load=[t.clone() for t in rank_load_LP],
         )
 
 
@@ -222,9 +231,9 @@ def summarize(window: LoadWindow, run_tokens_per_expert: Sequence[torch.Tensor])
         put(index, "experts_per_token", routed / tokens if tokens > 0 else 0.0)
         if window.router_entropy[index] is not None:
             put(index, "router_entropy", window.router_entropy[index])
-        traffic_PP = window.traffic[index]
-        if traffic_PP.shape[0] > 1:
-            put(index, "ep_max_vio", max_violation(traffic_PP.sum(dim=0)))
+        rank_load_P = window.rank_load[index]
+        if rank_load_P.shape[0] > 1:
+            put(index, "ep_max_vio", max_violation(rank_load_P))
 
     for name, values in per_layer.items():
         metrics[f"moe/{name}"] = sum(values) / len(values)

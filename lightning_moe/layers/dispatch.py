@@ -2,16 +2,16 @@
 
 The :class:`LocalDispatcher` is what a :class:`~lightning_moe.MoELayer` uses on its own. Under
 expert parallelism :class:`~lightning_moe.MoEStrategy` replaces it with an all-to-all dispatcher
-from :mod:`lightning_moe.parallel.dispatch` that has the same two methods, so that model code never
+from :mod:`lightning_moe.parallel.dispatch` that has the same methods, so that model code never
 holds a collective.
 
-Shape legend: ``N`` assignments, ``D`` model width, ``E`` experts.
+Shape legend: ``N`` assignments, ``T`` tokens, ``D`` model width, ``E`` experts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -53,8 +53,25 @@ def drop_over_capacity(routing: Routing, num_experts: int, capacity_factor: floa
     return kept, int(num_assignments - kept.expert_index_N.numel())
 
 
+def weighted_sum_rows(rows_ND: torch.Tensor, weight_N: torch.Tensor | None, target_N: torch.Tensor, num_targets: int) -> torch.Tensor:
+    """``out[target_N[n]] += weight_N[n] * rows_ND[n]``: the combine of routed outputs into their tokens
+    (or, under expert parallelism, into the (token, rank) rows that go back). ``None`` weights are 1."""
+    if weight_N is not None:
+        rows_ND = rows_ND * weight_N.to(rows_ND.dtype).unsqueeze(-1)
+    return rows_ND.new_zeros(num_targets, rows_ND.shape[-1]).index_add_(0, target_N, rows_ND)
+
+
+@dataclass
+class LocalDispatchContext:
+    """What :meth:`LocalDispatcher.combine` needs: each expert-ordered row's token and weight."""
+
+    token_index_N: torch.Tensor
+    weight_N: torch.Tensor
+    num_tokens: int
+
+
 class LocalDispatcher:
-    """Sorts assignment rows by expert for a grouped GEMM, and puts the results back in order.
+    """Sorts assignment rows by expert for a grouped GEMM, and sums the results into their tokens.
 
     Args:
         num_experts: experts of the layer; all are local.
@@ -66,30 +83,35 @@ class LocalDispatcher:
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
-        #: Assignment rows this process sent to each EP rank in the last dispatch, ``[ep_size]``.
+        #: In the last dispatch, per EP rank ``[ep_size]``: distinct tokens sent to it (one hidden row
+        #: each) and assignments sent to its experts. A single process is its own only EP rank.
         self.tokens_sent_per_rank = torch.zeros(1, dtype=torch.long)
+        self.assignments_sent_per_rank = torch.zeros(1, dtype=torch.long)
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts
 
-    def dispatch(
-        self, x_TD: torch.Tensor, token_index_N: torch.Tensor, expert_index_N: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, LocalDispatchContext]:
         """The rows of the assignments, gathered from ``x_TD`` already sorted by expert (one gather,
         no intermediate copy), the tokens per local expert ``[E]``, and what :meth:`combine` needs."""
-        order_N = torch.argsort(expert_index_N, stable=True)
-        tokens_per_expert_E = count_per_expert(expert_index_N, self.num_experts)
-        self.tokens_sent_per_rank = tokens_per_expert_E.sum().reshape(1).cpu()
-        return x_TD[token_index_N[order_N]], tokens_per_expert_E, order_N
+        order_N = torch.argsort(routing.expert_index_N, stable=True)
+        tokens_per_expert_E = count_per_expert(routing.expert_index_N, self.num_experts)
+        token_index_N = routing.token_index_N[order_N]
+        routed_T = torch.zeros(x_TD.shape[0], dtype=torch.bool, device=x_TD.device).index_fill_(0, token_index_N, True)
+        # NOTE: kept on the input's device: reading them back here would synchronise every forward.
+        self.tokens_sent_per_rank = routed_T.sum().reshape(1)
+        self.assignments_sent_per_rank = tokens_per_expert_E.sum().reshape(1)
+        context = LocalDispatchContext(token_index_N, routing.weight_N[order_N], x_TD.shape[0])
+        return x_TD[token_index_N], tokens_per_expert_E, context
 
-    def combine(self, y_ND: torch.Tensor, order_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert outputs, and for each output row the assignment it belongs to.
+    def combine(self, y_ND: torch.Tensor, context: LocalDispatchContext) -> torch.Tensor:
+        """``[T, D]``: each token's expert outputs, weighted by the gate and summed.
 
-        NOTE: the rows stay in expert order; the layer combines them with ``index_add_`` through
-        ``order_N``, which saves a scatter back to assignment order (and its gather in backward).
+        NOTE: the rows stay in expert order and are added into their tokens through the sorted token
+        index, which saves a scatter back to assignment order (and its gather in backward).
         """
-        return y_ND, order_N
+        return weighted_sum_rows(y_ND, context.weight_N, context.token_index_N, context.num_tokens)
 
     def reduce_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """The load over every process that shares this layer's gate; a single process has only its own."""

@@ -130,17 +130,13 @@ class MoELayer(nn.Module):
             routing, dropped = drop_over_capacity(routing, self.num_experts, self.capacity_factor)
 
         # 2. Permute: rows sorted by expert (and sent to the expert's rank under expert parallelism).
-        expert_input, tokens_per_local_expert, dispatch_context = self.dispatcher.dispatch(
-            x_TD, routing.token_index_N, routing.expert_index_N
-        )
+        expert_input, tokens_per_local_expert, dispatch_context = self.dispatcher.dispatch(x_TD, routing)
 
         # 3. Compute: one grouped GEMM per projection over all local experts.
         expert_output = self.experts(expert_input, tokens_per_local_expert)
 
         # 4. Un-permute and combine: y_t = sum over t's assignments of weight * expert output.
-        y_ND, assignment_N = self.dispatcher.combine(expert_output, dispatch_context)
-        y_ND = y_ND * routing.weight_N[assignment_N].to(y_ND.dtype).unsqueeze(-1)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, routing.token_index_N[assignment_N], y_ND)
+        y_TD = self.dispatcher.combine(expert_output, dispatch_context)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)

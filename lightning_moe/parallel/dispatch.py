@@ -4,22 +4,28 @@
 :class:`~lightning_moe.layers.dispatch.LocalDispatcher`, so :class:`~lightning_moe.MoELayer` runs
 unchanged; :class:`~lightning_moe.MoEStrategy` swaps it in at setup.
 
-One dispatch, on every rank of an expert-parallel (EP) group:
+A token whose experts sit on one remote rank crosses the network once, however many of that rank's
+experts it uses (the de-duplication of DeepEP and Megatron-Core's "flex" dispatcher). One dispatch,
+on every rank of an expert-parallel (EP) group:
 
 1. map each assignment's logical expert to its physical position ``rank * L + slot`` through the
-   :class:`~lightning_moe.parallel.placement.ExpertPlacement`, and sort rows by it (so rows are
-   grouped by destination rank, then by slot);
-2. exchange the row counts ``[R, L]`` with a plain all-to-all (the split sizes of step 3);
-3. send the rows with an all-to-all that carries autograd and variable split sizes
-   (``all_to_all_single_autograd``); its backward is the reverse all-to-all, so every expert
-   gradient sums the contributions of all ranks of the EP group;
-4. re-order the received rows from (source rank, slot) to (slot, source rank): one contiguous
-   block per local expert, for the grouped GEMM.
+   :class:`~lightning_moe.parallel.placement.ExpertPlacement`; collect the distinct
+   (destination rank, token) *pairs*, grouped by rank: one hidden row is sent per pair;
+2. sort the assignments by physical position and give each the index of its pair inside the block
+   sent to its rank;
+3. exchange the counts (assignments per slot and pairs per rank) with one plain all-to-all;
+4. send the pair rows, and each assignment's pair index and gate weight, with all-to-alls; rows and
+   weights go through ``all_to_all_single_autograd``, whose backward is the reverse all-to-all, so
+   expert and router gradients sum the contributions of every rank of the EP group;
+5. on the expert side, gather one row per assignment from the received pairs, one contiguous block
+   per local expert, for the grouped GEMM.
 
-``combine`` undoes 4, 3 and 1 in that order.
+``combine`` weights each expert output, sums the outputs of one pair *before* sending them back
+(so the return trip also carries one row per pair), and adds the returned rows into their tokens.
 
-Shape legend: ``N`` assignment rows sent by this rank, ``M`` rows received, ``D`` model width,
-``R`` EP ranks, ``L`` local expert slots, ``E`` logical experts.
+Shape legend: ``T`` tokens, ``N`` assignments routed by this rank, ``U`` pairs sent by this rank,
+``V`` pairs received, ``M`` assignments received, ``D`` model width, ``R`` EP ranks, ``L`` local
+expert slots, ``E`` logical experts.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
+from lightning_moe.layers.dispatch import weighted_sum_rows
+from lightning_moe.layers.gates.base import Routing
 from lightning_moe.parallel.placement import ExpertPlacement
 
 
@@ -37,14 +45,17 @@ from lightning_moe.parallel.placement import ExpertPlacement
 class DispatchContext:
     """What :meth:`AllToAllDispatcher.combine` needs from the matching dispatch."""
 
-    send_order_N: torch.Tensor
-    local_order_M: torch.Tensor
-    send_splits: list[int]
-    recv_splits: list[int]
+    token_of_pair_U: torch.Tensor  # token of each pair this rank sent, grouped by destination rank
+    pair_of_row_M: torch.Tensor  # received pair each expert-input row was copied from
+    weight_M: torch.Tensor  # gate weight of each expert-input row
+    pairs_sent: list[int]  # pairs sent to each EP rank
+    pairs_received: list[int]  # pairs received from each EP rank
+    num_tokens: int
 
 
 class AllToAllDispatcher:
-    """Sends each assignment row to the EP rank that holds its expert, and brings the result back.
+    """Sends each token once to every EP rank that holds one of its experts, and brings the
+    weighted sum of those experts' outputs back.
 
     Args:
         placement: logical expert -> (EP rank, slot), identical on every rank.
@@ -68,8 +79,10 @@ class AllToAllDispatcher:
         self.ep_group = ep_group
         self.load_group = load_group
         self.num_experts = placement.num_experts
-        #: Assignment rows this rank sent to each EP rank in the last dispatch, ``[ep_size]``.
+        #: In the last dispatch, per EP rank ``[ep_size]``: distinct tokens sent to it (one hidden row
+        #: each, what crosses the network) and assignments sent to its experts (their work).
         self.tokens_sent_per_rank = torch.zeros(self.ep_size, dtype=torch.long)
+        self.assignments_sent_per_rank = torch.zeros(self.ep_size, dtype=torch.long)
 
     @property
     def num_local_experts(self) -> int:
@@ -84,56 +97,90 @@ class AllToAllDispatcher:
             )
         self.placement = placement
 
-    def dispatch(
-        self, x_TD: torch.Tensor, token_index_N: torch.Tensor, expert_index_N: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
-        """Rows for this rank's experts, sorted by local slot; rows per local slot ``[L]``; the context.
-
-        The assignment rows are gathered from ``x_TD`` directly in send order (one gather)."""
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
+        """Rows for this rank's experts, sorted by local slot; rows per local slot ``[L]``; the context."""
         ranks, slots = self.ep_size, self.num_local_experts
-        # 1. Physical position of each row, and the rows sorted by it.
-        physical_N = self.placement.physical_of_expert_E.to(expert_index_N.device)[expert_index_N]
+        num_tokens, device = x_TD.shape[0], x_TD.device
+        token_N = routing.token_index_N
+
+        # 1. Physical position of each assignment, and the distinct (rank, token) pairs, rank-major.
+        physical_N = self.placement.physical_of_expert_E.to(device)[routing.expert_index_N]
+        rank_N = torch.div(physical_N, slots, rounding_mode="floor")
+        needed_RT = torch.zeros(ranks, num_tokens, dtype=torch.bool, device=device)
+        needed_RT[rank_N, token_N] = True
+        pair_of_cell_RT = (torch.cumsum(needed_RT.view(-1), 0) - 1).view(ranks, num_tokens)
+        token_of_pair_U = needed_RT.nonzero()[:, 1]
+        pairs_per_rank_R = needed_RT.sum(dim=1)
+        first_pair_R = torch.cumsum(pairs_per_rank_R, 0) - pairs_per_rank_R
+
+        # 2. Assignments sorted by physical position, each with its pair's index in its rank's block.
         send_order_N = torch.argsort(physical_N, stable=True)
-        send_counts_RL = torch.bincount(physical_N, minlength=ranks * slots).view(ranks, slots)
-        x_sorted_ND = x_TD[token_index_N[send_order_N]]
-        self.tokens_sent_per_rank = send_counts_RL.sum(dim=1).detach().cpu()
+        rank_sorted_N = rank_N[send_order_N]
+        pair_in_block_N = pair_of_cell_RT[rank_sorted_N, token_N[send_order_N]] - first_pair_R[rank_sorted_N]
+        weight_sorted_N = routing.weight_N[send_order_N]
+        assignments_RL = torch.bincount(physical_N, minlength=ranks * slots).view(ranks, slots)
+        x_pairs_UD = x_TD[token_of_pair_U]
 
         if ranks == 1:
-            recv_counts_RL = send_counts_RL
-            x_recv_MD = x_sorted_ND
-            send_splits = recv_splits = [x_sorted_ND.shape[0]]
+            received_RL, pairs_received_R = assignments_RL, pairs_per_rank_R
+            x_received_VD, pair_in_block_M, weight_received_M = x_pairs_UD, pair_in_block_N, weight_sorted_N
+            pairs_sent = pairs_received = [x_pairs_UD.shape[0]]
+            assignments_sent = [physical_N.shape[0]]
         else:
-            # 2. Row counts: recv_counts_RL[r, l] = rows that rank r sends to our slot l.
-            recv_counts_RL = torch.empty_like(send_counts_RL)
-            dist.all_to_all_single(recv_counts_RL, send_counts_RL.contiguous(), group=self.ep_group)
-            send_splits = send_counts_RL.sum(dim=1).tolist()
-            recv_splits = recv_counts_RL.sum(dim=1).tolist()
-            # 3. The rows themselves, differentiably.
-            x_recv_MD = all_to_all_single_autograd(x_sorted_ND.contiguous(), recv_splits, send_splits, self.ep_group)
+            # 3. Counts: received[r, :L] = rank r's assignments to our slots, received[r, L] = its pairs.
+            counts_RC = torch.cat([assignments_RL, pairs_per_rank_R.unsqueeze(1)], dim=1)
+            received_RC = torch.empty_like(counts_RC)
+            dist.all_to_all_single(received_RC, counts_RC, group=self.ep_group)
+            received_RL, pairs_received_R = received_RC[:, :slots], received_RC[:, slots]
+            # One device-to-host copy for all split sizes.
+            sizes = torch.stack([counts_RC[:, slots], pairs_received_R, assignments_RL.sum(1), received_RL.sum(1)])
+            pairs_sent, pairs_received, assignments_sent, assignments_received = sizes.tolist()
+            # 4. Pair rows and assignment weights differentiably; pair indices as plain int32.
+            x_received_VD = all_to_all_single_autograd(x_pairs_UD, pairs_received, pairs_sent, self.ep_group)
+            weight_received_M = all_to_all_single_autograd(
+                weight_sorted_N.contiguous(), assignments_received, assignments_sent, self.ep_group
+            )
+            pair_in_block_M = torch.empty(sum(assignments_received), dtype=torch.int32, device=device)
+            dist.all_to_all_single(
+                pair_in_block_M, pair_in_block_N.to(torch.int32), assignments_received, assignments_sent,
+                group=self.ep_group,
+            )
 
-        # 4. (source rank, slot) blocks -> (slot, source rank) blocks: one block per local expert.
+        self.tokens_sent_per_rank = torch.tensor(pairs_sent)
+        self.assignments_sent_per_rank = torch.tensor(assignments_sent)
+
+        # 5. Received assignments come in (source rank, slot) blocks; re-order them to one block per
+        # slot, and point each at its source rank's pair row.
         block_of_row_M = torch.repeat_interleave(
-            torch.arange(ranks * slots, device=recv_counts_RL.device), recv_counts_RL.reshape(-1)
+            torch.arange(ranks * slots, device=received_RL.device), received_RL.reshape(-1)
         )
         source_rank_M, slot_M = block_of_row_M // slots, block_of_row_M % slots
         local_order_M = torch.argsort(slot_M * ranks + source_rank_M, stable=True)
-        tokens_per_local_expert_L = recv_counts_RL.sum(dim=0)
-        context = DispatchContext(send_order_N, local_order_M, send_splits, recv_splits)
-        return x_recv_MD[local_order_M.to(x_recv_MD.device)], tokens_per_local_expert_L, context
+        first_received_pair_R = torch.cumsum(pairs_received_R, 0) - pairs_received_R
+        pair_of_row_M = (pair_in_block_M + first_received_pair_R[source_rank_M])[local_order_M]
+        context = DispatchContext(
+            token_of_pair_U=token_of_pair_U,
+            pair_of_row_M=pair_of_row_M,
+            weight_M=weight_received_M[local_order_M],
+            pairs_sent=pairs_sent,
+            pairs_received=pairs_received,
+            num_tokens=num_tokens,
+        )
+        return x_received_VD[pair_of_row_M], received_RL.sum(dim=0), context
 
-    def combine(self, y_MD: torch.Tensor, context: DispatchContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert outputs back on the rank the assignments came from, in send order, and for each
-        row the assignment it belongs to (the layer combines through it; no scatter back)."""
-        y_recv_MD = torch.empty_like(y_MD)
-        y_recv_MD[context.local_order_M.to(y_MD.device)] = y_MD
-        if self.ep_size == 1:
-            y_sorted_ND = y_recv_MD
-        else:
+    def combine(self, y_MD: torch.Tensor, context: DispatchContext) -> torch.Tensor:
+        """``[T, D]``: each token's expert outputs, weighted by the gate and summed, back on the rank
+        the token came from."""
+        # Sum each pair's weighted outputs here, so the return trip carries one row per pair too.
+        y_pairs_VD = weighted_sum_rows(y_MD, context.weight_M, context.pair_of_row_M, sum(context.pairs_received))
+        if self.ep_size > 1:
             # The reverse all-to-all: what we received from rank r goes back to rank r.
-            y_sorted_ND = all_to_all_single_autograd(
-                y_recv_MD.contiguous(), context.send_splits, context.recv_splits, self.ep_group
+            y_pairs_UD = all_to_all_single_autograd(
+                y_pairs_VD, context.pairs_sent, context.pairs_received, self.ep_group
             )
-        return y_sorted_ND, context.send_order_N.to(y_sorted_ND.device)
+        else:
+            y_pairs_UD = y_pairs_VD
+        return weighted_sum_rows(y_pairs_UD, None, context.token_of_pair_U, context.num_tokens)
 
     def reduce_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Expert load summed over every process (all of them route with the same replicated gate),

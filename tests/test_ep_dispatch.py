@@ -1,0 +1,113 @@
+"""The all-to-all dispatcher in real gloo processes (world 2, EP 2), on a hand-built routing.
+
+Each token crosses to a remote rank once, however many of that rank's experts it uses, and the
+results (outputs, input gradients, gate-weight gradients, expert gradients) equal the single-process
+dispatcher over the same tokens. Each rank asserts in its own process (``worker``); the test reads
+the files they write.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+WORLD, NUM_EXPERTS, TOKENS, D_MODEL, D_FF = 2, 4, 6, 8, 4
+PLACEMENT = [[2, 0], [3, 1]]  # permuted: rank 0 holds experts 2 and 0, rank 1 holds 3 and 1
+# (token, expert) assignments of every rank; rank 1 also sends token 3 to expert 3.
+ASSIGNMENTS = [
+    (0, 2), (0, 0),  # both experts on rank 0
+    (1, 3), (1, 1),  # both on rank 1
+    (2, 0), (2, 3),  # one on each rank
+    (4, 1),  # token 3 has no expert (on rank 0)
+    (5, 0), (5, 1), (5, 2), (5, 3),  # four experts on two ranks
+]
+EXTRA_ON_RANK_1 = [(3, 3)]
+# Distinct tokens each rank sends to ranks 0 and 1, and the assignments, counted by hand.
+EXPECTED_TOKENS_SENT = {0: [3, 4], 1: [3, 5]}
+EXPECTED_ASSIGNMENTS_SENT = {0: [5, 6], 1: [5, 7]}
+
+
+def routing_of(rank: int, generator: torch.Generator):
+    from lightning_moe.layers.gates.base import Routing
+
+    pairs = ASSIGNMENTS + (EXTRA_ON_RANK_1 if rank == 1 else [])
+    token_N, expert_N = torch.tensor(pairs).t()
+    weight_N = torch.rand(len(pairs), generator=generator).requires_grad_()
+    return Routing(token_index_N=token_N, expert_index_N=expert_N, weight_N=weight_N, num_tokens=TOKENS)
+
+
+def inputs_of(rank: int):
+    generator = torch.Generator().manual_seed(100 + rank)
+    x_TD = torch.randn(TOKENS, D_MODEL, generator=generator).requires_grad_()
+    grad_TD = torch.randn(TOKENS, D_MODEL, generator=generator)
+    return x_TD, routing_of(rank, generator), grad_TD
+
+
+def run(dispatcher, experts, x_TD, routing, grad_TD) -> torch.Tensor:
+    expert_input, tokens_per_expert, context = dispatcher.dispatch(x_TD, routing)
+    y_TD = dispatcher.combine(experts(expert_input, tokens_per_expert), context)
+    y_TD.backward(grad_TD)
+    return y_TD.detach()
+
+
+def worker(out_dir: Path) -> None:
+    import torch.distributed as dist
+
+    from lightning_moe.layers.dispatch import LocalDispatcher
+    from lightning_moe.layers.experts import Experts
+    from lightning_moe.parallel.dispatch import AllToAllDispatcher
+    from lightning_moe.parallel.placement import ExpertPlacement
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    full = Experts(num_experts=NUM_EXPERTS, d_model=D_MODEL, d_ff=D_FF, init_std=0.3)
+
+    # Reference: every rank's tokens through all experts in this one process.
+    reference = {}
+    for source in range(WORLD):
+        x_TD, routing, grad_TD = inputs_of(source)
+        y_TD = run(LocalDispatcher(NUM_EXPERTS), full, x_TD, routing, grad_TD)
+        reference[source] = (y_TD, x_TD.grad, routing.weight_N.grad)
+
+    # Expert parallel: this rank's slots of the same experts, this rank's tokens.
+    placement = ExpertPlacement.from_experts_per_rank(PLACEMENT)
+    local = Experts(num_experts=2, d_model=D_MODEL, d_ff=D_FF)
+    slots = placement.experts_on_rank(rank)
+    with torch.no_grad():
+        local.w_in.copy_(full.w_in[slots])
+        local.w_out.copy_(full.w_out[slots])
+    dispatcher = AllToAllDispatcher(placement=placement, ep_rank=rank, ep_group=dist.group.WORLD)
+    x_TD, routing, grad_TD = inputs_of(rank)
+    y_TD = run(dispatcher, local, x_TD, routing, grad_TD)
+
+    assert dispatcher.tokens_sent_per_rank.tolist() == EXPECTED_TOKENS_SENT[rank], dispatcher.tokens_sent_per_rank
+    assert dispatcher.assignments_sent_per_rank.tolist() == EXPECTED_ASSIGNMENTS_SENT[rank]
+    y_ref, x_grad_ref, weight_grad_ref = reference[rank]
+    torch.testing.assert_close(y_TD, y_ref)
+    if rank == 0:
+        assert torch.all(y_TD[3] == 0)  # a token with no expert gets nothing
+    torch.testing.assert_close(x_TD.grad, x_grad_ref)
+    torch.testing.assert_close(routing.weight_N.grad, weight_grad_ref)
+    # An expert's gradient sums the contributions of both ranks' tokens, as in the reference.
+    torch.testing.assert_close(local.w_in.grad, full.w_in.grad[slots])
+    torch.testing.assert_close(local.w_out.grad, full.w_out.grad[slots])
+    (out_dir / f"rank{rank}.json").write_text(json.dumps({"tokens_sent": dispatcher.tokens_sent_per_rank.tolist()}))
+    dist.destroy_process_group()
+
+
+def test_tokens_cross_once_per_rank_and_results_match_one_process(tmp_path):
+    from dist_workers.launch import launch
+
+    launch(Path(__file__), [str(tmp_path)], world_size=WORLD, timeout=60, log_dir=tmp_path / "logs")
+    for rank in range(WORLD):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["tokens_sent"] == EXPECTED_TOKENS_SENT[rank]
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
