@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_moe import MoELayer, collect_aux_loss, collect_aux_losses
-from lightning_moe.layers.dispatch import drop_over_capacity, expert_capacity
+from lightning_moe.layers.dispatch import drop_over_capacity, expert_capacity, weighted_sum_rows
 from lightning_moe.layers.gates import Routing
 from lightning_moe.ops.grouped_mm import grouped_mm, grouped_mm_loop
 
@@ -58,6 +58,28 @@ def test_grouped_mm_path_equals_per_expert_loop(activation):
     assert grads_grouped.keys() == grads_loop.keys()
     for name in grads_grouped:
         torch.testing.assert_close(grads_grouped[name], grads_loop[name], atol=1e-6, rtol=1e-5)
+
+
+def test_experts_compute_in_the_autocast_dtype():
+    """Under bf16 autocast the experts' GEMMs take bf16 operands (the fast grouped kernel's dtype),
+    not fp32; the layer's result stays close to the fp32 one."""
+    layer = _layer(num_experts=4, top_k=2)
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = layer.experts(x.view(-1, 16), torch.tensor([4, 4, 4, 4]))
+        y_mixed = layer(x)
+    assert hidden.dtype == torch.bfloat16 and y_mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(y_mixed.float(), layer(x), atol=2e-2, rtol=2e-2)
+
+
+def test_combine_weights_and_sums_in_fp32():
+    """bf16 rows times fp32 gate weights: 1 * (1 + 2**-9) + 1 * (2**-9 + 2**-12) is 1 + 2**-8 + 2**-12,
+    just above the midpoint between the bf16 neighbours 1 and 1 + 2**-7, so rounding once gives
+    1 + 2**-7. Rounding the weights to bf16 first (1 and 2**-9 + 2**-12) would give 1."""
+    rows = torch.ones(2, 1, dtype=torch.bfloat16)
+    weights = torch.tensor([1 + 2.0**-9, 2.0**-9 + 2.0**-12])
+    out = weighted_sum_rows(rows, weights, torch.zeros(2, dtype=torch.long), 1)
+    assert out.dtype == torch.bfloat16 and out.item() == 1 + 2.0**-7
 
 
 def test_layer_equals_dense_reference_per_token():

@@ -55,10 +55,18 @@ def drop_over_capacity(routing: Routing, num_experts: int, capacity_factor: floa
 
 def weighted_sum_rows(rows_ND: torch.Tensor, weight_N: torch.Tensor | None, target_N: torch.Tensor, num_targets: int) -> torch.Tensor:
     """``out[target_N[n]] += weight_N[n] * rows_ND[n]``: the combine of routed outputs into their tokens
-    (or, under expert parallelism, into the (token, rank) rows that go back). ``None`` weights are 1."""
+    (or, under expert parallelism, into the (token, rank) rows that go back). ``None`` weights are 1.
+
+    The products and sums are in fp32 (the gate's weights are fp32) and the result has the rows'
+    dtype, so bf16 expert outputs are not rounded once per added expert.
+    """
+    rows_dtype = rows_ND.dtype
+    accumulate_dtype = torch.promote_types(rows_dtype, torch.float32)
+    rows_ND = rows_ND.to(accumulate_dtype)
     if weight_N is not None:
-        rows_ND = rows_ND * weight_N.to(rows_ND.dtype).unsqueeze(-1)
-    return rows_ND.new_zeros(num_targets, rows_ND.shape[-1]).index_add_(0, target_N, rows_ND)
+        rows_ND = rows_ND * weight_N.to(accumulate_dtype).unsqueeze(-1)
+    out = rows_ND.new_zeros(num_targets, rows_ND.shape[-1]).index_add_(0, target_N, rows_ND)
+    return out.to(rows_dtype)
 
 
 @dataclass

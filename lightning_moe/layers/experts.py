@@ -85,6 +85,12 @@ class Experts(nn.Module):
         """
         matmul = grouped_mm if self.use_grouped_mm else grouped_mm_loop
         tokens_per_expert_E = tokens_per_expert_E.to(x_ND.device)
+        device_type = x_ND.device.type
+        if torch.is_autocast_enabled(device_type):
+            # NOTE: autocast does not cast grouped_mm's operands (it is on no autocast list), so under
+            # mixed precision it would run in fp32, which has no fast grouped kernel on CUDA. Cast as
+            # autocast casts a matmul.
+            x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
         hidden_NF = matmul(x_ND, self.w_in.to(x_ND.dtype), tokens_per_expert_E)  # (N, 2F) or (N, F)
         if self.activation == "swiglu":
             gate_NF, up_NF = hidden_NF.chunk(2, dim=-1)

@@ -2,7 +2,8 @@
 another in the same process group, and writes what each rank saw to ``OUT/<scenario>/rank<r>.json``.
 
 Started by :func:`tests.dist_workers.launch.launch` with ``LOCAL_RANK``/``MASTER_PORT`` set, so
-Lightning joins the given processes instead of launching its own. Usage::
+Lightning joins the given processes instead of launching its own, or with no such variables at
+world 1, where Lightning starts the process group itself. Usage::
 
     python ep_worker.py SCENARIOS.json OUT_DIR
 """
@@ -16,6 +17,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
@@ -50,7 +52,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     )
     checkpoint_dir = out_dir / "checkpoints"
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=scenario.get("accelerator", "cpu"),
         devices=world_size,
         strategy=strategy,
         max_epochs=scenario.get("max_epochs", 1),
@@ -74,7 +76,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         raise
     layers = moe_layers(model)
     dispatchers = [layer.dispatcher for layer in layers]
-    extra = {"logged_loss": float(trainer.callback_metrics["train_loss"])}
+    extra = {"logged_loss": float(trainer.callback_metrics["train_loss"]), "backend": dist.get_backend()}
     if scenario.get("validate"):
         # Evaluation after fit (the module keeps its shards), and a fresh module that loads the
         # final checkpoint directory outside fitting (no optimizers, no DDP wrapper).
@@ -99,7 +101,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
 def main() -> None:
     scenarios = json.loads(Path(sys.argv[1]).read_text())
     out_root = Path(sys.argv[2])
-    world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     for scenario in scenarios:
         out_dir = out_root / scenario["name"]
         out_dir.mkdir(parents=True, exist_ok=True)
