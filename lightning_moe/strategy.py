@@ -35,7 +35,7 @@ from lightning_moe.checkpoint import load_local_checkpoint, save_sharded_checkpo
 from lightning_moe.layers.balancing import register_bias_update
 from lightning_moe.layers.experts import is_expert_param
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
-from lightning_moe.parallel.grad_sync import clip_grad_norm_global, sync_expert_grads
+from lightning_moe.parallel.grad_sync import clip_grad_norm_global, scale_expert_grads_on_arrival, sync_expert_grads
 from lightning_moe.parallel.mesh import ExpertParallelMesh, build_expert_parallel_mesh, check_layout
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.sharding import (
@@ -194,6 +194,7 @@ class MoEStrategy(DDPStrategy):
             if not isinstance(layer.dispatcher, AllToAllDispatcher):
                 shard_layer(layer, placement=self._placement_for(layer.num_experts), ep_rank=mesh.ep_rank,
                             ep_group=mesh.ep_group)
+                scale_expert_grads_on_arrival(layer.experts.parameters(recurse=False), mesh.ep_size)
             elif layer.dispatcher.ep_size != mesh.ep_size:
                 raise ValueError(
                     f"An MoE layer is already sharded over {layer.dispatcher.ep_size} EP ranks, but this strategy "
@@ -245,7 +246,7 @@ class MoEStrategy(DDPStrategy):
         if mesh is None or self.lightning_module is None:
             return
         experts = [p for p in self.lightning_module.parameters() if is_expert_param(p) and p.requires_grad]
-        sync_expert_grads(experts, edp_group=mesh.edp_group, edp_size=mesh.edp_size, world_size=self.world_size)
+        sync_expert_grads(experts, edp_group=mesh.edp_group, edp_size=mesh.edp_size)
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         mesh = self.expert_mesh

@@ -11,7 +11,8 @@ World 4, global batch 8 (2 per rank), 2 micro-batches per optimizer step, clippi
 - a permuted placement matches the identity one;
 - EP 2 saves a checkpoint after epoch 0; EP 4 (world 4), EP 2 (world 2, launched with torchrun)
   and world 1 resume from it and continue exactly as the uninterrupted run;
-- capacity mode, every registered gate, bf16-mixed, device-limited routing;
+- capacity mode, every registered gate, bf16-mixed, device-limited routing, manual optimization
+  with accumulation;
 - each setup error.
 """
 
@@ -46,7 +47,8 @@ GATE_KWARGS = {
     "sigmoid": {"bias_update_rate": 0.01, "load_balance_coef": 0.01},
     "expert_choice": {"capacity_factor": 2.0},
 }
-RESUME_FROM = "ep2/checkpoints/epoch=0-step=5.ckpt"
+FIRST_EPOCH = "checkpoints/epoch=0-step=5.ckpt"
+RESUME_FROM = f"ep2/{FIRST_EPOCH}"
 FINAL = "checkpoints/epoch=1-step=10.ckpt"
 
 
@@ -71,6 +73,7 @@ def world4_scenarios(out: Path) -> list[dict]:
          **TRAIN},
         {"name": "capacity_ep4", "ep": 4, "model": {"num_experts": 4, "capacity_factor": 1.0}, **TRAIN},
         *gate_scenarios(),
+        {"name": "manual_ep2", "ep": 2, "manual": True, "model": NO_AUX, **TRAIN},
         {"name": "bf16", "ep": 2, "precision": "bf16-mixed", "model": {"num_experts": 4}, **TRAIN},
         {"name": "device_limited", "ep": 4, "device_limited": 1, "model": {"num_experts": 8}, **TRAIN},
         {"name": "err_world", "ep": 3, "expect_error": True, "model": {"num_experts": 6}, **TRAIN},
@@ -254,6 +257,17 @@ def test_every_gate_trains_under_expert_parallelism(world4, scenario):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
     for key, value in results[0]["gate_state"].items():
         torch.testing.assert_close(torch.tensor(value), ref_state[f"blocks.first.gate.{key}"], rtol=1e-4, atol=1e-6)
+
+
+def test_manual_optimization_accumulates_like_automatic(world4, tmp_path):
+    """``manual_backward`` twice per ``optimizer.step()``, clipping by norm: the same steps as the
+    single-process reference (each backward's expert gradients are synced as they arrive)."""
+    results = read(world4, "manual_ep2", 4)
+    ref_losses, ref_state = reference(NO_AUX, steps=STEPS_PER_EPOCH)
+    assert results[0]["global_step"] == STEPS_PER_EPOCH
+    np.testing.assert_allclose(step_losses(results), ref_losses, rtol=1e-4)
+    single = consolidate_checkpoint(world4 / "manual_ep2" / FIRST_EPOCH, tmp_path / "manual.ckpt")
+    assert_states_close(torch.load(single, weights_only=False)["state_dict"], ref_state)
 
 
 def test_bf16_mixed_trains(world4):

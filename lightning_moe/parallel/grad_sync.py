@@ -1,13 +1,17 @@
 """Gradient reduction and clipping for expert-parallel training.
 
 Dense parameters are replicated on every rank and DDP averages their gradients over the world.
-Expert parameters are sharded over the EP group and left out of DDP. After the backward of a
-micro-batch that syncs, each expert gradient already holds the sum over the ranks of its EP group
-(the backward of the dispatch all-to-all brings every source rank's contribution home), so summing
-over the expert-data-parallel (EDP) group gives the sum over the whole world; dividing by the world
-size gives the same average that DDP takes of the dense gradients:
+Expert parameters are sharded over the EP group and left out of DDP. In each backward, an expert's
+gradient arrives as the sum over the ranks of its EP group (the backward of the dispatch all-to-all
+brings every source rank's contribution home); a hook divides it by the EP size on arrival. Averaging
+over the expert-data-parallel (EDP) group then gives the same average over the world that DDP takes
+of the dense gradients:
 
-    grad_e = (1 / W) * sum_{edp} sum_{ep} dL_rank / dw_e = (1 / W) * sum_{ranks} dL_rank / dw_e.
+    grad_e = (1 / edp) * sum_{edp} (1 / ep) * sum_{ep} dL_rank / dw_e = (1 / W) * sum_{ranks} dL_rank / dw_e.
+
+Like DDP's average, the EDP average leaves a gradient that is already identical on every EDP rank
+unchanged, so syncing after each of several backward passes (manual optimization) gives the same
+result as syncing once after the last.
 
 Clipping by norm must see the norm of the *whole* model: the dense part once (identical on every
 rank) plus each expert shard once, i.e. the sum of squares of the expert part all-reduced over the
@@ -24,11 +28,19 @@ import torch.distributed as dist
 from lightning_moe.layers.experts import is_expert_param
 
 
+def scale_expert_grads_on_arrival(parameters: Iterable[torch.nn.Parameter], ep_size: int) -> None:
+    """Divide each backward's gradient of these expert parameters by ``ep_size`` before it is
+    accumulated into ``.grad`` (see the module docstring)."""
+    if ep_size == 1:
+        return
+    scale = 1.0 / ep_size
+    for parameter in parameters:
+        parameter.register_hook(lambda grad: grad * scale)
+
+
 @torch.no_grad()
-def sync_expert_grads(
-    parameters: Iterable[torch.nn.Parameter], *, edp_group: dist.ProcessGroup | None, edp_size: int, world_size: int
-) -> None:
-    """Sum expert gradients over the EDP group (one flat all-reduce) and divide by the world size."""
+def sync_expert_grads(parameters: Iterable[torch.nn.Parameter], *, edp_group: dist.ProcessGroup | None, edp_size: int) -> None:
+    """Average expert gradients over the EDP group (one flat all-reduce)."""
     parameters = list(parameters)
     for p in parameters:
         # A layer skipped in this forward leaves `grad` unset on some ranks only: give it zeros, so
@@ -41,12 +53,11 @@ def sync_expert_grads(
     if edp_size > 1:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=edp_group)
+        flat /= edp_size
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
-    if world_size > 1:
-        torch._foreach_div_(grads, float(world_size))
 
 
 @torch.no_grad()

@@ -39,11 +39,37 @@ class RootExpertParam(TwoMoELayers):
         self.stray_expert = mark_expert_param(nn.Parameter(torch.zeros(4, 2)))
 
 
+class ManualAccumulation(TwoMoELayers):
+    """Manual optimization that accumulates ``accumulate`` backward passes per optimizer step and
+    clips by norm, as automatic optimization does with the same settings."""
+
+    def __init__(self, *, accumulate: int, clip: float | None, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.accumulate, self.clip = accumulate, clip
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = self.loss(batch)
+        self.micro_batch_losses.append(float(loss.detach()))
+        self.manual_backward(loss / self.accumulate)
+        if (batch_idx + 1) % self.accumulate == 0:
+            if self.clip:
+                self.clip_gradients(optimizer, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad()
+        self.log("train_loss", loss, sync_dist=True)
+
+
 def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     model_kwargs = dict(scenario.get("model", {}))
     if scenario.get("mismatch") and rank == 1:
         model_kwargs["num_experts"] = 2 * model_kwargs.get("num_experts", 4)
     model_class = RootExpertParam if scenario.get("root_expert_param") else TwoMoELayers
+    if scenario.get("manual"):
+        # The model accumulates and clips; the Trainer must not (Lightning refuses both in manual mode).
+        model_kwargs.update(accumulate=scenario.pop("accumulate"), clip=scenario.pop("clip"))
+        model_class = ManualAccumulation
     model = model_class(**model_kwargs)
     strategy = scenario.get("strategy") or MoEStrategy(
         expert_parallel_size=scenario.get("ep", 1),
