@@ -9,10 +9,10 @@ experts it uses (the de-duplication of DeepEP and Megatron-Core's "flex" dispatc
 on every rank of an expert-parallel (EP) group:
 
 1. map each assignment's logical expert to its physical position ``rank * L + slot`` through the
-   :class:`~lightning_moe.parallel.placement.ExpertPlacement`; collect the distinct
-   (destination rank, token) *pairs*, grouped by rank: one hidden row is sent per pair;
-2. sort the assignments by physical position and give each the index of its pair inside the block
-   sent to its rank;
+   :class:`~lightning_moe.parallel.placement.ExpertPlacement`, and sort the assignments by it
+   (grouped by destination rank, then by slot);
+2. collect the distinct (destination rank, token) *pairs*, grouped by rank (one hidden row is sent
+   per pair), and give each assignment the index of its pair inside the block sent to its rank;
 3. exchange the counts (assignments per slot and pairs per rank) with one plain all-to-all;
 4. send the pair rows, and each assignment's pair index and gate weight, with all-to-alls; rows and
    weights go through ``all_to_all_single_autograd``, whose backward is the reverse all-to-all, so
@@ -22,6 +22,7 @@ on every rank of an expert-parallel (EP) group:
 
 ``combine`` weights each expert output, sums the outputs of one pair *before* sending them back
 (so the return trip also carries one row per pair), and adds the returned rows into their tokens.
+With one EP rank nothing is sent: each assignment reads its token's row directly.
 
 Shape legend: ``T`` tokens, ``N`` assignments routed by this rank, ``U`` pairs sent by this rank,
 ``V`` pairs received, ``M`` assignments received, ``D`` model width, ``R`` EP ranks, ``L`` local
@@ -45,7 +46,7 @@ from lightning_moe.parallel.placement import ExpertPlacement
 class DispatchContext:
     """What :meth:`AllToAllDispatcher.combine` needs from the matching dispatch."""
 
-    token_of_pair_U: torch.Tensor  # token of each pair this rank sent, grouped by destination rank
+    token_of_pair_U: torch.Tensor | None  # token of each pair sent, by destination rank (None: EP 1)
     pair_of_row_M: torch.Tensor  # received pair each expert-input row was copied from
     weight_M: torch.Tensor  # gate weight of each expert-input row
     pairs_sent: list[int]  # pairs sent to each EP rank
@@ -101,59 +102,51 @@ class AllToAllDispatcher:
         """Rows for this rank's experts, sorted by local slot; rows per local slot ``[L]``; the context."""
         ranks, slots = self.ep_size, self.num_local_experts
         num_tokens, device = x_TD.shape[0], x_TD.device
-        token_N = routing.token_index_N
-
-        # 1. Physical position of each assignment, and the distinct (rank, token) pairs, rank-major.
+        # 1. Physical position of each assignment; sorted by it, assignments are grouped by
+        # destination rank and, inside a rank, by slot.
         physical_N = self.placement.physical_of_expert_E.to(device)[routing.expert_index_N]
-        rank_N = torch.div(physical_N, slots, rounding_mode="floor")
+        send_order_N = torch.argsort(physical_N, stable=True)
+        assignments_RL = torch.bincount(physical_N, minlength=ranks * slots).view(ranks, slots)
+        token_sorted_N = routing.token_index_N[send_order_N]
+        weight_sorted_N = routing.weight_N[send_order_N]
+        if ranks == 1:
+            return self._dispatch_on_one_rank(x_TD, token_sorted_N, weight_sorted_N, assignments_RL[0])
+
+        # 2. The distinct (rank, token) pairs, rank-major, and each assignment's pair in its rank's block.
+        rank_sorted_N = torch.div(physical_N[send_order_N], slots, rounding_mode="floor")
         needed_RT = torch.zeros(ranks, num_tokens, dtype=torch.bool, device=device)
-        needed_RT[rank_N, token_N] = True
+        needed_RT[rank_sorted_N, token_sorted_N] = True
         pair_of_cell_RT = (torch.cumsum(needed_RT.view(-1), 0) - 1).view(ranks, num_tokens)
         token_of_pair_U = needed_RT.nonzero()[:, 1]
         pairs_per_rank_R = needed_RT.sum(dim=1)
         first_pair_R = torch.cumsum(pairs_per_rank_R, 0) - pairs_per_rank_R
+        pair_in_block_N = pair_of_cell_RT[rank_sorted_N, token_sorted_N] - first_pair_R[rank_sorted_N]
 
-        # 2. Assignments sorted by physical position, each with its pair's index in its rank's block.
-        send_order_N = torch.argsort(physical_N, stable=True)
-        rank_sorted_N = rank_N[send_order_N]
-        pair_in_block_N = pair_of_cell_RT[rank_sorted_N, token_N[send_order_N]] - first_pair_R[rank_sorted_N]
-        weight_sorted_N = routing.weight_N[send_order_N]
-        assignments_RL = torch.bincount(physical_N, minlength=ranks * slots).view(ranks, slots)
-        x_pairs_UD = x_TD[token_of_pair_U]
-
-        if ranks == 1:
-            received_RL, pairs_received_R = assignments_RL, pairs_per_rank_R
-            x_received_VD, pair_in_block_M, weight_received_M = x_pairs_UD, pair_in_block_N, weight_sorted_N
-            pairs_sent = pairs_received = [x_pairs_UD.shape[0]]
-            assignments_sent = [physical_N.shape[0]]
-        else:
-            # 3. Counts: received[r, :L] = rank r's assignments to our slots, received[r, L] = its pairs.
-            counts_RC = torch.cat([assignments_RL, pairs_per_rank_R.unsqueeze(1)], dim=1)
-            received_RC = torch.empty_like(counts_RC)
-            dist.all_to_all_single(received_RC, counts_RC, group=self.ep_group)
-            received_RL, pairs_received_R = received_RC[:, :slots], received_RC[:, slots]
-            # One device-to-host copy for all split sizes.
-            sizes = torch.stack([counts_RC[:, slots], pairs_received_R, assignments_RL.sum(1), received_RL.sum(1)])
-            pairs_sent, pairs_received, assignments_sent, assignments_received = sizes.tolist()
-            # 4. Pair rows and assignment weights differentiably; pair indices as plain int32.
-            x_received_VD = all_to_all_single_autograd(x_pairs_UD, pairs_received, pairs_sent, self.ep_group)
-            weight_received_M = all_to_all_single_autograd(
-                weight_sorted_N.contiguous(), assignments_received, assignments_sent, self.ep_group
-            )
-            pair_in_block_M = torch.empty(sum(assignments_received), dtype=torch.int32, device=device)
-            dist.all_to_all_single(
-                pair_in_block_M, pair_in_block_N.to(torch.int32), assignments_received, assignments_sent,
-                group=self.ep_group,
-            )
-
+        # 3. Counts: received[r, :L] = rank r's assignments to our slots, received[r, L] = its pairs.
+        counts_RC = torch.cat([assignments_RL, pairs_per_rank_R.unsqueeze(1)], dim=1)
+        received_RC = torch.empty_like(counts_RC)
+        dist.all_to_all_single(received_RC, counts_RC, group=self.ep_group)
+        received_RL, pairs_received_R = received_RC[:, :slots], received_RC[:, slots]
+        # One device-to-host copy for all split sizes.
+        sizes = torch.stack([pairs_per_rank_R, pairs_received_R, assignments_RL.sum(1), received_RL.sum(1)])
+        pairs_sent, pairs_received, assignments_sent, assignments_received = sizes.tolist()
         self.tokens_sent_per_rank = torch.tensor(pairs_sent)
         self.assignments_sent_per_rank = torch.tensor(assignments_sent)
 
+        # 4. Pair rows and assignment weights differentiably; pair indices as plain int32.
+        x_received_VD = all_to_all_single_autograd(x_TD[token_of_pair_U], pairs_received, pairs_sent, self.ep_group)
+        weight_received_M = all_to_all_single_autograd(
+            weight_sorted_N.contiguous(), assignments_received, assignments_sent, self.ep_group
+        )
+        pair_in_block_M = torch.empty(sum(assignments_received), dtype=torch.int32, device=device)
+        dist.all_to_all_single(
+            pair_in_block_M, pair_in_block_N.to(torch.int32), assignments_received, assignments_sent,
+            group=self.ep_group,
+        )
+
         # 5. Received assignments come in (source rank, slot) blocks; re-order them to one block per
         # slot, and point each at its source rank's pair row.
-        block_of_row_M = torch.repeat_interleave(
-            torch.arange(ranks * slots, device=received_RL.device), received_RL.reshape(-1)
-        )
+        block_of_row_M = torch.repeat_interleave(torch.arange(ranks * slots, device=device), received_RL.reshape(-1))
         source_rank_M, slot_M = block_of_row_M // slots, block_of_row_M % slots
         local_order_M = torch.argsort(slot_M * ranks + source_rank_M, stable=True)
         first_received_pair_R = torch.cumsum(pairs_received_R, 0) - pairs_received_R
@@ -168,18 +161,34 @@ class AllToAllDispatcher:
         )
         return x_received_VD[pair_of_row_M], received_RL.sum(dim=0), context
 
+    def _dispatch_on_one_rank(
+        self, x_TD: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor, assignments_L: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
+        """EP size 1: nothing crosses a network, so each assignment reads its token's row directly
+        (the tokens are the "pairs") and the combine adds straight into the tokens."""
+        num_tokens = x_TD.shape[0]
+        routed_T = torch.zeros(num_tokens, dtype=torch.bool, device=x_TD.device).index_fill_(0, token_N, True)
+        self.tokens_sent_per_rank = routed_T.sum().reshape(1)
+        self.assignments_sent_per_rank = assignments_L.sum().reshape(1)
+        context = DispatchContext(
+            token_of_pair_U=None,
+            pair_of_row_M=token_N,
+            weight_M=weight_N,
+            pairs_sent=[num_tokens],
+            pairs_received=[num_tokens],
+            num_tokens=num_tokens,
+        )
+        return x_TD[token_N], assignments_L, context
+
     def combine(self, y_MD: torch.Tensor, context: DispatchContext) -> torch.Tensor:
         """``[T, D]``: each token's expert outputs, weighted by the gate and summed, back on the rank
         the token came from."""
         # Sum each pair's weighted outputs here, so the return trip carries one row per pair too.
         y_pairs_VD = weighted_sum_rows(y_MD, context.weight_M, context.pair_of_row_M, sum(context.pairs_received))
-        if self.ep_size > 1:
-            # The reverse all-to-all: what we received from rank r goes back to rank r.
-            y_pairs_UD = all_to_all_single_autograd(
-                y_pairs_VD, context.pairs_sent, context.pairs_received, self.ep_group
-            )
-        else:
-            y_pairs_UD = y_pairs_VD
+        if context.token_of_pair_U is None:
+            return y_pairs_VD  # one EP rank: the pairs are the tokens
+        # The reverse all-to-all: what we received from rank r goes back to rank r.
+        y_pairs_UD = all_to_all_single_autograd(y_pairs_VD, context.pairs_sent, context.pairs_received, self.ep_group)
         return weighted_sum_rows(y_pairs_UD, None, context.token_of_pair_U, context.num_tokens)
 
     def reduce_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
