@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_moe.layers.gates.base import Routing
-from lightning_moe.ops.counting import count_per_expert
+from lightning_moe.ops.counting import count_per_expert, count_routed_tokens
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
@@ -106,9 +106,8 @@ class LocalDispatcher:
         order_N = torch.argsort(routing.expert_index_N, stable=True)
         tokens_per_expert_E = count_per_expert(routing.expert_index_N, self.num_experts)
         token_index_N = routing.token_index_N[order_N]
-        routed_T = torch.zeros(x_TD.shape[0], dtype=torch.bool, device=x_TD.device).index_fill_(0, token_index_N, True)
         # NOTE: kept on the input's device: reading them back here would synchronise every forward.
-        self.tokens_sent_per_rank = routed_T.sum().reshape(1)
+        self.tokens_sent_per_rank = count_routed_tokens(token_index_N, x_TD.shape[0])
         self.assignments_sent_per_rank = tokens_per_expert_E.sum().reshape(1)
         context = LocalDispatchContext(token_index_N, routing.weight_N[order_N], x_TD.shape[0])
         return x_TD[token_index_N], tokens_per_expert_E, context

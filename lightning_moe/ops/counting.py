@@ -1,4 +1,4 @@
-"""Counting assignments per expert without a device-to-host synchronisation."""
+"""Counting assignments per expert, and routed tokens, without a device-to-host synchronisation."""
 
 from __future__ import annotations
 
@@ -13,3 +13,10 @@ def count_per_expert(expert_index_N: torch.Tensor, num_experts: int) -> torch.Te
     """
     counts_E = torch.zeros(num_experts, dtype=torch.long, device=expert_index_N.device)
     return counts_E.scatter_add_(0, expert_index_N, torch.ones_like(expert_index_N))
+
+
+def count_routed_tokens(token_index_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Distinct tokens among the assignments (tokens with at least one expert), ``[1]`` int64, on the
+    assignments' device (no synchronisation)."""
+    routed_T = torch.zeros(num_tokens, dtype=torch.bool, device=token_index_N.device)
+    return routed_T.index_fill_(0, token_index_N, True).sum().reshape(1)

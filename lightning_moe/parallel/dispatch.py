@@ -39,6 +39,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from lightning_moe.layers.dispatch import weighted_sum_rows
 from lightning_moe.layers.gates.base import Routing
+from lightning_moe.ops.counting import count_per_expert, count_routed_tokens
 from lightning_moe.parallel.placement import ExpertPlacement
 
 
@@ -106,7 +107,7 @@ class AllToAllDispatcher:
         # destination rank and, inside a rank, by slot.
         physical_N = self.placement.physical_of_expert_E.to(device)[routing.expert_index_N]
         send_order_N = torch.argsort(physical_N, stable=True)
-        assignments_RL = torch.bincount(physical_N, minlength=ranks * slots).view(ranks, slots)
+        assignments_RL = count_per_expert(physical_N, ranks * slots).view(ranks, slots)
         token_sorted_N = routing.token_index_N[send_order_N]
         weight_sorted_N = routing.weight_N[send_order_N]
         if ranks == 1:
@@ -167,8 +168,7 @@ class AllToAllDispatcher:
         """EP size 1: nothing crosses a network, so each assignment reads its token's row directly
         (the tokens are the "pairs") and the combine adds straight into the tokens."""
         num_tokens = x_TD.shape[0]
-        routed_T = torch.zeros(num_tokens, dtype=torch.bool, device=x_TD.device).index_fill_(0, token_N, True)
-        self.tokens_sent_per_rank = routed_T.sum().reshape(1)
+        self.tokens_sent_per_rank = count_routed_tokens(token_N, num_tokens)
         self.assignments_sent_per_rank = assignments_L.sum().reshape(1)
         context = DispatchContext(
             token_of_pair_U=None,

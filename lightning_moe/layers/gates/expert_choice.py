@@ -12,6 +12,7 @@ import math
 import torch
 
 from lightning_moe.layers.gates.base import LinearRouterGate, Routing, router_entropy
+from lightning_moe.ops.counting import count_per_expert
 
 
 class ExpertChoiceGate(LinearRouterGate):
@@ -84,7 +85,7 @@ class ExpertChoiceGate(LinearRouterGate):
             weight_N=weights_EC.t().reshape(-1),
             num_tokens=num_tokens,
         )
-        experts_per_token_T = torch.bincount(routing.token_index_N, minlength=num_tokens)
+        experts_per_token_T = count_per_expert(routing.token_index_N, num_tokens)  # assignments per token
         routing.stats["router_entropy"] = router_entropy(probs_TE.detach())
         routing.stats["experts_per_token"] = experts_per_token_T.float().mean()
         routing.stats["unrouted_fraction"] = (experts_per_token_T == 0).float().mean()

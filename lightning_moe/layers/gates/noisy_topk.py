@@ -20,6 +20,7 @@ from lightning_moe.layers.gates.base import (
     router_entropy,
     routing_from_topk,
 )
+from lightning_moe.ops.counting import count_per_expert
 
 
 def cv_squared(values_E: torch.Tensor) -> torch.Tensor:
@@ -124,7 +125,7 @@ class NoisyTopKGate(LinearRouterGate):
             if noise_std_TE is not None and self.top_k < self.num_experts:
                 load_E = self._smooth_load(clean_TE, scores_TE, noise_std_TE, topk_ids_TK)
             else:
-                load_E = torch.bincount(routing.expert_index_N, minlength=self.num_experts).float()
+                load_E = count_per_expert(routing.expert_index_N, self.num_experts).float()
             routing.aux_losses["load_loss"] = AuxLoss(cv_squared(load_E), self.load_coef)
         routing.stats["router_entropy"] = router_entropy(torch.softmax(clean_TE.detach(), dim=-1))
         return routing
