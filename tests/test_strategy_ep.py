@@ -299,17 +299,24 @@ def test_setup_errors(world4, name, message):
         assert message in result.get("error", ""), result
 
 
-def test_torchrun_cli_fit_then_consolidate(tmp_path):
-    """``torchrun --nproc-per-node 2 -m lightning_moe fit`` with MoEStrategy(expert_parallel_size=2),
-    then ``lightning-moe consolidate`` and ``MoETransformer.load_from_checkpoint`` with no process group."""
+@pytest.mark.parametrize("launcher", ["torchrun", "lightning"])
+def test_cli_fit_on_two_processes_then_consolidate(tmp_path, launcher):
+    """``torchrun --nproc-per-node 2 -m lightning_moe fit``, or ``python -m lightning_moe fit`` with
+    ``devices=2`` and Lightning's own launcher starting the second process, with
+    MoEStrategy(expert_parallel_size=2); then ``lightning-moe consolidate`` and
+    ``MoETransformer.load_from_checkpoint`` with no process group."""
     from lightning_moe import MoETransformer
     from lightning_moe.cli import main
 
     logs = tmp_path / "logs"
     model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_seq_len": 32, "num_experts": 4}
+    start = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                     "--master-port", str(free_port())],
+        "lightning": [sys.executable],
+    }[launcher]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-        "-m", "lightning_moe", "fit", "--config", str(REPO_ROOT / "recipes" / "quickstart.yaml"),
+        *start, "-m", "lightning_moe", "fit", "--config", str(REPO_ROOT / "recipes" / "quickstart.yaml"),
         "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.strategy", "lightning_moe.MoEStrategy", "--trainer.strategy.expert_parallel_size", "2",
         "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
@@ -318,9 +325,13 @@ def test_torchrun_cli_fit_then_consolidate(tmp_path):
         *[arg for key, value in model.items() for arg in (f"--model.init_args.{key}", str(value))],
         "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    if launcher == "lightning":
+        assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
     (checkpoint,) = logs.glob("*/version_0/checkpoints/*.ckpt")
     assert sorted(p.name for p in checkpoint.iterdir()) == ["experts-ep00000.pt", "experts-ep00001.pt", "meta.pt"]
 
