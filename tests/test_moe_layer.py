@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_moe import MoELayer, collect_aux_loss, collect_aux_losses
-from lightning_moe.layers.dispatch import drop_over_capacity, expert_capacity, weighted_sum_rows
+from lightning_moe.layers.dispatch import LocalDispatcher, drop_over_capacity, expert_capacity, weighted_sum_rows
 from lightning_moe.layers.gates import Routing
 from lightning_moe.ops.grouped_mm import grouped_mm, grouped_mm_loop
 
@@ -61,14 +61,22 @@ def test_grouped_mm_path_equals_per_expert_loop(activation):
 
 
 def test_experts_compute_in_the_autocast_dtype():
-    """Under bf16 autocast the experts' GEMMs take bf16 operands (the fast grouped kernel's dtype),
-    not fp32; the layer's result stays close to the fp32 one."""
+    """Under bf16 autocast the dispatched rows and the experts' GEMM operands are bf16 (the fast
+    grouped kernel's dtype), not fp32; the layer's result stays close to the fp32 one."""
+    class RecordDtype(LocalDispatcher):
+        def dispatch(self, x_TD, routing):
+            self.input_dtype = x_TD.dtype
+            return super().dispatch(x_TD, routing)
+
     layer = _layer(num_experts=4, top_k=2)
+    layer.dispatcher = RecordDtype(4)
     x = torch.randn(2, 8, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = layer.experts(x.view(-1, 16), torch.tensor([4, 4, 4, 4]))
         y_mixed = layer(x)
     assert hidden.dtype == torch.bfloat16 and y_mixed.dtype == torch.bfloat16
+    # The rows are cast before dispatch, so an all-to-all would carry bf16.
+    assert layer.dispatcher.input_dtype == torch.bfloat16
     torch.testing.assert_close(y_mixed.float(), layer(x), atol=2e-2, rtol=2e-2)
 
 

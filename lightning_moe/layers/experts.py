@@ -30,6 +30,19 @@ def is_expert_param(parameter: torch.Tensor) -> bool:
     return getattr(parameter, _EXPERT_PARAM_ATTR, False)
 
 
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype when autocast is on for its device, else ``x`` unchanged.
+
+    NOTE: autocast does not cast grouped_mm's operands (it is on no autocast list), so under mixed
+    precision the experts would run in fp32, which has no fast grouped kernel on CUDA. Their inputs
+    are cast as autocast casts a matmul's.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"Unknown `activation` {activation!r}. Use one of {list(ACTIVATIONS)}.")
@@ -85,12 +98,7 @@ class Experts(nn.Module):
         """
         matmul = grouped_mm if self.use_grouped_mm else grouped_mm_loop
         tokens_per_expert_E = tokens_per_expert_E.to(x_ND.device)
-        device_type = x_ND.device.type
-        if torch.is_autocast_enabled(device_type):
-            # NOTE: autocast does not cast grouped_mm's operands (it is on no autocast list), so under
-            # mixed precision it would run in fp32, which has no fast grouped kernel on CUDA. Cast as
-            # autocast casts a matmul.
-            x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
+        x_ND = to_autocast_dtype(x_ND)
         hidden_NF = matmul(x_ND, self.w_in.to(x_ND.dtype), tokens_per_expert_E)  # (N, 2F) or (N, F)
         if self.activation == "swiglu":
             gate_NF, up_NF = hidden_NF.chunk(2, dim=-1)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_moe.layers.dispatch import LocalDispatcher, drop_over_capacity
-from lightning_moe.layers.experts import Experts, FeedForward, check_activation
+from lightning_moe.layers.experts import Experts, FeedForward, check_activation, to_autocast_dtype
 from lightning_moe.layers.gates import AuxLoss, Gate, make_gate
 from lightning_moe.layers.gates.base import check_positive_int
 from lightning_moe.ops.counting import count_per_expert
@@ -130,7 +130,11 @@ class MoELayer(nn.Module):
             routing, dropped = drop_over_capacity(routing, self.num_experts, self.capacity_factor)
 
         # 2. Permute: rows sorted by expert (and sent to the expert's rank under expert parallelism).
-        expert_input, tokens_per_local_expert, dispatch_context = self.dispatcher.dispatch(x_TD, routing)
+        # Under mixed precision the rows are cast first, so that the gather and the all-to-all move
+        # 16-bit rows (the router above keeps the full-precision input).
+        expert_input, tokens_per_local_expert, dispatch_context = self.dispatcher.dispatch(
+            to_autocast_dtype(x_TD), routing
+        )
 
         # 3. Compute: one grouped GEMM per projection over all local experts.
         expert_output = self.experts(expert_input, tokens_per_local_expert)
