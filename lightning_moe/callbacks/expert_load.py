@@ -248,9 +248,9 @@ def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
 def write_expert_histogram(experiment: Any, tag: str, tokens_per_expert_E: torch.Tensor, step: int) -> None:
     """Write tokens per expert as a TensorBoard histogram whose x axis is the expert id.
 
-    One bucket per expert, ``[e, e + 1)``, holding that expert's token count: TensorBoard draws the
-    load across experts (integer ticks fall on bucket edges), and the stacked steps show which
-    experts run hot over time. TensorBoard drops empty buckets at both ends and uses ``min``/``max``
+    One bucket per expert, ``[e, e + 1)``, holding that expert's token count: TensorBoard draws
+    expert ``e`` between ``e`` and ``e + 1`` (a tick at ``e + 0.5`` is its middle), and the stacked
+    steps show which experts run hot over time. TensorBoard drops empty buckets at both ends and uses ``min``/``max``
     as the outer edges, so they are the edges of the first and last expert with tokens.
     """
     counts = tokens_per_expert_E.double().cpu().numpy()
