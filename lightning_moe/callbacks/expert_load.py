@@ -250,8 +250,9 @@ def write_expert_histogram(experiment: Any, tag: str, tokens_per_expert_E: torch
 
     One bucket per expert, ``[e, e + 1)``, holding that expert's token count: TensorBoard draws
     expert ``e`` between ``e`` and ``e + 1`` (a tick at ``e + 0.5`` is its middle), and the stacked
-    steps show which experts run hot over time. TensorBoard drops empty buckets at both ends and uses ``min``/``max``
-    as the outer edges, so they are the edges of the first and last expert with tokens.
+    steps show which experts run hot over time. TensorBoard drops empty buckets at both ends and
+    uses ``min``/``max`` as the outer edges, so they are the edges of the first and last expert with
+    tokens.
     """
     counts = tokens_per_expert_E.double().cpu().numpy()
     used = np.flatnonzero(counts)
