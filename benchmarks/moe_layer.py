@@ -146,8 +146,10 @@ def build_models(
     # NOTE: parameters are created on the device directly: the H100 shapes hold billions of
     # parameters, whose initialisation on the CPU takes longer than the benchmark.
     with torch.device(device):
+        # Mixtral renormalises the kept probabilities for every k (our default does only for k > 1).
         ours = MoELayer(
-            d_model=shape.d_model, d_ff=shape.d_ff, num_experts=shape.num_experts, gate="topk", top_k=shape.top_k
+            d_model=shape.d_model, d_ff=shape.d_ff, num_experts=shape.num_experts, gate="topk", top_k=shape.top_k,
+            gate_kwargs={"normalize": True},
         )
         dense = FeedForward(d_model=shape.d_model, d_ff=shape.d_ff)
     models: dict[str, nn.Module] = {OURS: ours.to(dtype), DENSE: dense.to(dtype)}

@@ -247,10 +247,21 @@ class MoETransformer(L.LightningModule):
         self._eval_tokens += tokens
 
     def _log_perplexity(self, stage: str) -> None:
-        # exp of the token-weighted mean loss; the mean of per-batch exp(loss) would overstate it.
-        if self._eval_loss_sum is None or self._eval_tokens == 0:
-            return
-        self.log(f"{stage}_ppl", torch.exp(self._eval_loss_sum / self._eval_tokens), sync_dist=True)
+        """Log ``exp`` of the token-weighted mean loss over every rank's evaluation tokens.
+
+        NOTE: averaging each rank's ``exp(loss)`` (``sync_dist=True``) would overstate the perplexity
+        (Jensen) and weight ranks equally whatever their token counts; the sums are reduced instead.
+        Every rank joins the reduction, even one that evaluated no batch.
+        """
+        device = self.device if self._eval_loss_sum is None else self._eval_loss_sum.device
+        loss_sum = torch.zeros((), device=device) if self._eval_loss_sum is None else self._eval_loss_sum.float()
+        totals = torch.stack([loss_sum, torch.tensor(float(self._eval_tokens), device=device)])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        if totals[1] > 0:
+            # Identical on every rank already; `sync_dist` averages equal values (a no-op) and keeps
+            # Lightning's check for unsynced epoch-level metrics quiet.
+            self.log(f"{stage}_ppl", torch.exp(totals[0] / totals[1]), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hparams = self.hparams

@@ -61,6 +61,38 @@ def test_topk_k1_switch_weight_is_top_probability():
     torch.testing.assert_close(routing.weight_N, torch.tensor(expected_weights))
 
 
+def test_topk_normalizes_by_default_only_when_k_exceeds_one():
+    assert not TopKGate(top_k=1).normalize  # Switch: y = p_i(x) E_i(x)
+    assert TopKGate(top_k=2).normalize  # Mixtral / GShard
+    assert TopKGate(top_k=1, normalize=True).normalize and not TopKGate(top_k=2, normalize=False).normalize
+
+
+def test_switch_top1_router_gets_gradient_from_the_task_loss():
+    """With top-1 and renormalised weights every weight is exactly 1 and the router learns nothing from
+    the task loss; Switch's default (the raw probability) must give it a real gradient."""
+    torch.manual_seed(0)
+    layer = MoELayer(d_model=16, d_ff=16, num_experts=4, gate="topk", top_k=1,
+                     gate_kwargs={"load_balance_coef": 0.0}, init_std=0.2)
+    x = torch.randn(64, 16)
+    layer(x).pow(2).sum().backward()
+    grad_norm = layer.gate.weight.grad.norm().item()
+    assert grad_norm > 1e-2, grad_norm
+
+    renormalised = MoELayer(d_model=16, d_ff=16, num_experts=4, gate="topk", top_k=1,
+                            gate_kwargs={"load_balance_coef": 0.0, "normalize": True}, init_std=0.2)
+    renormalised.load_state_dict(layer.state_dict())
+    renormalised(x).pow(2).sum().backward()
+    assert renormalised.gate.weight.grad.norm().item() < 1e-6 * grad_norm
+
+
+@pytest.mark.parametrize("gate", sorted(GATES))
+def test_gate_weights_follow_the_layer_init_std(gate):
+    torch.manual_seed(0)
+    kwargs = {"expert_choice": {"capacity_factor": 2.0}}.get(gate)
+    layer = MoELayer(d_model=64, d_ff=8, num_experts=32, gate=gate, top_k=2, gate_kwargs=kwargs, init_std=0.5)
+    assert layer.gate.weight.std().item() == pytest.approx(0.5, rel=0.05)
+
+
 def test_topk_k2_renormalised_in_k_major_order():
     gate = identity_gate(TopKGate(top_k=2, normalize=True, load_balance_coef=0.0), 4)
     routing = gate(torch.tensor(LOGITS))

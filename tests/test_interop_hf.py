@@ -138,6 +138,18 @@ def test_conversion_reads_each_family_routing():
     }
 
 
+def test_deepseek_correction_bias_stays_fp32_in_a_bf16_block():
+    """transformers keeps ``e_score_correction_bias`` in fp32 in a bf16 model (`_keep_in_fp32_modules_strict`);
+    the converted gate must too, or routing changes (the bias steers selection by small margins)."""
+    block = _randomize(_deepseek(), seed=0).to(torch.bfloat16)
+    with torch.no_grad():
+        block.gate.e_score_correction_bias = torch.randn(8, dtype=torch.float32) * 1e-3 + 0.3
+    layer = from_hf_moe_block(block)
+    assert layer.experts.w_in.dtype == torch.bfloat16
+    assert layer.gate.expert_bias.dtype == torch.float32
+    assert torch.equal(layer.gate.expert_bias, block.gate.e_score_correction_bias)
+
+
 def test_deepseek_dropped_group_fill_is_the_one_transformers_uses():
     """The test data routes tokens whose kept experts have negative biased scores, so a converted layer
     with the other fill value (0.0 vs -inf) would route differently: the probe picked the right one."""

@@ -88,17 +88,55 @@ def test_group_scores_use_the_biased_scores():
     torch.testing.assert_close(routing.weight_N, torch.tensor([0.9, 0.1]), atol=1e-6, rtol=0)
 
 
-def test_dropped_groups_are_filled_with_zero_as_deepseek_v3_not_minus_inf():
+def test_dropped_groups_are_filled_with_minus_inf_by_default_and_zero_on_request():
     # Kept group 0 has biased scores -0.4 and -0.5 (negative bias), group 1 (dropped) -0.6 and -0.7.
     x = _tokens_with_scores([[0.5, 0.5, 0.5, 0.5]])
     bias = torch.tensor([-0.9, -1.0, -1.1, -1.2])
-    zero_fill = _identity_gate(4, top_k=2, n_group=2, topk_group=1)
+    default = _identity_gate(4, top_k=2, n_group=2, topk_group=1)
+    default.expert_bias.copy_(bias)
+    assert default(x).expert_index_N.tolist() == [0, 1]  # only experts of the kept group
+    # DeepSeek-V3's release (0.0): a dropped expert's masked score 0.0 beats the kept negative ones.
+    zero_fill = _identity_gate(4, top_k=2, n_group=2, topk_group=1, dropped_group_fill=0.0)
     zero_fill.expert_bias.copy_(bias)
-    # A dropped expert's masked score 0.0 beats the kept group's negative biased scores.
     assert sorted(zero_fill(x).expert_index_N.tolist()) == [2, 3]
-    inf_fill = _identity_gate(4, top_k=2, n_group=2, topk_group=1, dropped_group_fill=float("-inf"))
-    inf_fill.expert_bias.copy_(bias)
-    assert inf_fill(x).expert_index_N.tolist() == [0, 1]
+
+
+def test_uniform_bias_shift_changes_no_routing_and_keeps_to_kept_groups():
+    """Selection depends on bias differences only: shifting every bias by -0.6 must not move a token,
+    and no token may reach an expert outside its ``topk_group`` kept groups (the bound that
+    group-limited routing exists for)."""
+    torch.manual_seed(0)
+    gate = SigmoidGate(top_k=4, n_group=4, topk_group=2).build(16, 16)
+    x = torch.randn(512, 16)
+    with torch.no_grad():
+        gate.expert_bias.normal_(std=0.05)
+    before = gate.select(torch.sigmoid(gate.logits(x)))
+    with torch.no_grad():
+        gate.expert_bias -= 0.6
+    after = gate.select(torch.sigmoid(gate.logits(x)))
+    assert torch.equal(before, after)
+    groups_per_token = [torch.unique(row // 4).numel() for row in after]  # 4 experts per group
+    assert max(groups_per_token) <= 2
+
+
+def test_expert_bias_stays_fp32_under_module_casts_and_keeps_moving():
+    """Under ``bf16-true`` (the module cast to bf16) the bias must stay fp32: in bf16 a bias past 0.5
+    has a spacing of 2**-8, so steps of 1e-3 would round away and balancing would stop."""
+    layer = MoELayer(d_model=8, d_ff=8, num_experts=4, gate="sigmoid", top_k=1,
+                     gate_kwargs={"bias_update_rate": 1e-3})
+    with torch.no_grad():
+        layer.gate.expert_bias.copy_(torch.tensor([0.6, 0.6, -0.6, 0.123456789]))
+    layer = layer.to(torch.bfloat16)
+    assert layer.gate.weight.dtype == torch.bfloat16
+    assert layer.gate.expert_bias.dtype == torch.float32
+    assert layer.gate.expert_bias[3].item() == torch.tensor(0.123456789).item()  # not rounded via bf16
+    before = layer.gate.expert_bias.clone()
+    layer.gate.update_bias(torch.tensor([10, 0, 0, 0]))
+    torch.testing.assert_close(layer.gate.expert_bias - before, torch.tensor([-1e-3, 1e-3, 1e-3, 1e-3]))
+    layer = layer.half().float()
+    assert layer.gate.expert_bias.dtype == torch.float32
+    state = layer.gate.state_dict()
+    assert state["expert_bias"].dtype == torch.float32
 
 
 def test_device_limited_routing_from_the_strategy_applies_to_the_biased_scores():

@@ -161,7 +161,7 @@ def _gate_for(block: nn.Module, family: str) -> Gate:
         bias_update_rate=0.0,
         sequence_balance_coef=0.0,
         load_balance_coef=0.0,
-        dropped_group_fill=_dropped_group_fill(router) if router.num_group > 1 else 0.0,
+        dropped_group_fill=_dropped_group_fill(router) if router.num_group > 1 else float("-inf"),
     )
 
 

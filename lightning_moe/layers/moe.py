@@ -83,7 +83,7 @@ class MoELayer(nn.Module):
         gate_module = make_gate(gate, top_k=top_k, gate_kwargs=gate_kwargs)
         if isinstance(gate, Gate):
             gate_module = copy.deepcopy(gate_module)
-        self.gate = gate_module.build(d_model, num_experts)
+        self.gate = gate_module.build(d_model, num_experts, init_std=init_std)
         if capacity_factor is not None and self.gate.has_own_capacity:
             raise ValueError(
                 f"`capacity_factor`={capacity_factor} was set with gate {type(self.gate).__name__}, which bounds "

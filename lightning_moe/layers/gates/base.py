@@ -107,19 +107,23 @@ class Gate(nn.Module):
         #: Device-limited routing: at most this many expert groups per token (see set_expert_groups).
         self.expert_group_limit: int | None = None
 
-    def build(self, d_model: int, num_experts: int) -> Gate:
-        """Create this gate's parameters for a layer of width ``d_model`` with ``num_experts`` experts."""
+    def build(self, d_model: int, num_experts: int, *, init_std: float = 0.02) -> Gate:
+        """Create this gate's parameters for a layer of width ``d_model`` with ``num_experts`` experts,
+        initialised by :meth:`reset_parameters` with ``init_std`` (the layer's ``init_std``)."""
         if self.num_experts is not None:
             raise RuntimeError(f"{type(self).__name__} is already built; give each MoELayer its own gate.")
         owner = type(self).__name__
         check_positive_int(owner, "d_model", d_model)
         check_positive_int(owner, "num_experts", num_experts)
+        check_non_negative(owner, "init_std", init_std)
         self.d_model, self.num_experts = d_model, num_experts
         self._build(d_model, num_experts)
+        self.reset_parameters(init_std)
         return self
 
     def _build(self, d_model: int, num_experts: int) -> None:
-        """Validate hyper-parameters against ``num_experts`` and create parameters."""
+        """Validate hyper-parameters against ``num_experts`` and create parameters (uninitialised:
+        :meth:`build` calls :meth:`reset_parameters` next)."""
         raise NotImplementedError
 
     def forward(self, x_TD: torch.Tensor, *, num_sequences: int = 1) -> Routing:
@@ -182,7 +186,8 @@ class Gate(nn.Module):
         return scores_TE.masked_fill(~kept_group_TG.gather(1, group_TE), float("-inf"))
 
     def reset_parameters(self, init_std: float) -> None:
-        """Re-initialise the routing weights with a normal of standard deviation ``init_std``."""
+        """(Re-)initialise the routing weights with a normal of standard deviation ``init_std``.
+        Override it in a gate whose parameters need another initialisation."""
         for parameter in self.parameters(recurse=False):
             nn.init.normal_(parameter, std=init_std)
 
@@ -191,8 +196,7 @@ class LinearRouterGate(Gate):
     """A gate whose scores come from one linear map ``x W^T``, ``W: [E, D]``, computed in fp32."""
 
     def _build(self, d_model: int, num_experts: int) -> None:
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
-        nn.init.normal_(self.weight, std=0.02)
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # initialised by `reset_parameters`
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # NOTE: routing in fp32 (as DeepSeek-V3 and Megatron's `moe_router_dtype=fp32`): bf16 logits

@@ -89,10 +89,18 @@ class SigmoidGate(LinearRouterGate):
             (DeepSeek-V3 eq. 17; 1e-4 there); 0 turns it off.
         load_balance_coef: coefficient of a Switch-style load-balancing loss over the normalised
             scores (Fedus et al. 2021, eq. 4); 0 turns it off.
-        dropped_group_fill: value given to the biased scores of experts in dropped groups. 0.0 as
-            DeepSeek-V3's released modeling code; ``float("-inf")`` as the transformers >= 5
-            port. They differ only when fewer than ``top_k`` experts of the kept groups have a
-            positive biased score: with 0.0 an expert of a dropped group can then still be chosen.
+        dropped_group_fill: value given to the biased scores of experts in dropped groups.
+            ``float("-inf")`` (the default, as the transformers >= 5 port): an expert outside the
+            kept groups is never chosen, so group-limited routing bounds the experts a token reaches
+            and a uniform shift of the biases does not change routing. ``0.0`` is what DeepSeek-V3's
+            released modeling code does; with it, an expert of a dropped group is chosen whenever
+            fewer than ``top_k`` experts of the kept groups have a positive biased score. Keep 0.0
+            only to reproduce a checkpoint whose reference code uses it (the transformers importer
+            measures which one the installed version uses).
+
+    NOTE: ``expert_bias`` stays fp32 whatever dtype the module is cast to (``bf16-true``,
+    ``.half()``): in bf16 a bias of magnitude 0.5 has a spacing of 2**-8, so updates of 1e-3 would
+    round away and balancing would stop. Megatron-Core and transformers keep it in fp32 too.
     """
 
     def __init__(
@@ -106,7 +114,7 @@ class SigmoidGate(LinearRouterGate):
         bias_update_rate: float = 1e-3,
         sequence_balance_coef: float = 0.0,
         load_balance_coef: float = 0.0,
-        dropped_group_fill: float = 0.0,
+        dropped_group_fill: float = float("-inf"),
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -176,6 +184,17 @@ class SigmoidGate(LinearRouterGate):
     def reset_parameters(self, init_std: float) -> None:
         super().reset_parameters(init_std)
         self.expert_bias.zero_()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Module casts (`.to(dtype)`, `.half()`, Lightning's `bf16-true`) move the bias to the new
+        # device but keep it fp32 (see the class NOTE); it is cast from the fp32 original, so that a
+        # cast to bf16 and back cannot round it.
+        bias_fp32 = self._buffers.get("expert_bias")
+        result = super()._apply(fn, recurse)
+        moved = self._buffers.get("expert_bias")
+        if bias_fp32 is not None and moved is not None and moved.dtype != torch.float32:
+            self._buffers["expert_bias"] = bias_fp32.to(device=moved.device, dtype=torch.float32)
+        return result
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """The ``top_k`` experts of each token from its scores: bias, group limit, top-k. ``[T, K]``."""

@@ -19,12 +19,17 @@ class TopKGate(LinearRouterGate):
     """Softmax over all experts in fp32, then the ``top_k`` most probable experts.
 
     With ``normalize=True`` the ``k`` kept probabilities are renormalised to sum to one (Mixtral,
-    Qwen with ``norm_topk_prob``); with ``top_k=1`` and ``normalize=False`` the expert's output is
-    scaled by its probability as in Switch Transformer (Fedus et al. 2021, Sec. 2.1).
+    Qwen with ``norm_topk_prob``); with ``normalize=False`` each expert's output is scaled by its
+    probability, as in Switch Transformer (Fedus et al. 2021, Sec. 2.1: ``y = p_i(x) E_i(x)``).
+
+    NOTE: with ``top_k=1``, renormalising makes every weight exactly 1, so the task loss gives the
+    router no gradient at all (only the aux losses would train it). That is why the default
+    renormalises only when ``top_k > 1``.
 
     Args:
         top_k: experts per token.
-        normalize: renormalise the kept probabilities.
+        normalize: renormalise the kept probabilities; ``None`` (default) does so when ``top_k > 1``
+            (Mixtral, GShard) and not for ``top_k=1`` (Switch).
         load_balance_coef: coefficient of the Switch load-balancing loss (Fedus et al. 2021, eq. 4).
         z_loss_coef: coefficient of the router z-loss (Zoph et al. 2022, eq. 5).
     """
@@ -33,7 +38,7 @@ class TopKGate(LinearRouterGate):
         self,
         *,
         top_k: int = 2,
-        normalize: bool = True,
+        normalize: bool | None = None,
         load_balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
     ) -> None:
@@ -42,7 +47,7 @@ class TopKGate(LinearRouterGate):
         check_non_negative(type(self).__name__, "load_balance_coef", load_balance_coef)
         check_non_negative(type(self).__name__, "z_loss_coef", z_loss_coef)
         self.top_k = top_k
-        self.normalize = normalize
+        self.normalize = top_k > 1 if normalize is None else bool(normalize)
         self.load_balance_coef = load_balance_coef
         self.z_loss_coef = z_loss_coef
 
