@@ -56,7 +56,7 @@ def run_rank(rank: int, args: argparse.Namespace, port: int, results: dict) -> N
     dist.init_process_group("gloo", rank=rank, world_size=args.world_size)
     rows = []
     for ep_size in args.ep_sizes:
-        mesh = build_expert_parallel_mesh("cpu", ep_size)
+        mesh = build_expert_parallel_mesh(ep_size)
         torch.manual_seed(0)
         layer = MoELayer(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.num_experts, top_k=args.top_k)
         placement = ExpertPlacement.identity(args.num_experts, ep_size)

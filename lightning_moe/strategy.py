@@ -10,7 +10,6 @@ all-to-all dispatcher (:mod:`lightning_moe.parallel.dispatch`); expert gradients
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,23 +17,32 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+from torch.amp import GradScaler
 from torch.nn import Module
 from torch.nn.parallel.distributed import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning_moe.checkpoint import load_local_checkpoint, save_sharded_checkpoint
+from lightning_moe.checkpoint import (
+    CheckpointError,
+    committed_directory,
+    load_local_checkpoint,
+    save_sharded_checkpoint,
+)
 from lightning_moe.layers.balancing import register_bias_update
 from lightning_moe.layers.experts import is_expert_param
+from lightning_moe.layers.moe import MoELayer
+from lightning_moe.parallel.amp import WorldSyncedGradScaler
+from lightning_moe.parallel.averaging import ExpertAwareModelAverager
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
+from lightning_moe.parallel.finite import raise_if_nonfinite
 from lightning_moe.parallel.grad_sync import clip_grad_norm_global, scale_expert_grads_on_arrival, sync_expert_grads
 from lightning_moe.parallel.mesh import ExpertParallelMesh, build_expert_parallel_mesh, check_layout
 from lightning_moe.parallel.placement import ExpertPlacement
@@ -67,10 +75,14 @@ class MoEStrategy(DDPStrategy):
         expert_placement: the logical experts of each EP rank in slot order, e.g. ``[[3, 0], [1, 2]]``,
             used for every MoE layer; ``None`` is the identity (rank ``r`` holds experts
             ``r*L .. r*L+L-1``).
+        check_finite: once per optimizer step, stop every rank with an error naming the step and the
+            MoE layer when a loss or a router's logits held a NaN or Inf on some rank (one small
+            all-reduce per step).
         accelerator: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         parallel_devices: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         cluster_environment: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
-        checkpoint_io: used for nothing but removing old checkpoints (checkpoints are directories).
+        checkpoint_io: reads and writes every checkpoint file (each file of a checkpoint directory too),
+            and removes old checkpoints.
         precision_plugin: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         process_group_backend: ``"gloo"`` or ``"nccl"``; by default picked from the device.
         timeout: timeout of collectives.
@@ -86,6 +98,7 @@ class MoEStrategy(DDPStrategy):
         expert_parallel_size: int = 1,
         device_limited_routing: int | None = None,
         expert_placement: list[list[int]] | None = None,
+        check_finite: bool = True,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -127,7 +140,9 @@ class MoEStrategy(DDPStrategy):
         self.expert_parallel_size = expert_parallel_size
         self.device_limited_routing = device_limited_routing
         self.expert_placement = expert_placement
+        self.check_finite = check_finite
         self.expert_mesh: ExpertParallelMesh | None = None
+        self._loss_nonfinite: Tensor | None = None
 
     @property
     @override
@@ -135,38 +150,42 @@ class MoEStrategy(DDPStrategy):
         # Checkpoints are read after sharding: each rank then loads only its own experts.
         return True
 
+    @property
+    def experts_sharded(self) -> bool:
+        """Whether some MoE layer's experts are split over more than one EP rank (then checkpoints are
+        directories, clipping and fp16 loss scaling are expert-aware)."""
+        module = self.lightning_module
+        return module is not None and bool(_sharded_layers(module))
+
+    @override
+    def model_to_device(self) -> None:
+        super().model_to_device()
+        # NOTE: DDPStrategy.setup calls this after the precision conversion and before it wraps the
+        # model in DDP and creates the optimizers, which is where experts must be sharded: DDP must be
+        # told which parameters to ignore, and the optimizers must hold the local shards only.
+        assert self.lightning_module is not None
+        self.parallelize(self.lightning_module)
+
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        assert self.accelerator is not None and self.model is not None
-        self.accelerator.setup(trainer)
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting and self._layer_sync:
-            self.model = self._layer_sync.apply(self.model)
-        self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-
-        # Shard before the optimizers exist, so that they are created over the local experts.
-        self.parallelize(self.lightning_module)
-        if fitting:
-            self.configure_ddp()
-            self.setup_optimizers(trainer)
+        assert self.model is not None
+        self._check_loggers(trainer, self.model)
+        # DDP's own setup, whole (precision conversion, layer sync, DDP wrapper, optimizers, comm
+        # hooks, post-local SGD): only the hooks it calls are overridden here.
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_optimizers()
             for optimizer in self.optimizers:
                 register_bias_update(optimizer, self.lightning_module)
-        else:
-            # No DDP wrapper outside fitting: sync dense states by hand, leaving the expert shards alone.
-            self._broadcast_dense_states(self.lightning_module)
-        self.setup_precision_plugin()
-        if fitting:
-            _optimizers_to_device(self.optimizers, self.root_device)
-        # NOTE: Lightning clips through the precision plugin; its norm would only see this rank's
-        # expert shards. Route norm clipping through the global norm instead.
-        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
+        if self.experts_sharded:
+            self._make_precision_expert_aware()
 
     def parallelize(self, module: Module) -> None:
-        """Check ``module`` on every rank, build the mesh and shard the experts of every MoE layer.
+        """Check ``module`` on every rank, build the EP/EDP groups and shard the experts of every MoE layer.
 
-        Idempotent: layers already sharded (e.g. by an earlier ``fit`` of the same module) are kept.
-        Raises ``ValueError`` on every rank, before any step, for a layout or model that cannot work.
+        Idempotent: layers already sharded (e.g. by an earlier ``fit`` of the same module) keep their
+        shards and are attached to this strategy's groups. Raises ``ValueError`` on every rank, before
+        any step, for a layout or model that cannot work.
         """
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         check_layout(world_size, self.expert_parallel_size)
@@ -175,8 +194,7 @@ class MoEStrategy(DDPStrategy):
             problem = self._placement_problem(module)
         # All ranks take part in one gather before anyone raises, so that a problem seen by one
         # rank stops every rank instead of leaving the others waiting in a collective.
-        gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, (moe_signature(module), problem))
+        gathered = self._all_gather_object((moe_signature(module), problem))
         problems = [p for _, p in gathered if p is not None]
         if problems:
             raise ValueError(problems[0])
@@ -188,7 +206,7 @@ class MoEStrategy(DDPStrategy):
         if not layers:
             rank_zero_warn("MoEStrategy found no `MoELayer` in the model; it trains like DDPStrategy.")
         if self.expert_mesh is None:
-            self.expert_mesh = build_expert_parallel_mesh(self.root_device.type, self.expert_parallel_size)
+            self.expert_mesh = build_expert_parallel_mesh(self.expert_parallel_size, timeout=self._timeout)
         mesh = self.expert_mesh
         for _, layer in layers:
             if not isinstance(layer.dispatcher, AllToAllDispatcher):
@@ -200,10 +218,17 @@ class MoEStrategy(DDPStrategy):
                     f"An MoE layer is already sharded over {layer.dispatcher.ep_size} EP ranks, but this strategy "
                     f"uses expert_parallel_size={mesh.ep_size}. Build a fresh model, or load a checkpoint into it."
                 )
+            else:
+                layer.dispatcher.ep_group = mesh.ep_group  # sharded by an earlier fit, whose groups are gone
             layer.gate.set_expert_groups(
                 layer.dispatcher.placement.rank_of_expert_E if self.device_limited_routing else None,
                 self.device_limited_routing,
             )
+        # DDP (and the states sync outside fitting) must leave the experts and per-forward counters
+        # alone; a user's own list of ignored names is kept.
+        user_ignored = [name for name in getattr(module, "_ddp_params_and_buffers_to_ignore", [])]
+        ours = [name for name in ddp_ignored_names(module) if name not in user_ignored]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, user_ignored + ours)
 
     def _placement_for(self, num_experts: int) -> ExpertPlacement:
         if self.expert_placement is None:
@@ -223,22 +248,61 @@ class MoEStrategy(DDPStrategy):
                 )
         return None
 
-    @override
-    def _setup_model(self, model: Module) -> DistributedDataParallel:
-        # Expert shards differ per EP rank: DDP must neither broadcast them at start-up nor average
-        # their gradients; and the count buffers of MoE layers are per rank (see `ddp_ignored_names`).
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ddp_ignored_names(model))
-        return super()._setup_model(model)
+    def _check_loggers(self, trainer: pl.Trainer, module: Module) -> None:
+        if self.expert_parallel_size == 1 or not named_moe_layers(module):
+            return
+        for logger in trainer.loggers:
+            if getattr(logger, "_log_model", False) or getattr(logger, "_log_model_checkpoints", False):
+                raise ValueError(
+                    f"MoEStrategy: the {type(logger).__name__} uploads checkpoints (`log_model`), but with "
+                    f"expert_parallel_size={self.expert_parallel_size} a checkpoint is a directory (each EP rank "
+                    f"writes its experts), which that logger's upload does not take. Set `log_model=False` and "
+                    f"upload the checkpoint directory yourself, or upload the single file that "
+                    f"`lightning-moe consolidate CKPT OUT` writes from it."
+                )
 
-    def _broadcast_dense_states(self, module: Module) -> None:
-        ignored = set(ddp_ignored_names(module))
-        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            if name not in ignored:
-                dist.broadcast(tensor.data, src=0)
+    def _check_optimizers(self) -> None:
+        if not self.experts_sharded:
+            return
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        for optimizer in self.optimizers:
+            if isinstance(getattr(optimizer, "_optimizer", optimizer), ZeroRedundancyOptimizer):
+                raise ValueError(
+                    f"MoEStrategy: ZeroRedundancyOptimizer cannot hold expert shards (expert_parallel_size="
+                    f"{self.expert_parallel_size}): after each step it broadcasts every parameter from the rank "
+                    f"that holds its optimizer state, which would overwrite every rank's experts with one "
+                    f"rank's. Use a regular optimizer (e.g. AdamW), or expert_parallel_size=1."
+                )
+
+    def _make_precision_expert_aware(self) -> None:
+        plugin = self.precision_plugin
+        scaler = getattr(plugin, "scaler", None)
+        if isinstance(scaler, GradScaler) and not isinstance(scaler, WorldSyncedGradScaler):
+            # fp16: the inf check must be the same on every rank (see lightning_moe.parallel.amp).
+            plugin.scaler = WorldSyncedGradScaler.replacing(scaler)
+        # NOTE: Lightning clips through the precision plugin; its norm would only see this rank's
+        # expert shards. Route norm clipping through the global norm instead.
+        plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
+
+    @override
+    def _enable_model_averaging(self) -> None:
+        super()._enable_model_averaging()
+        mesh = self.expert_mesh
+        if mesh is not None and mesh.ep_size > 1 and self._model_averager is not None:
+            # Averaging over the world would mix different experts: experts average over EDP only.
+            self._model_averager = ExpertAwareModelAverager(
+                period=self._model_averager.period,
+                warmup_steps=self._model_averager.warmup_steps,
+                edp_group=mesh.edp_group,
+            )
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
+        if self.check_finite:
+            finite = torch.isfinite(closure_loss.detach()).all()
+            self._loss_nonfinite = ~finite if self._loss_nonfinite is None else self._loss_nonfinite | ~finite
         # Under `no_sync` (accumulation micro-batches) DDP does not reduce; neither do we.
         if isinstance(self.model, DistributedDataParallel) and not self.model.require_backward_grad_sync:
             return
@@ -247,6 +311,21 @@ class MoEStrategy(DDPStrategy):
             return
         experts = [p for p in self.lightning_module.parameters() if is_expert_param(p) and p.requires_grad]
         sync_expert_grads(experts, edp_group=mesh.edp_group, edp_size=mesh.edp_size)
+        if self.check_finite:
+            self._raise_if_nonfinite()
+
+    def _raise_if_nonfinite(self) -> None:
+        """One small all-reduce per optimizer step: stop every rank together on a NaN/Inf loss or router."""
+        module = self.lightning_module
+        assert module is not None and self._loss_nonfinite is not None
+        layers = named_moe_layers(module)
+        flags = torch.stack([self._loss_nonfinite] + [layer.nonfinite_router_logits for _, layer in layers])
+        names = ["the loss"] + [f"the router logits of MoE layer `{name}`" for name, _ in layers]
+        self._loss_nonfinite = None
+        for _, layer in layers:
+            layer.nonfinite_router_logits.zero_()
+        step = module.trainer.global_step if module._trainer is not None else 0
+        raise_if_nonfinite(flags, names, step=step)
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         mesh = self.expert_mesh
@@ -258,43 +337,87 @@ class MoEStrategy(DDPStrategy):
             ep_size=mesh.ep_size if mesh is not None else 1,
         )
 
+    def _all_gather_object(self, obj: Any) -> list[Any]:
+        if not dist.is_initialized():
+            return [obj]
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def _agree(self, problem: str | None) -> None:
+        """Raise the first problem of any rank on every rank (after one gather that all ranks join)."""
+        problems = [p for p in self._all_gather_object(problem) if p]
+        if problems:
+            raise CheckpointError(problems[0])
+
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Write a checkpoint *directory*: dense state and training state from rank 0, and the experts of
-        each EP rank keyed by logical expert id (one file per EP rank, written by its first replica)."""
+        """Without sharded experts: DDP's single file (rank 0, through ``checkpoint_io``). With them: a
+        checkpoint *directory*, committed atomically, holding the dense state and training state from
+        rank 0 and each logical expert once (see :mod:`lightning_moe.checkpoint`)."""
+        path = self.broadcast(str(filepath))
+        if not self.experts_sharded:
+            if self.is_global_zero and committed_directory(path) is not None:
+                # A directory saved by an earlier expert-parallel run of the same path.
+                self.checkpoint_io.remove_checkpoint(path)
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
         if storage_options is not None:
             raise TypeError(
-                f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported: "
-                f"checkpoints are directories written without `CheckpointIO`."
+                f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported with sharded "
+                f"experts: each file of the checkpoint directory is written by `checkpoint_io`."
             )
-        path = Path(self.broadcast(str(filepath)))
         mesh = self.expert_mesh
-        assert self.lightning_module is not None
+        assert self.lightning_module is not None and mesh is not None
         save_sharded_checkpoint(
             checkpoint,
             path,
             expert_params=sharded_expert_params(self.lightning_module),
             optimizers=self.optimizers,
             module=self.lightning_module,
-            is_global_zero=self.is_global_zero,
-            writes_experts=mesh is None or mesh.edp_rank == 0,
-            ep_rank=mesh.ep_rank if mesh is not None else 0,
-            barrier=self.barrier,
+            global_rank=self.global_rank,
+            writes_experts=mesh.edp_rank == 0,
+            ep_rank=mesh.ep_rank,
+            checkpoint_io=self.checkpoint_io,
+            broadcast=self.broadcast,
+            all_gather=self._all_gather_object,
         )
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Read a checkpoint directory (or a single-file one, e.g. consolidated) saved at any layout, and
-        return it in this rank's local form, which Lightning's default loading then applies."""
-        path = Path(self.broadcast(str(checkpoint_path)))
-        assert self.lightning_module is not None
-        return load_local_checkpoint(
-            path,
-            expert_params=sharded_expert_params(self.lightning_module),
-            optimizers=self.optimizers,
-            module=self.lightning_module,
-            weights_only=weights_only,
-        )
+        return it in this rank's local form, which Lightning's default loading then applies.
+
+        Loads with ``weights_only=True`` unless the caller passes ``False`` for a file it trusts. A
+        missing, damaged or mismatched checkpoint raises the same error on every rank.
+        """
+        weights_only = True if weights_only is None else weights_only
+        path = self.broadcast(str(checkpoint_path))
+        module = self.lightning_module
+        assert module is not None
+        if not self.experts_sharded and committed_directory(path) is None:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        problem, checkpoint = None, {}
+        try:
+            checkpoint = load_local_checkpoint(
+                path,
+                expert_params=sharded_expert_params(module),
+                optimizers=self.optimizers,
+                module=module,
+                weights_only=weights_only,
+                checkpoint_io=self.checkpoint_io,
+            )
+        except Exception as error:  # each rank reads other files: agree before anyone raises
+            problem = f"rank {self.global_rank}: {error}"
+        self._agree(problem)
+        return checkpoint
+
+    @override
+    def teardown(self) -> None:
+        super().teardown()
+        if self.expert_mesh is not None:
+            self.expert_mesh.destroy()
+            self.expert_mesh = None
 
     @classmethod
     @override
@@ -313,3 +436,11 @@ def register_moe_strategy() -> None:
 
     if MoEStrategy.strategy_name not in StrategyRegistry:
         MoEStrategy.register_strategies(StrategyRegistry)
+
+
+def _sharded_layers(module: Module) -> list[MoELayer]:
+    """The MoE layers whose experts are split over more than one EP rank."""
+    return [
+        layer for _, layer in named_moe_layers(module)
+        if isinstance(layer.dispatcher, AllToAllDispatcher) and layer.dispatcher.ep_size > 1
+    ]

@@ -33,7 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
 from launch import REPO_ROOT, free_port, launch  # noqa: E402
 from models import TwoMoELayers, dataset, reference_run  # noqa: E402
 
-from lightning_moe.checkpoint import consolidate_checkpoint  # noqa: E402
+from lightning_moe.checkpoint import (  # noqa: E402
+    committed_directory,
+    consolidate_checkpoint,
+    is_sharded_checkpoint,
+    read_full_checkpoint,
+)
 from lightning_moe.layers.gates import GATES  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "dist_workers" / "ep_worker.py"
@@ -97,8 +102,9 @@ def step_losses(results: list[dict]) -> np.ndarray:
 
 
 def final_state(out: Path, name: str, tmp: Path) -> dict[str, torch.Tensor]:
-    single = consolidate_checkpoint(out / name / FINAL, tmp / f"{name}.ckpt")
-    return torch.load(single, weights_only=False)["state_dict"]
+    """The final weights of a run, from its last checkpoint (a directory with sharded experts, DDP's
+    single file without)."""
+    return read_full_checkpoint(out / name / FINAL)["state_dict"]
 
 
 def assert_states_close(actual: dict, expected: dict) -> None:
@@ -170,6 +176,9 @@ def test_expert_parallel_matches_single_process(world4, tmp_path, name):
     _, clipped = reference(model, steps=2)
     assert not torch.allclose(unclipped["proj_in.weight"], clipped["proj_in.weight"], rtol=1e-4)
     ep = int(name[-1])
+    # Sharded experts need a directory; at EP 1 the checkpoint is DDP's single file.
+    assert is_sharded_checkpoint(world4 / name / FINAL) == (ep > 1)
+    assert (world4 / name / FINAL).is_file() == (ep == 1)
     for rank, result in enumerate(results):
         assert result["expert_shape"][0] == 4 // ep  # each rank holds E / ep experts
         assert result["global_step"] == 10
@@ -222,7 +231,7 @@ def test_resume_at_world1(world1, world4, tmp_path):
     # single-file checkpoint matches.
     resumed = read(world1, "resume_w1_plain", 1)
     np.testing.assert_allclose(step_losses(resumed), step_losses(read(world4, "ep2", 4))[STEPS_PER_EPOCH:], rtol=1e-4)
-    plain = torch.load(next((world1 / "resume_w1_plain" / "checkpoints").glob("epoch=1*")), weights_only=False)
+    plain = torch.load(next((world1 / "resume_w1_plain" / "checkpoints").glob("epoch=1*")), weights_only=True)
     assert_states_close(plain["state_dict"], final_state(world4, "ep2", tmp_path))
 
 
@@ -234,7 +243,7 @@ def test_consolidated_checkpoint_loads_without_process_group(world4, tmp_path):
     _, ref_state = reference({"num_experts": 4, "gate_kwargs": {"z_loss_coef": 1e-3}}, steps=10)
     assert_states_close(model.state_dict(), ref_state)
     # Full optimizer state, as a single process would have saved it.
-    optimizer_state = torch.load(single, weights_only=False)["optimizer_states"][0]["state"]
+    optimizer_state = torch.load(single, weights_only=True)["optimizer_states"][0]["state"]
     names = [name for name, _ in model.named_parameters()]
     assert optimizer_state[names.index("blocks.first.experts.w_in")]["exp_avg"].shape == (4, 16, 16)
 
@@ -267,7 +276,7 @@ def test_manual_optimization_accumulates_like_automatic(world4, tmp_path):
     assert results[0]["global_step"] == STEPS_PER_EPOCH
     np.testing.assert_allclose(step_losses(results), ref_losses, rtol=1e-4)
     single = consolidate_checkpoint(world4 / "manual_ep2" / FIRST_EPOCH, tmp_path / "manual.ckpt")
-    assert_states_close(torch.load(single, weights_only=False)["state_dict"], ref_state)
+    assert_states_close(torch.load(single, weights_only=True)["state_dict"], ref_state)
 
 
 def test_bf16_mixed_trains(world4):
@@ -333,7 +342,8 @@ def test_cli_fit_on_two_processes_then_consolidate(tmp_path, launcher):
     if launcher == "lightning":
         assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
     (checkpoint,) = logs.glob("*/version_0/checkpoints/*.ckpt")
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["experts-ep00000.pt", "experts-ep00001.pt", "meta.pt"]
+    version = Path(committed_directory(checkpoint))
+    assert sorted(p.name for p in version.iterdir()) == ["experts-ep00000.pt", "experts-ep00001.pt", "meta.pt"]
 
     assert main(["consolidate", str(checkpoint), str(tmp_path / "full.ckpt")]) == 0
     restored = MoETransformer.load_from_checkpoint(tmp_path / "full.ckpt")

@@ -1,25 +1,22 @@
 """Single-process checks of the expert-parallel pieces: placement, dispatcher, device-limited
-routing, global-norm clipping, the checkpoint format and its consolidation, strategy arguments.
+routing, global-norm clipping, strategy arguments (the checkpoint format: test_checkpoint.py).
 
 The multi-process behaviour is tested in test_strategy_ep.py.
 """
 
 from __future__ import annotations
 
-import copy
 
 import lightning as L
 import pytest
 import torch
 
 from lightning_moe import MoELayer, MoEStrategy
-from lightning_moe.checkpoint import consolidate_checkpoint, load_local_checkpoint, save_sharded_checkpoint
-from lightning_moe.cli import main as cli_main
 from lightning_moe.layers.dispatch import LocalDispatcher
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
 from lightning_moe.parallel.grad_sync import clip_grad_norm_global
 from lightning_moe.parallel.placement import ExpertPlacement
-from lightning_moe.parallel.sharding import shard_layer, sharded_expert_params
+from lightning_moe.parallel.sharding import shard_layer
 
 
 def test_placement_identity_and_permuted():
@@ -98,56 +95,6 @@ def test_global_norm_clipping_matches_torch_on_one_rank():
     torch.testing.assert_close(norm, expected)
     for p, q in zip(layers[0].parameters(), layers[1].parameters()):
         torch.testing.assert_close(p.grad, q.grad)
-
-
-class _Holder(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.dense = torch.nn.Linear(8, 8)
-        self.moe = _layer()
-
-
-def test_checkpoint_directory_round_trip_and_consolidate(tmp_path):
-    """Save a (one-rank, permuted) sharded model and its Adam state per logical expert; consolidate
-    to full tensors in logical order; read back into another placement."""
-    full = _Holder()
-    sharded = copy.deepcopy(full)
-    shard_layer(sharded.moe, placement=ExpertPlacement.from_experts_per_rank([[3, 1, 0, 2]]), ep_rank=0, ep_group=None)
-    optimizer = torch.optim.Adam(sharded.parameters(), lr=0.1)
-    sharded.moe(torch.randn(5, 8)).sum().backward()
-    optimizer.step()
-    infos = sharded_expert_params(sharded)
-    checkpoint = {"state_dict": sharded.state_dict(), "optimizer_states": [optimizer.state_dict()], "epoch": 3}
-    save_sharded_checkpoint(checkpoint, tmp_path / "ckpt", expert_params=infos, optimizers=[optimizer], module=sharded,
-                            is_global_zero=True, writes_experts=True, ep_rank=0, barrier=lambda: None)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["experts-ep00000.pt", "meta.pt"]
-
-    assert cli_main(["consolidate", str(tmp_path / "ckpt"), str(tmp_path / "full.ckpt")]) == 0
-    single = torch.load(tmp_path / "full.ckpt", weights_only=False)
-    assert single["epoch"] == 3 and "lightning_moe" not in single
-    order = torch.tensor([3, 1, 0, 2]).argsort()  # slot of each logical expert
-    torch.testing.assert_close(single["state_dict"]["moe.experts.w_in"], sharded.moe.experts.w_in.detach()[order])
-    full.load_state_dict(single["state_dict"])  # the unsharded module takes it as is
-    names = [n for n, _ in sharded.named_parameters()]
-    index = names.index("moe.experts.w_out")
-    exp_avg = optimizer.state[sharded.moe.experts.w_out]["exp_avg"]
-    torch.testing.assert_close(single["optimizer_states"][0]["state"][index]["exp_avg"], exp_avg[order])
-
-    # Read into the identity placement: each slot gets its logical expert, with its Adam state.
-    other = copy.deepcopy(full)
-    shard_layer(other.moe, placement=ExpertPlacement.identity(4, 1), ep_rank=0, ep_group=None)
-    other_optimizer = torch.optim.Adam(other.parameters(), lr=0.1)
-    for source in (tmp_path / "ckpt", tmp_path / "full.ckpt"):
-        local = load_local_checkpoint(source, expert_params=sharded_expert_params(other),
-                                      optimizers=[other_optimizer], module=other)
-        torch.testing.assert_close(local["state_dict"]["moe.experts.w_in"], single["state_dict"]["moe.experts.w_in"])
-        torch.testing.assert_close(local["optimizer_states"][0]["state"][index]["exp_avg"], exp_avg[order])
-        other_optimizer.load_state_dict(local["optimizer_states"][0])
-
-
-def test_consolidate_rejects_a_non_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match="not a checkpoint directory written by MoEStrategy"):
-        consolidate_checkpoint(tmp_path, tmp_path / "out.ckpt")
 
 
 def test_strategy_arguments_and_registry():

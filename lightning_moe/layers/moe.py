@@ -115,6 +115,9 @@ class MoELayer(nn.Module):
         self.register_buffer("routed_tokens", torch.zeros((), dtype=torch.long), persistent=False)
         # Load since the last optimizer step, for gates with aux-loss-free bias balancing.
         self.register_buffer("load_since_bias_update", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        # Set when a forward's router logits held a NaN or Inf; kept on the device (no host read per
+        # forward) until MoEStrategy checks and clears it once per optimizer step.
+        self.register_buffer("nonfinite_router_logits", torch.zeros((), dtype=torch.bool), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -160,6 +163,8 @@ class MoELayer(nn.Module):
         self.tokens_per_expert.copy_(counts_E)
         self.dropped_tokens.fill_(dropped)
         self.routed_tokens.fill_(routed)
+        if self.gate.last_logits_finite is not None:
+            self.nonfinite_router_logits |= ~self.gate.last_logits_finite.to(self.nonfinite_router_logits.device)
         if self.training and self.gate.needs_bias_update:
             self.load_since_bias_update += counts_E
 

@@ -60,27 +60,37 @@ def sync_expert_grads(parameters: Iterable[torch.nn.Parameter], *, edp_group: di
             offset += g.numel()
 
 
+def _norm_of_norms(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The 2-norm of ``grads`` computed as ``torch.nn.utils.clip_grad_norm_`` does: each tensor's norm
+    (``_foreach_norm``), then the norm of those norms."""
+    if not grads:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm(grads, 2.0)
+    return torch.linalg.vector_norm(torch.stack([norm.to(device) for norm in norms]), 2.0)
+
+
 @torch.no_grad()
 def clip_grad_norm_global(
     parameters: Iterable[torch.Tensor], max_norm: float, *, ep_group: dist.ProcessGroup | None, ep_size: int
 ) -> torch.Tensor:
     """Clip gradients in place by the global norm of dense and sharded expert gradients; return that norm.
 
-    Same rule as ``torch.nn.utils.clip_grad_norm_``: scale by ``max_norm / (norm + 1e-6)`` when that
-    is below one.
+    The dense part and the rule are those of ``torch.nn.utils.clip_grad_norm_`` (per-tensor norms, the
+    norm of the norms, scale by ``max_norm / (norm + 1e-6)`` clamped at 1); the expert part's square
+    is summed over the EP group (each shard once), then both parts are combined.
     """
     grads_dense, grads_expert = [], []
     for p in parameters:
         if p.grad is not None:
             (grads_expert if is_expert_param(p) else grads_dense).append(p.grad)
-    device = (grads_dense + grads_expert)[0].device if grads_dense or grads_expert else torch.device("cpu")
-    dense_sq = sum((g.detach().float().pow(2).sum() for g in grads_dense), torch.zeros((), device=device))
-    expert_sq = sum((g.detach().float().pow(2).sum() for g in grads_expert), torch.zeros((), device=device))
+    grads = grads_dense + grads_expert
+    device = grads[0].device if grads else torch.device("cpu")
+    dense_norm = _norm_of_norms(grads_dense, device)
+    expert_sq = _norm_of_norms(grads_expert, device).square()
     if ep_size > 1:
         dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=ep_group)
-    total_norm = (dense_sq + expert_sq).sqrt()
-    clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    grads = grads_dense + grads_expert
+    total_norm = torch.linalg.vector_norm(torch.stack([dense_norm, expert_sq.sqrt()]), 2.0)
+    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     if grads:
-        torch._foreach_mul_(grads, clip_coef.to(grads[0].device))
+        torch._foreach_mul_(grads, clip_coef.to(device))
     return total_norm

@@ -1,4 +1,4 @@
-"""The 2-D device mesh ``("edp", "ep")`` of expert parallelism.
+"""The ``[edp, ep]`` grid of expert parallelism and its process groups.
 
 World ranks are laid out row-major on an ``[edp, ep]`` grid: rank ``g`` has EP rank ``g % ep`` and
 expert-data-parallel (EDP) rank ``g // ep``. EP groups (rows) are consecutive ranks, so that an EP
@@ -12,9 +12,9 @@ Example, world 4 with ``expert_parallel_size=2``: EP groups ``{0, 1}``, ``{2, 3}
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 def check_layout(world_size: int, expert_parallel_size: int) -> None:
@@ -34,10 +34,9 @@ def check_layout(world_size: int, expert_parallel_size: int) -> None:
 
 @dataclass
 class ExpertParallelMesh:
-    """The mesh and this process's coordinates on it.
+    """This process's coordinates on the ``[edp, ep]`` grid and its two process groups.
 
     Attributes:
-        mesh: the ``DeviceMesh`` with dims ``("edp", "ep")``.
         ep_rank: rank inside the EP group (which expert shard this process holds).
         ep_size: processes per EP group.
         edp_rank: rank inside the EDP group (which replica of the shard).
@@ -46,7 +45,6 @@ class ExpertParallelMesh:
         edp_group: process group of this process's EDP column.
     """
 
-    mesh: DeviceMesh
     ep_rank: int
     ep_size: int
     edp_rank: int
@@ -54,20 +52,34 @@ class ExpertParallelMesh:
     ep_group: dist.ProcessGroup
     edp_group: dist.ProcessGroup
 
+    def global_rank(self, ep_rank: int) -> int:
+        """The global rank of EP rank ``ep_rank`` in this process's EP group."""
+        return self.edp_rank * self.ep_size + ep_rank
 
-def build_expert_parallel_mesh(device_type: str, expert_parallel_size: int) -> ExpertParallelMesh:
-    """Build the ``("edp", "ep")`` mesh over the default process group (a collective call)."""
-    world_size = dist.get_world_size()
+    def destroy(self) -> None:
+        """Destroy this process's two groups (the strategy's teardown), so that repeated fits do not
+        accumulate process groups."""
+        for group in (self.ep_group, self.edp_group):
+            if group is not None and dist.is_initialized():
+                dist.destroy_process_group(group)
+
+
+def build_expert_parallel_mesh(expert_parallel_size: int, *, timeout: timedelta | None = None) -> ExpertParallelMesh:
+    """Create the EP and EDP groups over the default process group (a collective: every rank calls it)."""
+    world_size, rank = dist.get_world_size(), dist.get_rank()
     check_layout(world_size, expert_parallel_size)
-    edp_size = world_size // expert_parallel_size
-    mesh = init_device_mesh(device_type, (edp_size, expert_parallel_size), mesh_dim_names=("edp", "ep"))
-    rank = dist.get_rank()
+    ep_size = expert_parallel_size
+    edp_size = world_size // ep_size
+    rows = [[row * ep_size + column for column in range(ep_size)] for row in range(edp_size)]
+    columns = [[row * ep_size + column for row in range(edp_size)] for column in range(ep_size)]
+    # Every rank creates every group, in the same order (new_group is collective over the world).
+    ep_group, _ = dist.new_subgroups_by_enumeration(rows, timeout=timeout)
+    edp_group, _ = dist.new_subgroups_by_enumeration(columns, timeout=timeout)
     return ExpertParallelMesh(
-        mesh=mesh,
-        ep_rank=rank % expert_parallel_size,
-        ep_size=expert_parallel_size,
-        edp_rank=rank // expert_parallel_size,
+        ep_rank=rank % ep_size,
+        ep_size=ep_size,
+        edp_rank=rank // ep_size,
         edp_size=edp_size,
-        ep_group=mesh.get_group("ep"),
-        edp_group=mesh.get_group("edp"),
+        ep_group=ep_group,
+        edp_group=edp_group,
     )

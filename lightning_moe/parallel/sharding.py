@@ -39,9 +39,22 @@ class ShardedExpertParam:
         return self.layer.dispatcher.placement
 
     @property
+    def num_experts(self) -> int:
+        """Logical experts of the layer."""
+        return self.placement.num_experts
+
+    @property
+    def ep_size(self) -> int:
+        return self.placement.ep_size
+
+    @property
     def local_experts(self) -> list[int]:
         """Logical ids of this rank's slots, in slot order."""
         return self.placement.experts_on_rank(self.layer.dispatcher.ep_rank)
+
+    def file_rank_of_expert(self, expert: int) -> int:
+        """The EP rank whose checkpoint file stores logical expert ``expert`` (each expert is stored once)."""
+        return int(self.placement.rank_of_expert_E[expert])
 
 
 def named_moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:

@@ -106,6 +106,9 @@ class Gate(nn.Module):
         self.num_experts: int | None = None
         #: Device-limited routing: at most this many expert groups per token (see set_expert_groups).
         self.expert_group_limit: int | None = None
+        #: Whether the router logits of the last forward were all finite (a 0-d bool tensor, on the
+        #: logits' device; ``None`` for a gate that does not report it). Read by ``MoELayer``.
+        self.last_logits_finite: torch.Tensor | None = None
 
     def build(self, d_model: int, num_experts: int, *, init_std: float = 0.02) -> Gate:
         """Create this gate's parameters for a layer of width ``d_model`` with ``num_experts`` experts,
@@ -201,4 +204,6 @@ class LinearRouterGate(Gate):
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # NOTE: routing in fp32 (as DeepSeek-V3 and Megatron's `moe_router_dtype=fp32`): bf16 logits
         # flip near-tied top-k choices between runs and between EP layouts.
-        return torch.nn.functional.linear(x_TD.float(), self.weight.float())  # (T, E)
+        logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight.float())  # (T, E)
+        self.last_logits_finite = torch.isfinite(logits_TE).all().detach()
+        return logits_TE

@@ -1,0 +1,134 @@
+"""Where the files of an expert-parallel checkpoint live, and how a save is committed atomically.
+
+A checkpoint directory (Lightning's ``ModelCheckpoint`` names it ``epoch=...-step=....ckpt``) holds
+one complete *version* and a pointer to it::
+
+    epoch=1-step=10.ckpt/
+        current.json                  {"version": "step00000010-3fa2c1d4"}
+        step00000010-3fa2c1d4/
+            meta.pt                   rank 0: Lightning's state, dense weights, the manifest
+            experts-ep00000.pt        the experts of EP rank 0 (written by its first EDP replica)
+            experts-ep00001.pt        ...
+
+A save writes a new version directory next to the current one, checks on every rank that every
+file was written, and only then replaces ``current.json`` (a single small write: a rename of a
+temporary file locally, one PUT on an object store), then removes the old version. At every moment
+the pointer names a complete version, so a save that fails half-way (disk full, a rank killed)
+leaves the previous checkpoint loadable. All paths go through fsspec, as Lightning's own
+checkpoints do, so ``s3://``, ``gs://`` and ``memory://`` work like local directories.
+
+Directories written before the pointer existed (format 1: ``meta.pt`` and the expert files directly
+inside) still load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+
+META_FILE = "meta.pt"
+POINTER_FILE = "current.json"
+MANIFEST_KEY = "lightning_moe"
+#: 1: flat directory; 2: versioned directory with a pointer, expert shapes in the manifest.
+FORMAT_VERSION = 2
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read as asked: missing, damaged, or from another model."""
+
+
+def expert_file_name(ep_rank: int) -> str:
+    return f"experts-ep{ep_rank:05d}.pt"
+
+
+def expert_key(name: str, logical_expert: int) -> str:
+    """The key of one logical expert's tensor (and optimizer state) in an expert file."""
+    return f"{name}#{logical_expert}"
+
+
+def join(path: _PATH, *names: str) -> str:
+    """``path/name/...`` for a local path or an fsspec URL (``memory://run/last.ckpt``)."""
+    return os.path.join(str(path), *names)
+
+
+def new_version_name(global_step: int) -> str:
+    """A version directory name that sorts by step and never collides with an earlier save."""
+    return f"step{int(global_step):08d}-{uuid.uuid4().hex[:8]}"
+
+
+def committed_directory(path: _PATH) -> str | None:
+    """The directory holding the complete files of checkpoint ``path``: its committed version, the
+    directory itself for format 1, or ``None`` when ``path`` is not a checkpoint directory (a single
+    file, or nothing)."""
+    fs = get_filesystem(path)
+    if not fs.isdir(str(path)):
+        return None
+    pointer = join(path, POINTER_FILE)
+    if fs.exists(pointer):
+        try:
+            version = json.loads(fs.cat_file(pointer))["version"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"The pointer {pointer} of checkpoint {path} is damaged ({error}). It should name the complete "
+                f"version directory inside {path}; restore it, or load an earlier checkpoint."
+            ) from error
+        return join(path, version)
+    if fs.exists(join(path, META_FILE)):
+        return str(path)
+    return None
+
+
+def is_sharded_checkpoint(path: _PATH) -> bool:
+    """Whether ``path`` is a checkpoint directory written by :class:`~lightning_moe.MoEStrategy`."""
+    return committed_directory(path) is not None
+
+
+def prepare_for_directory(path: _PATH) -> None:
+    """Remove a single-file checkpoint at ``path`` so that a directory can take its place (rank 0 only).
+
+    NOTE: this is the one replacement that is not atomic: a file cannot turn into a directory in one
+    step. It only happens when a run switches to expert parallelism and saves over a checkpoint file.
+    """
+    fs = get_filesystem(path)
+    if fs.isfile(str(path)):
+        fs.rm(str(path))
+
+
+def commit_version(path: _PATH, version: str) -> None:
+    """Point checkpoint ``path`` at its (complete) ``version`` directory, then remove every other entry
+    of ``path`` (earlier versions, failed saves, format-1 files). Rank 0 only, after every rank wrote."""
+    fs = get_filesystem(path)
+    pointer = join(path, POINTER_FILE)
+    payload = json.dumps({"version": version, "format_version": FORMAT_VERSION}).encode()
+    # A transaction writes to a temporary file and moves it over the pointer on commit.
+    with fs.transaction:
+        with fs.open(pointer, "wb") as file:
+            file.write(payload)
+    for entry in fs.ls(str(path), detail=False):
+        if Path(entry).name not in (POINTER_FILE, version):
+            fs.rm(entry, recursive=True)
+
+
+def remove_quietly(path: _PATH) -> None:
+    """Best-effort removal of a failed save's version directory."""
+    fs = get_filesystem(path)
+    try:
+        if fs.exists(str(path)):
+            fs.rm(str(path), recursive=True)
+    except OSError:
+        pass
+
+
+def check_manifest_version(manifest: dict[str, Any], path: _PATH) -> None:
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint {path} has format_version={version!r}; this lightning_moe reads up to {FORMAT_VERSION}. "
+            f"Upgrade lightning_moe to load it."
+        )
