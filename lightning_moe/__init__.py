@@ -1,6 +1,7 @@
 """lightning-moe: Mixture-of-Experts training for PyTorch Lightning."""
 
 from lightning_moe.callbacks import ExpertLoadMonitor
+from lightning_moe.checkpoint import load_from_checkpoint
 from lightning_moe.layers import (
     Gate,
     MoELayer,
@@ -11,6 +12,7 @@ from lightning_moe.layers import (
 )
 from lightning_moe.data import ByteCorpusDataModule, TextFileDataModule
 from lightning_moe.model import MoETransformer
+from lightning_moe.resumable_loader import ResumableDataLoader
 from lightning_moe.strategy import MoEStrategy, register_moe_strategy
 
 # `strategy="moe"` resolves once the package is imported.
@@ -22,6 +24,7 @@ __all__ = [
     "ByteCorpusDataModule",
     "MoEStrategy",
     "MoETransformer",
+    "ResumableDataLoader",
     "TextFileDataModule",
     "ExpertLoadMonitor",
     "Gate",
@@ -29,5 +32,6 @@ __all__ = [
     "collect_aux_loss",
     "collect_aux_losses",
     "is_expert_param",
+    "load_from_checkpoint",
     "mark_expert_param",
 ]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_moe.resumable_loader import ResumableDataLoader
 from lightning_moe.validation import check_positive_int
 
 _MASK64 = (1 << 64) - 1
@@ -154,8 +155,8 @@ class _TokenWindowDataModule(L.LightningDataModule):
         if self.train_tokens is None:
             self.train_tokens, self.val_tokens = self._load_tokens()
 
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, *, loader_class: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
@@ -174,7 +175,10 @@ class _TokenWindowDataModule(L.LightningDataModule):
         shard = {"num_replicas": 1, "rank": 0}
         if self.trainer is not None and self.trainer.distributed_sampler_kwargs:
             shard = {key: self.trainer.distributed_sampler_kwargs[key] for key in ("num_replicas", "rank")}
-        return self._loader(dataset, sampler=EpochShardSampler(dataset, **shard), drop_last=True)
+        # Resumable: a run restarted from a mid-epoch checkpoint continues with the next window.
+        return self._loader(
+            dataset, sampler=EpochShardSampler(dataset, **shard), drop_last=True, loader_class=ResumableDataLoader
+        )
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

@@ -44,7 +44,7 @@ from lightning_moe.parallel.averaging import ExpertAwareModelAverager
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
 from lightning_moe.parallel.finite import raise_if_nonfinite
 from lightning_moe.parallel.grad_sync import clip_grad_norm_global, scale_expert_grads_on_arrival, sync_expert_grads
-from lightning_moe.parallel.mesh import ExpertParallelMesh, build_expert_parallel_mesh, check_layout
+from lightning_moe.parallel.mesh import ExpertParallelMesh, check_layout, expert_parallel_mesh
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.sharding import (
     ddp_ignored_names,
@@ -206,7 +206,7 @@ class MoEStrategy(DDPStrategy):
         if not layers:
             rank_zero_warn("MoEStrategy found no `MoELayer` in the model; it trains like DDPStrategy.")
         if self.expert_mesh is None:
-            self.expert_mesh = build_expert_parallel_mesh(self.expert_parallel_size, timeout=self._timeout)
+            self.expert_mesh = expert_parallel_mesh(self.expert_parallel_size, timeout=self._timeout)
         mesh = self.expert_mesh
         for _, layer in layers:
             if not isinstance(layer.dispatcher, AllToAllDispatcher):
@@ -218,8 +218,6 @@ class MoEStrategy(DDPStrategy):
                     f"An MoE layer is already sharded over {layer.dispatcher.ep_size} EP ranks, but this strategy "
                     f"uses expert_parallel_size={mesh.ep_size}. Build a fresh model, or load a checkpoint into it."
                 )
-            else:
-                layer.dispatcher.ep_group = mesh.ep_group  # sharded by an earlier fit, whose groups are gone
             layer.gate.set_expert_groups(
                 layer.dispatcher.placement.rank_of_expert_E if self.device_limited_routing else None,
                 self.device_limited_routing,
@@ -411,13 +409,6 @@ class MoEStrategy(DDPStrategy):
             problem = f"rank {self.global_rank}: {error}"
         self._agree(problem)
         return checkpoint
-
-    @override
-    def teardown(self) -> None:
-        super().teardown()
-        if self.expert_mesh is not None:
-            self.expert_mesh.destroy()
-            self.expert_mesh = None
 
     @classmethod
     @override

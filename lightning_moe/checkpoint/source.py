@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from fsspec.core import url_to_fs
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
 from lightning.fabric.utilities.types import _PATH
@@ -43,7 +44,8 @@ def load_file(path: str, *, checkpoint_io: CheckpointIO | None, weights_only: bo
         )
     try:
         if (checkpoint_io is None or type(checkpoint_io) is TorchCheckpointIO) and _is_local_file_protocol(path):
-            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+            local_path = url_to_fs(path)[1]  # `file:///x` -> `/x`
+            return torch.load(local_path, map_location="cpu", weights_only=weights_only, mmap=True)
         io = checkpoint_io or TorchCheckpointIO()
         return io.load_checkpoint(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files

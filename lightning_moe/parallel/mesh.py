@@ -56,12 +56,23 @@ class ExpertParallelMesh:
         """The global rank of EP rank ``ep_rank`` in this process's EP group."""
         return self.edp_rank * self.ep_size + ep_rank
 
-    def destroy(self) -> None:
-        """Destroy this process's two groups (the strategy's teardown), so that repeated fits do not
-        accumulate process groups."""
-        for group in (self.ep_group, self.edp_group):
-            if group is not None and dist.is_initialized():
-                dist.destroy_process_group(group)
+
+#: The mesh of each EP size, built once per process and default group: process groups live as long
+#: as the default group, so every fit, validate or test (and a save after fit) reuses them instead
+#: of creating new ones each time.
+_MESHES: dict[int, tuple[dist.ProcessGroup, ExpertParallelMesh]] = {}
+
+
+def expert_parallel_mesh(expert_parallel_size: int, *, timeout: timedelta | None = None) -> ExpertParallelMesh:
+    """The ``[edp, ep]`` mesh of ``expert_parallel_size`` over the current default group, built on first
+    use (a collective: every rank calls it, in the same order) and reused afterwards."""
+    world = dist.group.WORLD
+    cached = _MESHES.get(expert_parallel_size)
+    if cached is not None and cached[0] is world:
+        return cached[1]
+    mesh = build_expert_parallel_mesh(expert_parallel_size, timeout=timeout)
+    _MESHES[expert_parallel_size] = (world, mesh)
+    return mesh
 
 
 def build_expert_parallel_mesh(expert_parallel_size: int, *, timeout: timedelta | None = None) -> ExpertParallelMesh:

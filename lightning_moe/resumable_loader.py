@@ -1,0 +1,90 @@
+"""A ``DataLoader`` whose position inside an epoch is saved in Lightning checkpoints.
+
+Lightning saves ``state_dict()`` of every training loader that has one and, on resume, calls
+``load_state_dict()`` before it iterates again; a plain ``DataLoader`` has neither, so a run resumed
+from a mid-epoch checkpoint (``ModelCheckpoint(every_n_train_steps=...)``, the last checkpoint of a
+killed job) starts its epoch over and sees the first batches twice. :class:`ResumableDataLoader`
+counts the batches it hands out in the current epoch and, after ``load_state_dict``, skips that
+many at the index level: the skipped batches are never loaded. Combined with a sampler that depends
+only on the epoch (Lightning calls ``set_epoch``), the resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+
+class _SkipWhileResuming:
+    """The loader's index sampler, minus the first ``loader._skip_now`` entries while the loader builds a
+    resumed iterator (torch may iterate it more than once then: a multi-worker iterator does in its
+    constructor; a persistent-workers iterator iterates it again every later epoch, without skip)."""
+
+    def __init__(self, inner: Iterable[Any], loader: ResumableDataLoader) -> None:
+        self.inner, self.loader = inner, loader
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.inner), self.loader._skip_now, None)
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+
+class ResumableDataLoader(DataLoader):
+    """``torch.utils.data.DataLoader`` that resumes mid-epoch from a Lightning checkpoint.
+
+    Takes exactly ``DataLoader``'s arguments. ``state_dict()`` is ``{"batches_in_epoch": n}``: the
+    batches handed out in the current epoch when the checkpoint was written (0 at an epoch boundary).
+
+    The order of the batches must depend on the epoch only, so that the resumed epoch is the same
+    permutation: ``DistributedSampler`` (which Lightning injects under DDP and calls ``set_epoch``
+    on) and lightning_moe's samplers are; a ``RandomSampler``'s generator state is not saved.
+
+    NOTE: Lightning counts a batch as handed out when its fetcher takes it, and its checkpoints are
+    written between batches, so ``n`` is exactly the batches the run consumed (measured with
+    Lightning's default prefetching; tested by resuming a killed run in tests/test_faults.py).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_in_epoch = 0
+        self._skip_next = 0
+        self._skip_now = 0
+
+    @property
+    def _index_sampler(self):  # type: ignore[override]
+        # Read by the iterator torch builds in `DataLoader.__iter__`; skips only while resuming.
+        return _SkipWhileResuming(super()._index_sampler, self)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        skip, self._skip_next = self._skip_next, 0
+        return self._iterate(skip)
+
+    def _iterate(self, skip: int) -> Iterator[Any]:
+        # NOTE: a generator, so torch's iterator is built on the first `next()`. On resume Lightning
+        # calls `iter()` before `set_epoch`, and worker processes take indices as soon as their
+        # iterator exists: built eagerly, the resumed epoch would use the previous epoch's order.
+        self._skip_now = skip
+        try:
+            iterator = super().__iter__()
+        finally:
+            self._skip_now = 0
+        self._batches_in_epoch = skip
+        for batch in iterator:
+            self._batches_in_epoch += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        batches = self._batches_in_epoch
+        try:
+            batches %= len(self)  # the epoch's last batch: the next run starts a new epoch
+        except TypeError:
+            pass  # an iterable dataset without a length
+        return {"batches_in_epoch": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._skip_next = int(state_dict.get("batches_in_epoch", 0))

@@ -1,0 +1,59 @@
+"""ResumableDataLoader: a run resumed from a mid-epoch (or end-of-epoch) checkpoint sees exactly the
+batches the uninterrupted run saw, with and without worker processes."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DistributedSampler, TensorDataset
+
+from lightning_moe import ResumableDataLoader
+
+TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+class _Recorder(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1)
+        self.seen: list[tuple[int, int, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.current_epoch, batch_idx, int(batch[0][0])))
+        return self.linear(batch[0].float()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader(workers: int) -> ResumableDataLoader:
+    # A shuffle that depends on the epoch only (Lightning calls `set_epoch`), as the DistributedSampler
+    # Lightning injects under DDP does: a RandomSampler's generator state is not in checkpoints.
+    dataset = TensorDataset(torch.arange(8).view(8, 1))
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    return ResumableDataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers,
+                               persistent_workers=workers > 0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumes_mid_epoch_and_at_epoch_end(tmp_path, workers):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    full = _Recorder()
+    L.Trainer(max_epochs=3, callbacks=[checkpoints], **TRAINER).fit(full, _loader(workers))
+    for name in ("epoch=0-step=6", "epoch=1-step=9", "epoch=2-step=24"):
+        resumed = _Recorder()
+        L.Trainer(max_epochs=3, **TRAINER).fit(resumed, _loader(workers), ckpt_path=tmp_path / f"{name}.ckpt")
+        done = int(name.split("step=")[1])
+        assert resumed.seen == full.seen[done:], name
+
+
+def test_a_plain_run_and_len_are_unchanged():
+    loader = _loader(0)
+    assert len(loader) == 8 and sorted(int(b[0][0]) for b in loader) == list(range(8))
+    assert [int(b[0][0]) for b in loader] != list(range(8))  # shuffled
+    assert loader.state_dict() == {"batches_in_epoch": 0}  # a whole epoch: the next one starts afresh
+    loader.load_state_dict({"batches_in_epoch": 5})
+    assert len(list(loader)) == 3 and loader.state_dict() == {"batches_in_epoch": 0}
+    assert len(list(loader)) == 8  # the skip applies to one epoch only
