@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -550,3 +551,35 @@ def test_resuming_a_checkpoint_sees_the_uninterrupted_batches(tmp_path, qwen, st
         resumed, _ = fit(8, ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={step}.ckpt")
         assert len(resumed) == 8 - step
         assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[step:], strict=True))
+
+
+def test_ddp_ranks_train_on_their_own_documents(tmp_path, qwen):
+    """Two real gloo processes (Lightning DDP): each rank trains on its own share, none twice, same steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
+    from launch import launch
+
+    data = write_jsonl(tmp_path / "d.jsonl", text_docs(120))
+    base = dict(tokenizer=str(qwen), train_files=[str(data)], seq_len=16, batch_size=2, val_fraction=0.25)
+    scenarios = [
+        {"name": "streaming", "data": {**base, "streaming": True, "samples_per_epoch": 16}, "model": TINY_MODEL},
+        {"name": "memory", "data": base, "model": TINY_MODEL},
+    ]
+    (tmp_path / "scenarios.json").write_text(json.dumps(scenarios))
+    worker = Path(__file__).resolve().parent / "dist_workers" / "tokenized_worker.py"
+    args = [str(tmp_path / "scenarios.json"), str(tmp_path)]
+    launch(worker, args, world_size=2, timeout=300, log_dir=tmp_path / "logs")
+
+    validates = [is_validation_document(str(data), i + 1, val_fraction=0.25, seed=0) for i in range(120)]
+    train_order = [f"doc{i}" for i in range(120) if not validates[i]]
+    for name in ("streaming", "memory"):
+        ranks = [json.loads((tmp_path / f"{name}-rank{rank}.json").read_text()) for rank in (0, 1)]
+        assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+        seen = [marker_counts([(None, torch.tensor(rank["targets"]))]) for rank in ranks]
+        assert set(seen[0]).isdisjoint(seen[1]) and all(count == 1 for counts in seen for count in counts.values())
+        assert set(seen[0]) | set(seen[1]) <= set(train_order)
+        if name == "streaming":  # 4 batches per rank; rank r reads the documents r, r + 2, ... of the split
+            assert ranks[0]["global_step"] == 4
+            for rank in (0, 1):
+                assert {train_order.index(marker) % 2 for marker in seen[rank]} == {rank}
+        else:  # a shuffled half of the windows each (the last odd window dropped)
+            assert len(set(seen[0]) | set(seen[1])) >= 0.8 * len(train_order)
