@@ -19,10 +19,9 @@ from lightning_moe import TokenizedDataModule  # noqa: E402
 from lightning_moe.tokenized.packing import (  # noqa: E402
     PackedWindows,
     ResumableDataLoader,
-    StreamingWindows,
     pack_stream,
 )
-from lightning_moe.tokenized.sources import DocumentSource, is_validation_document  # noqa: E402
+from lightning_moe.tokenized.sources import is_validation_document  # noqa: E402
 
 SPECIALS = ["[UNK]", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>"]
 WORDS = (
@@ -255,7 +254,7 @@ def test_streaming_equals_in_memory(tmp_path, qwen):
     memory.setup()
     stream.setup()
     assert stream.train_windows is None  # nothing tokenised ahead
-    streamed = list(stream.train_dataloader().dataset.shard_windows(0, 1))
+    streamed = list(stream.streaming_windows().shard_windows(0, 1))
     assert len(streamed) == len(memory.train_windows) > 10
     for index, (inputs, targets) in enumerate(streamed):
         expected_inputs, expected_targets = memory.train_windows[index]
@@ -273,21 +272,6 @@ def marker_counts(batches) -> dict[str, int]:
     return counts
 
 
-def streaming_dataset(
-    dm: TokenizedDataModule, *, rank: int, world_size: int, windows_per_rank: int | None = None
-) -> StreamingWindows:
-    return StreamingWindows(
-        source=dm.train_source,
-        encoder=dm.encoder,
-        seq_len=dm.seq_len,
-        pad_id=dm.pad_id,
-        batch_size=dm.batch_size,
-        rank=rank,
-        world_size=world_size,
-        windows_per_rank=windows_per_rank,
-    )
-
-
 def test_streaming_shards_over_ranks_and_workers_cover_each_document_once(tmp_path, qwen):
     data = write_jsonl(tmp_path / "d.jsonl", text_docs(120))
     dm = module(qwen, [data], seed=0)
@@ -296,7 +280,7 @@ def test_streaming_shards_over_ranks_and_workers_cover_each_document_once(tmp_pa
     train_markers = {f"doc{i}" for i in range(120) if not validates[i]}
     batches = []
     for rank in range(2):  # two ranks, each with two real data-loader worker processes
-        dataset = streaming_dataset(dm, rank=rank, world_size=2)
+        dataset = dm.streaming_windows(rank=rank, world_size=2)
         batches += list(DataLoader(dataset, batch_size=2, num_workers=2))
     counts = marker_counts(batches)
     assert set(counts) == train_markers and set(counts.values()) == {1}
@@ -306,8 +290,8 @@ def test_streaming_epochs_have_a_fixed_size_and_continue_the_stream(tmp_path, qw
     data = write_jsonl(tmp_path / "d.jsonl", text_docs(40))
     dm = module(qwen, [data], val_files=[str(data)], seed=0)
     dm.setup()
-    one_pass = [w for shard in range(2) for w in streaming_dataset(dm, rank=0, world_size=1).shard_windows(shard, 2)]
-    dataset = streaming_dataset(dm, rank=0, world_size=1, windows_per_rank=6)
+    one_pass = [w for shard in range(2) for w in dm.streaming_windows().shard_windows(shard, 2)]
+    dataset = dm.streaming_windows(windows_per_rank=6)
     loader = ResumableDataLoader(dataset, batch_size=2, num_workers=2, persistent_workers=True)
     epochs = [list(loader) for _ in range(2)]
     assert [len(epoch) for epoch in epochs] == [3, 3] and len(loader) == 3
@@ -317,7 +301,7 @@ def test_streaming_epochs_have_a_fixed_size_and_continue_the_stream(tmp_path, qw
         for index, batch in enumerate(epoch):
             served[index % 2].extend(zip(*batch))
     for worker in (0, 1):
-        shard = [w for w in streaming_dataset(dm, rank=0, world_size=1).shard_windows(worker, 2)]
+        shard = [w for w in dm.streaming_windows().shard_windows(worker, 2)]
         for (inputs, targets), expected in zip(served[worker], shard):
             assert torch.equal(inputs, expected[0]) and torch.equal(targets, expected[1])
     assert len(one_pass) > 6
@@ -399,6 +383,20 @@ def test_bad_text_file_lines_and_empty_files(tmp_path, qwen):
         module(qwen, [csv])
 
 
+def test_chat_lines_need_a_prefix_stable_template_or_generation_blocks(tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"text": "a dog"}, {"messages": CONVERSATION}])
+    # Like templates that drop earlier turns' reasoning: an assistant message renders differently
+    # once later messages follow, so its tokens cannot be found by rendering prefixes.
+    past = "{{ 'ok' if (m['role'] == 'assistant' and not loop.last) else m['content'] }}"
+    shifty = CHATML.replace("{{ m['content'] }}", past)
+    tokenizer = make_tokenizer(tmp_path / "shifty", template=shifty)
+    with pytest.raises(ValueError, match=rf"^{data}:2: the chat template renders message 2 differently"):
+        module(tokenizer, [data], val_files=[str(data)]).setup()
+    no_template = make_tokenizer(tmp_path / "base", template=None)
+    with pytest.raises(ValueError, match=rf"^{data}:2: a chat line, but the tokenizer has no chat_template"):
+        module(no_template, [data], val_files=[str(data)]).setup()
+
+
 def test_skip_mode_counts_and_logs_bad_lines(tmp_path, qwen, caplog):
     good = [json.dumps(doc) for doc in text_docs(30)]
     bad = tmp_path / "d.jsonl"
@@ -427,7 +425,7 @@ def test_skip_mode_counts_and_logs_bad_lines(tmp_path, qwen, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lightning_moe.tokenized"):
         for shard in range(2):
-            list(stream.train_dataloader().dataset.shard_windows(shard, 2))
+            list(stream.streaming_windows().shard_windows(shard, 2))
     logged = [r.getMessage() for r in caplog.records if r.name == "lightning_moe.tokenized"]
     total = sum(int(message.split()[1]) for message in logged)
     in_train = [not is_validation_document(str(bad), line, val_fraction=0.3, seed=0) for line in (11, 12, 13)]

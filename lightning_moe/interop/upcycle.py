@@ -21,7 +21,8 @@ the Qwen2-MoE config gets ``norm_topk_prob: true`` for):
   is the sum of the groups' outputs, so with a zero router (every weight ``1 / E``) and
   ``top_k = E`` the layer is ``sum_e (1/E) E FFN_e(x) = FFN(x)`` exactly. With ``top_k = k < E``
   a zero router gives weights ``1 / k``, i.e. the k chosen groups' outputs scaled by ``E / k``;
-  the zero router ties all experts at first (the top-k breaks the tie by index), so pass
+  the zero router ties all experts at first (every token gets the same k, whichever
+  ``torch.topk`` returns for equal scores), so pass
   ``router_std`` > 0 to start from varied routing at the cost of exactness.
 
 Qwen2-MoE always has a shared expert with a sigmoid gate; the upcycled model's has width 0 (its

@@ -194,6 +194,28 @@ class TokenizedDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def streaming_windows(
+        self, *, rank: int = 0, world_size: int = 1, windows_per_rank: int | None = None
+    ) -> StreamingWindows:
+        """The training split as a stream of windows for process ``rank`` of ``world_size``.
+
+        Args:
+            rank: this process.
+            world_size: processes that share the data.
+            windows_per_rank: windows of each epoch of this rank; ``None`` for one pass.
+        """
+        return StreamingWindows(
+            source=self.train_source,
+            encoder=self.encoder,
+            seq_len=self.seq_len,
+            pad_id=self.pad_id,
+            on_bad_line=self.on_bad_line,
+            batch_size=self.batch_size,
+            rank=rank,
+            world_size=world_size,
+            windows_per_rank=windows_per_rank,
+        )
+
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled in-memory windows, or this rank's stream; resumable from a Lightning checkpoint."""
         self.setup("fit")
@@ -210,17 +232,7 @@ class TokenizedDataModule(L.LightningDataModule):
                     f"{type(self).__name__}: `samples_per_epoch` {self.samples_per_epoch} gives each of {world_size} "
                     f"process(es) fewer windows than `batch_size` {self.batch_size}. Raise it."
                 )
-            dataset = StreamingWindows(
-                source=self.train_source,
-                encoder=self.encoder,
-                seq_len=self.seq_len,
-                pad_id=self.pad_id,
-                on_bad_line=self.on_bad_line,
-                batch_size=self.batch_size,
-                rank=rank,
-                world_size=world_size,
-                windows_per_rank=windows_per_rank,
-            )
+            dataset = self.streaming_windows(rank=rank, world_size=world_size, windows_per_rank=windows_per_rank)
             loader = ResumableDataLoader(dataset, **self._loader_options())
         else:
             sampler = ShuffledWindowSampler(self.train_windows, num_replicas=world_size, rank=rank, seed=self.seed)

@@ -161,7 +161,7 @@ class JsonlFields:
         """The piece of one JSONL line (a conversation when it has ``messages_field``, else text)."""
         location = f"{path}:{line}"
         try:
-            record = json.loads(_decode(raw, location))
+            record = json.loads(_decode(raw.rstrip(b"\r\n"), location))  # columns within the line
         except json.JSONDecodeError as exc:
             raise BadInputError(location, "not JSON", f"not valid JSON ({exc.msg} at column {exc.colno}).") from None
         if not isinstance(record, dict):
