@@ -13,6 +13,7 @@ from lightning_moe.layers import (
 from lightning_moe.data import ByteCorpusDataModule, TextFileDataModule
 from lightning_moe.model import MoETransformer
 from lightning_moe.resumable_loader import ResumableDataLoader
+from lightning_moe.tokenized import TokenizedDataModule
 from lightning_moe.strategy import MoEStrategy, register_moe_strategy
 
 # `strategy="moe"` resolves once the package is imported.
@@ -26,6 +27,7 @@ __all__ = [
     "MoETransformer",
     "ResumableDataLoader",
     "TextFileDataModule",
+    "TokenizedDataModule",
     "ExpertLoadMonitor",
     "Gate",
     "MoELayer",

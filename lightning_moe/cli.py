@@ -51,6 +51,16 @@ def _report(argv: list[str]) -> int:
 COMMANDS["report"] = _report
 
 
+def _upcycle(argv: list[str]) -> int:
+    """``lightning-moe upcycle DENSE_DIR OUT --num-experts 8 --top-k 2 --method copy|split``: dense to MoE."""
+    from lightning_moe.interop.upcycle import upcycle_main
+
+    return upcycle_main(argv)
+
+
+COMMANDS["upcycle"] = _upcycle
+
+
 class MoELightningCLI(LightningCLI):
     """LightningCLI limited to fit, validate and test (no ``predict_step`` on our models)."""
 

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_moe.resumable_loader import ResumableDataLoader
-from lightning_moe.validation import check_positive_int
+from lightning_moe.validation import check_fraction, check_positive_int
 
 _MASK64 = (1 << 64) - 1
 #: Directories of the standard library left out of the embedded corpus: third-party packages,
@@ -39,11 +39,6 @@ def _mix64(value: int) -> int:
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
     return value ^ (value >> 31)
-
-
-def _check_fraction(owner: str, name: str, value: object) -> None:
-    if not (isinstance(value, (int, float)) and 0 < value < 1):
-        raise ValueError(f"{owner}: `{name}` must lie strictly between 0 and 1, got {value!r}. Try 0.05.")
 
 
 def _window(tokens: np.ndarray, start: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +117,33 @@ class SequentialWindowDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         return _window(self.tokens, index * self.seq_len, self.seq_len)
+
+
+def expand_file_patterns(owner: str, name: str, patterns: str | list[str]) -> list[Path]:
+    """The files that ``patterns`` name, in order: paths, or glob patterns (``data/*.txt``) expanded sorted.
+
+    Args:
+        owner: the class named in errors.
+        name: the argument named in errors.
+        patterns: one path or pattern, or a list of them.
+
+    Raises:
+        ValueError: an entry is not a file, or nothing matches.
+    """
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(str(pattern)))) if glob.has_magic(str(pattern)) else [pattern]
+        for match in matches:
+            if not Path(match).is_file():
+                raise ValueError(
+                    f"{owner}: `{name}` entry {str(match)!r} is not a file. Check the path or the pattern."
+                )
+            paths.append(Path(match))
+    if not paths:
+        raise ValueError(f"{owner}: `{name}` {patterns!r} matches no file. Give at least one text file.")
+    return paths
 
 
 class _TokenWindowDataModule(L.LightningDataModule):
@@ -246,7 +268,7 @@ class ByteCorpusDataModule(_TokenWindowDataModule):
         )
         owner = type(self).__name__
         check_positive_int(owner, "max_bytes", max_bytes)
-        _check_fraction(owner, "val_fraction", val_fraction)
+        check_fraction(owner, "val_fraction", val_fraction)
         self.max_bytes, self.val_fraction = max_bytes, val_fraction
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "lightning_moe").expanduser()
 
@@ -347,10 +369,10 @@ class TextFileDataModule(_TokenWindowDataModule):
             seed=seed,
         )
         owner = type(self).__name__
-        self.train_files = self._expand(owner, "train_files", train_files)
-        self.val_files = self._expand(owner, "val_files", val_files) if val_files else None
+        self.train_files = expand_file_patterns(owner, "train_files", train_files)
+        self.val_files = expand_file_patterns(owner, "val_files", val_files) if val_files else None
         if self.val_files is None:
-            _check_fraction(owner, "val_fraction", val_fraction)
+            check_fraction(owner, "val_fraction", val_fraction)
         self.val_fraction = val_fraction
         self.tokenizer = None
         if tokenizer_file is not None:
@@ -362,23 +384,6 @@ class TextFileDataModule(_TokenWindowDataModule):
 
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
             self.vocab_size = self.tokenizer.get_vocab_size()
-
-    @staticmethod
-    def _expand(owner: str, name: str, patterns: list[str]) -> list[Path]:
-        if isinstance(patterns, (str, os.PathLike)):
-            patterns = [patterns]
-        paths: list[Path] = []
-        for pattern in patterns:
-            matches = sorted(glob.glob(os.path.expanduser(str(pattern)))) if glob.has_magic(str(pattern)) else [pattern]
-            for match in matches:
-                if not Path(match).is_file():
-                    raise ValueError(
-                        f"{owner}: `{name}` entry {str(match)!r} is not a file. Check the path or the pattern."
-                    )
-                paths.append(Path(match))
-        if not paths:
-            raise ValueError(f"{owner}: `{name}` {patterns!r} matches no file. Give at least one text file.")
-        return paths
 
     def encode_files(self, paths: list[Path]) -> np.ndarray:
         """The concatenated tokens of ``paths``: their bytes, or the tokenizer's ids of their text."""
