@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_moe.checkpoint import is_sharded_checkpoint, load_from_checkpoint
 from lightning_moe.layers.aux_loss import collect_aux_loss, collect_aux_losses
 from lightning_moe.layers.balancing import register_bias_update
 from lightning_moe.layers.experts import FeedForward
@@ -174,6 +176,20 @@ class MoETransformer(L.LightningModule):
             nn.init.normal_(self.lm_head.weight, std=init_std)
         self._eval_loss_sum: torch.Tensor | None = None
         self._eval_tokens = 0
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None, strict: bool | None = None,
+        **kwargs: Any,
+    ) -> MoETransformer:
+        """Lightning's ``load_from_checkpoint``, which also takes a checkpoint *directory* written by
+        :class:`~lightning_moe.MoEStrategy` at any expert-parallel layout (read whole, every expert, in
+        this process; see :func:`lightning_moe.load_from_checkpoint`)."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and is_sharded_checkpoint(checkpoint_path):
+            return load_from_checkpoint(cls, checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                        strict=strict, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, **kwargs)
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``[B, T, V]`` for token ids ``[B, T]``."""

@@ -349,3 +349,7 @@ def test_cli_fit_on_two_processes_then_consolidate(tmp_path, launcher):
     restored = MoETransformer.load_from_checkpoint(tmp_path / "full.ckpt")
     assert not torch.distributed.is_initialized()
     assert restored(torch.randint(0, 256, (1, 8))).isfinite().all()
+    # The directory itself loads with the call users know, whole, in this one process.
+    from_directory = MoETransformer.load_from_checkpoint(checkpoint)
+    for key, value in restored.state_dict().items():
+        assert torch.equal(from_directory.state_dict()[key], value), key

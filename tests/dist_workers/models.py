@@ -33,11 +33,12 @@ class TwoMoELayers(L.LightningModule):
         capacity_factor: float | None = None,
         lr: float = 1e-2,
         seed: int = 0,
+        d_ff: int = D_FF,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(seed)
-        common = dict(d_model=D_MODEL, d_ff=D_FF, num_experts=num_experts, gate=gate, top_k=top_k,
+        common = dict(d_model=D_MODEL, d_ff=d_ff, num_experts=num_experts, gate=gate, top_k=top_k,
                       gate_kwargs=gate_kwargs, capacity_factor=capacity_factor, init_std=0.2)
         self.proj_in = nn.Linear(D_MODEL, D_MODEL)
         self.blocks = nn.ModuleDict({"first": MoELayer(**common), "second": MoELayer(**common)})
