@@ -51,6 +51,17 @@ def _report(argv: list[str]) -> int:
 COMMANDS["report"] = _report
 
 
+def _export(argv: list[str]) -> int:
+    """``lightning-moe export CKPT OUT``: a Lightning checkpoint of an MoETransformer as a transformers
+    checkpoint directory."""
+    from lightning_moe.interop.hf_export import export_main
+
+    return export_main(argv)
+
+
+COMMANDS["export"] = _export
+
+
 class MoELightningCLI(LightningCLI):
     """LightningCLI limited to fit, validate and test (no ``predict_step`` on our models)."""
 
