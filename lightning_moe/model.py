@@ -24,15 +24,14 @@ from lightning_moe.layers.balancing import register_bias_update
 from lightning_moe.layers.experts import FeedForward
 from lightning_moe.layers.gates import Gate
 from lightning_moe.layers.moe import MoELayer
-from lightning_moe.modeling.attention import CausalSelfAttention
 from lightning_moe.modeling.block import NORM_EPS, DecoderBlock, moe_layer_layout
+from lightning_moe.modeling.build import build_attention, override_gate_coefficients
 from lightning_moe.modeling.checkpointing import checkpointed_call
 from lightning_moe.modeling.config import OWNER, check_transformer_config, gate_from_hparam, gate_to_hparam
 from lightning_moe.modeling.freeze import freeze_by_pattern
-from lightning_moe.modeling.mla import MultiHeadLatentAttention
 from lightning_moe.modeling.optim import LR_SCHEDULES, weight_decay_groups
 from lightning_moe.modeling.options import check_architecture_options, check_finetuning_options
-from lightning_moe.modeling.rope import rotary_cos_sin, yarn_mscale
+from lightning_moe.modeling.rope import rotary_cos_sin
 
 
 class MoETransformer(L.LightningModule):
@@ -259,12 +258,13 @@ class MoETransformer(L.LightningModule):
                     capacity_factor=capacity_factor,
                     init_std=init_std,
                 )
-                self._override_gate_coefficients(feed_forward.gate, load_balance_coef, z_loss_coef)
+                override_gate_coefficients(feed_forward.gate, load_balance_coef, z_loss_coef)
             else:
                 feed_forward = FeedForward(d_model=d_model, d_ff=d_ff, activation=activation, init_std=init_std)
             # NOTE: the attention is created after the feed-forward, the order the from-scratch
             # model always drew its initial weights in (so that a seed gives the same model).
-            blocks.append(DecoderBlock(d_model=d_model, attention=self._attention(), feed_forward=feed_forward,
+            blocks.append(DecoderBlock(d_model=d_model, attention=build_attention(self.hparams),
+                                       feed_forward=feed_forward,
                                        norm_eps=norm_eps))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
@@ -277,56 +277,6 @@ class MoETransformer(L.LightningModule):
             freeze_by_pattern(self, freeze, owner=f"{OWNER} `freeze`")
         self._eval_loss_sum: torch.Tensor | None = None
         self._eval_tokens = 0
-
-    def _attention(self) -> nn.Module:
-        """One block's attention, from the hyper-parameters."""
-        hp = self.hparams
-        if hp.kv_lora_rank is None:
-            return CausalSelfAttention(
-                d_model=hp.d_model,
-                n_heads=hp.n_heads,
-                n_kv_heads=hp.n_kv_heads or hp.n_heads,
-                head_dim=hp.head_dim,
-                bias=hp.attention_bias,
-                out_bias=hp.attention_out_bias,
-                qk_norm=hp.qk_norm,
-                norm_eps=hp.norm_eps,
-                rope_interleave=hp.rope_interleave,
-                init_std=hp.init_std,
-            )
-        softmax_scale = (hp.qk_nope_head_dim + hp.qk_rope_head_dim) ** -0.5
-        mscale_all_dim = (hp.rope_scaling or {}).get("mscale_all_dim")
-        if mscale_all_dim:
-            # DeepSeek-V2/V3's YaRN: the attention temperature enters the softmax scale, squared
-            # (once for queries and once for keys), rather than the rotary tables.
-            softmax_scale *= yarn_mscale(float(hp.rope_scaling["factor"]), mscale_all_dim) ** 2
-        return MultiHeadLatentAttention(
-            d_model=hp.d_model,
-            n_heads=hp.n_heads,
-            q_lora_rank=hp.q_lora_rank,
-            kv_lora_rank=hp.kv_lora_rank,
-            qk_nope_head_dim=hp.qk_nope_head_dim,
-            qk_rope_head_dim=hp.qk_rope_head_dim,
-            v_head_dim=hp.v_head_dim,
-            bias=hp.attention_bias,
-            out_bias=hp.attention_out_bias,
-            norm_eps=hp.norm_eps,
-            softmax_scale=softmax_scale,
-            rope_interleave=hp.rope_interleave,
-            init_std=hp.init_std,
-        )
-
-    @staticmethod
-    def _override_gate_coefficients(gate: Gate, load_balance_coef: float | None, z_loss_coef: float | None) -> None:
-        for name, value in (("load_balance_coef", load_balance_coef), ("z_loss_coef", z_loss_coef)):
-            if value is None:
-                continue
-            if not hasattr(gate, name):
-                raise ValueError(
-                    f"{OWNER}: `{name}`={value} was given, but gate {type(gate).__name__} has no `{name}`. "
-                    f"Leave `{name}` unset, or set the gate's own loss coefficients in `gate_kwargs`."
-                )
-            setattr(gate, name, float(value))
 
     @classmethod
     def from_pretrained(

@@ -234,3 +234,28 @@ def test_sliding_window_caps_the_sequence_length(tmp_path):
     ids = token_ids(length=12)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf_logits(reference, ids), **TOLERANCE)
+
+
+def test_the_older_config_layout_of_hub_checkpoints(checkpoints, tmp_path):
+    """Hub config.json files written by transformers 4 keep `rope_theta` and `rope_scaling` (with `type`)
+    at the top level and `torch_dtype`: they read the same, and export keeps their layout."""
+    source, reference = checkpoints["deepseek_v3_yarn"]
+    directory = tmp_path / "legacy"
+    shutil.copytree(source, directory)
+    config = json.loads((directory / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
+    config["torch_dtype"] = config.pop("dtype")
+    (directory / "config.json").write_text(json.dumps(config))
+
+    model = MoETransformer.from_pretrained(directory).eval()
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf_logits(reference, ids), **TOLERANCE)
+    model.save_pretrained(tmp_path / "out", dtype=torch.float32)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "rope_parameters" not in written and written["rope_scaling"]["type"] == "yarn"
+    assert written["torch_dtype"] == "float32" and "dtype" not in written
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(hf_logits(exported, ids), hf_logits(reference, ids), **TOLERANCE)
