@@ -171,3 +171,27 @@ def test_a_shard_listed_in_the_index_but_missing_is_named(tmp_path):
     (directory / victim).unlink()
     with pytest.raises(FileNotFoundError, match=f"{victim} is listed in model.safetensors.index.json but missing"):
         MoETransformer.from_pretrained(directory)
+
+
+def test_expert_rows_already_sliced_on_the_meta_device(deepseek):
+    """What MoEStrategy's sharding leaves when it slices meta experts before loading: local rows."""
+    directory, full = deepseek
+    model = MoETransformer.from_pretrained(directory, load_weights=False)
+    experts = model.blocks[1].ffn.experts
+    for parameter in experts.parameters():
+        parameter.data = parameter.data.index_select(0, torch.tensor([4, 5], device="meta"))
+    load_pretrained_weights(model, directory, local_experts={MOE_LAYER: [4, 5]})
+    torch.testing.assert_close(model.blocks[1].ffn.experts.w_out, full.blocks[1].ffn.experts.w_out[[4, 5]])
+    with pytest.raises(ValueError, match="fills either all 8 experts or the 3 listed"):
+        sliced = MoETransformer.from_pretrained(directory, load_weights=False)
+        for parameter in sliced.blocks[1].ffn.experts.parameters():
+            parameter.data = parameter.data[:2]
+        load_pretrained_weights(sliced, directory, local_experts={MOE_LAYER: [0, 1, 2]})
+
+
+def test_a_meta_buffer_the_checkpoint_cannot_fill_is_named(deepseek):
+    directory, _ = deepseek
+    model = MoETransformer.from_pretrained(directory, load_weights=False)
+    model.blocks[1].ffn.gate.set_expert_groups(torch.arange(8) // 4, max_groups=1)  # on the meta device
+    with pytest.raises(ValueError, match=r"\['blocks.1.ffn.gate.expert_group'\].*set_expert_groups"):
+        load_pretrained_weights(model, directory)

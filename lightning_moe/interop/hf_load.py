@@ -7,17 +7,25 @@ The model may be built on the meta device (``with torch.device("meta"): MoETrans
 ``safetensors.safe_open(...).get_slice``: only the listed experts' bytes are copied out of the
 memory-mapped files, and each dense tensor once.
 
-Contract for expert parallelism (what :class:`~lightning_moe.MoEStrategy` must do): build the
-model on the meta device; install each MoE layer's expert-parallel dispatcher for a placement
-WITHOUT slicing the expert parameters (they are still meta, with all ``E`` rows); then call
-``load_pretrained_weights(model, path, local_experts={layer_name: placement.experts_on_rank(ep_rank)
-for every MoE layer})``. Each expert parameter then has ``len(list)`` rows, row ``i`` holding logical
-expert ``list[i]`` (the slot order the dispatcher uses), and ``experts.num_experts`` is set to
-``len(list)``. Parameters that were on the meta device are replaced by new ``Parameter`` objects
-(a meta tensor cannot take CPU data in place; the expert tag is kept), so load before the optimizer
-is created, before DDP wraps the module, and re-read any reference taken earlier; parameters that
-were already materialised keep their identity and are filled in place. Dense parameters are read
-on every rank (no broadcast is needed).
+Contract for expert parallelism (what :class:`~lightning_moe.MoEStrategy` must do):
+
+1. Build the model on the meta device (``MoETransformer.from_pretrained(path, load_weights=False)``).
+2. Install each MoE layer's expert-parallel dispatcher for its placement. The expert parameters
+   may keep all ``E`` rows, or be sliced to this rank's rows first (``index_select`` on a meta
+   tensor costs nothing; ``shard_layer(..., broadcast_from_rank_zero=False)`` does that) - but
+   must not be broadcast (meta tensors hold no data).
+3. Call ``load_pretrained_weights(model, path, local_experts={layer_name:
+   placement.experts_on_rank(ep_rank) for every MoE layer})``. Each expert parameter then has
+   ``len(list)`` rows, row ``i`` holding logical expert ``list[i]`` (the slot order the dispatcher
+   uses), and ``experts.num_experts`` is ``len(list)``. Dense parameters are read on every rank
+   (no broadcast is needed: every rank reads the same bytes).
+4. After loading: set device-limited expert groups (``gate.set_expert_groups``), create the
+   optimizer, wrap with DDP.
+
+Parameters that were on the meta device are replaced by new ``Parameter`` objects (a meta tensor
+cannot take CPU data in place; the expert tag and ``requires_grad`` are kept), so re-read any
+reference taken before loading. Parameters that were already materialised keep their identity and
+are filled in place (with fewer rows through ``.data`` when ``local_experts`` asks for fewer).
 
 Shape legend: ``E`` experts, ``D`` model width, ``F`` expert hidden width.
 """
@@ -275,15 +283,31 @@ def _install(model: nn.Module, target: torch.Tensor, data: torch.Tensor) -> None
 
 
 def materialize_meta_state(model: nn.Module, device: torch.device | str = "cpu") -> None:
-    """Give meta buffers that no checkpoint holds (MoE load counters) zeros on ``device``, and each
-    MoE layer that routes on its own a fresh :class:`~lightning_moe.layers.dispatch.LocalDispatcher`
-    (whose counters were created on the meta device with the model)."""
-    for module in model.modules():
+    """Create what no checkpoint holds but a model built on the meta device left there: each MoE
+    layer's load counters (zeros, as built) and, for a layer that routes on its own, a fresh
+    :class:`~lightning_moe.layers.dispatch.LocalDispatcher` (its counters were made on the meta device).
+
+    Raises:
+        ValueError: another buffer is still on the meta device; its value is unknown here (e.g. the
+            expert groups of device-limited routing: set them after loading).
+    """
+    unknown = []
+    for module_name, module in model.named_modules():
+        counters = module._non_persistent_buffers_set if isinstance(module, MoELayer) else set()
         for name, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.device.type == "meta":
+            if buffer is None or buffer.device.type != "meta":
+                continue
+            if name in counters:
                 module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
+            else:
+                unknown.append(f"{module_name}.{name}" if module_name else name)
         if isinstance(module, MoELayer) and type(module.dispatcher) is LocalDispatcher:
             module.dispatcher = LocalDispatcher(module.num_experts)
+    if unknown:
+        raise ValueError(
+            f"load_pretrained_weights: buffers {unknown} are on the meta device and not in the checkpoint. Set them "
+            f"after loading (for expert groups: call `gate.set_expert_groups` once the weights are loaded)."
+        )
 
 
 def load_pretrained_weights(
