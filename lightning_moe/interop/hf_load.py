@@ -32,7 +32,6 @@ Shape legend: ``E`` experts, ``D`` model width, ``F`` expert hidden width.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +78,14 @@ class LoadReport:
 class SafetensorsCheckpoint:
     """The tensors of a transformers checkpoint directory (one file or a sharded index), read lazily.
 
+    Shapes come from the files' headers (the 8-byte length and the JSON header of the safetensors
+    format), parsed once per file; data through ``safe_open(...).get_slice``.
+
+    NOTE: each read opens its file and closes it again. ``safe_open`` memory-maps the file, and the
+    pages a read touches stay in this process's resident memory while the map lives: kept open,
+    they added about one more copy of everything read to the peak (measured with
+    benchmarks/load_pretrained.py). Re-opening costs one header parse per tensor.
+
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``.
     """
@@ -87,57 +94,55 @@ class SafetensorsCheckpoint:
         self.path = Path(path)
         self.config = read_hf_config(self.path)
         index = self.path / INDEX_FILE
+        self._headers: dict[str, dict[str, Any]] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
         elif (self.path / SINGLE_FILE).is_file():
-            weight_map = None
+            self.file_of = dict.fromkeys(self._header(SINGLE_FILE), SINGLE_FILE)
         else:
             raise FileNotFoundError(
                 f"{self.path} has neither {SINGLE_FILE} nor {INDEX_FILE}. Point at a transformers checkpoint "
                 f"directory saved with safetensors (`save_pretrained(..., safe_serialization=True)`, the default)."
             )
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, Any] = {}
-        if weight_map is None:
-            keys = list(self._open(SINGLE_FILE).keys())
-            weight_map = {key: SINGLE_FILE for key in keys}
-        self.file_of: dict[str, str] = dict(weight_map)
         self.bytes_read = 0
         self.tensors_read = 0
 
-    def __enter__(self) -> SafetensorsCheckpoint:
-        return self
+    def _file(self, file_name: str) -> Path:
+        file = self.path / file_name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is listed in {INDEX_FILE} but missing. Copy the whole checkpoint.")
+        return file
 
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
-
-    def _open(self, file_name: str) -> Any:
-        if file_name not in self._handles:
-            from safetensors import safe_open
-
-            file = self.path / file_name
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} is listed in {INDEX_FILE} but missing. Copy the whole checkpoint.")
-            self._handles[file_name] = self._stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-        return self._handles[file_name]
+    def _header(self, file_name: str) -> dict[str, Any]:
+        """``name -> {"dtype", "shape", "data_offsets"}`` of one file (the safetensors header)."""
+        if file_name not in self._headers:
+            with open(self._file(file_name), "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            header.pop("__metadata__", None)
+            self._headers[file_name] = header
+        return self._headers[file_name]
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open(self.file_of[key]).get_slice(key).get_shape())
+        return tuple(self._header(self.file_of[key])[key]["shape"])
 
     def total_bytes(self) -> int:
         total = 0
         for key, file_name in self.file_of.items():
-            sliced = self._open(file_name).get_slice(key)
-            total += _DTYPE_BYTES.get(sliced.get_dtype(), 4) * int(torch.Size(sliced.get_shape()).numel())
+            entry = self._header(file_name)[key]
+            total += _DTYPE_BYTES.get(entry["dtype"], 4) * int(torch.Size(entry["shape"]).numel())
         return total
 
     def read(self, key: str, rows: slice | None = None) -> torch.Tensor:
         """The tensor ``key``, or only its ``rows`` (first dimension), reading no other bytes."""
-        sliced = self._open(self.file_of[key]).get_slice(key)
-        tensor = sliced[:] if rows is None else sliced[rows]
+        from safetensors import safe_open
+
+        with safe_open(self._file(self.file_of[key]), framework="pt", device="cpu") as handle:
+            sliced = handle.get_slice(key)
+            tensor = sliced[:] if rows is None else sliced[rows]  # a copy: it outlives the map
         self.bytes_read += tensor.numel() * tensor.element_size()
         self.tensors_read += 1
         return tensor
@@ -343,42 +348,42 @@ def load_pretrained_weights(
     device = torch.device(device)
     layers = {name: module for name, module in model.named_modules() if isinstance(module, MoELayer)}
     experts_of = _check_local_experts(layers, local_experts)
-    with SafetensorsCheckpoint(path) as checkpoint:
-        family = checkpoint.config["model_type"]
-        mappings = hf_weight_mappings(model, family)
-        state = model.state_dict(keep_vars=True)
-        used: set[str] = set()
-        expert_keys: set[str] = set()
-        for mapping in mappings:
-            target = state[mapping.ours]
-            if mapping.expert_layer is None:
-                data = _read_dense(checkpoint, mapping, target).to(device=device, dtype=target.dtype)
-                used.update(mapping.hf)
-            else:
-                experts = experts_of[mapping.expert_layer]
-                layer = layers[mapping.expert_layer]
-                if target.shape[0] not in (layer.num_experts, len(experts)):
-                    raise ValueError(
-                        f"`{mapping.ours}` has {target.shape[0]} rows; load_pretrained_weights fills either all "
-                        f"{layer.num_experts} experts or the {len(experts)} listed in `local_experts`."
-                    )
-                data = _read_experts(checkpoint, mapping, target, experts, layer.num_experts, device)
-                for expert in experts:
-                    used.update(mapping.expert_names(expert))
-                for expert in range(layer.num_experts):
-                    expert_keys.update(mapping.expert_names(expert))
-                if mapping.fused is not None:
-                    used.add(mapping.fused)
-                layer.experts.num_experts = len(experts)
-            _install(model, target, data)
-        materialize_meta_state(model, device)
-        left_on_meta = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.device.type == "meta"]
-        if left_on_meta:
-            raise ValueError(f"load_pretrained_weights: {left_on_meta} were not loaded and are still on the meta device.")
-        return LoadReport(
-            bytes_read=checkpoint.bytes_read,
-            checkpoint_bytes=checkpoint.total_bytes(),
-            tensors_read=checkpoint.tensors_read,
-            local_experts=experts_of,
-            unused_keys=_check_unused(checkpoint, set(checkpoint.file_of) - used, expert_keys),
-        )
+    checkpoint = SafetensorsCheckpoint(path)
+    family = checkpoint.config["model_type"]
+    mappings = hf_weight_mappings(model, family)
+    state = model.state_dict(keep_vars=True)
+    used: set[str] = set()
+    expert_keys: set[str] = set()
+    for mapping in mappings:
+        target = state[mapping.ours]
+        if mapping.expert_layer is None:
+            data = _read_dense(checkpoint, mapping, target).to(device=device, dtype=target.dtype)
+            used.update(mapping.hf)
+        else:
+            experts = experts_of[mapping.expert_layer]
+            layer = layers[mapping.expert_layer]
+            if target.shape[0] not in (layer.num_experts, len(experts)):
+                raise ValueError(
+                    f"`{mapping.ours}` has {target.shape[0]} rows; load_pretrained_weights fills either all "
+                    f"{layer.num_experts} experts or the {len(experts)} listed in `local_experts`."
+                )
+            data = _read_experts(checkpoint, mapping, target, experts, layer.num_experts, device)
+            for expert in experts:
+                used.update(mapping.expert_names(expert))
+            for expert in range(layer.num_experts):
+                expert_keys.update(mapping.expert_names(expert))
+            if mapping.fused is not None:
+                used.add(mapping.fused)
+            layer.experts.num_experts = len(experts)
+        _install(model, target, data)
+    materialize_meta_state(model, device)
+    left_on_meta = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.device.type == "meta"]
+    if left_on_meta:
+        raise ValueError(f"load_pretrained_weights: {left_on_meta} were not loaded and are still on the meta device.")
+    return LoadReport(
+        bytes_read=checkpoint.bytes_read,
+        checkpoint_bytes=checkpoint.total_bytes(),
+        tensors_read=checkpoint.tensors_read,
+        local_experts=experts_of,
+        unused_keys=_check_unused(checkpoint, set(checkpoint.file_of) - used, expert_keys),
+    )
