@@ -4,7 +4,7 @@ Writes a Mixtral-layout checkpoint (``save_pretrained`` of a random MoETransform
 then, for EP sizes 1, 2 and 4, runs every rank in a fresh process: build the model on the meta
 device, read the dense weights and only rank r's experts (``load_pretrained_weights(...,
 local_experts=...)``), and report the peak resident memory (``getrusage`` max RSS) and the bytes
-copied out of the safetensors files. For comparison, ``all experts, then slice`` loads the whole
+copied out of the safetensors files (the median of ``--repeats`` fresh processes). For comparison, ``all experts, then slice`` loads the whole
 model in each process and keeps its slice, as a rank must when every rank builds every expert.
 
     python benchmarks/load_pretrained.py                    # default sizes, about 400 MB of experts
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--ep-sizes", default="1,2,4")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per row; the median is shown")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="meta", help=argparse.SUPPRESS)
@@ -131,11 +133,14 @@ def main() -> None:
                 for rank in range(ep):
                     if mode == "full" and rank > 0:
                         continue  # every rank reads the same whole checkpoint
-                    row = run_rank(checkpoint, args, mode=mode, ep=ep, rank=rank)
+                    runs = [run_rank(checkpoint, args, mode=mode, ep=ep, rank=rank) for _ in range(args.repeats)]
+                    row = {key: statistics.median(run[key] for run in runs) for key in
+                           ("bytes_read_mb", "params_held_mb", "baseline_rss_mb", "peak_rss_mb", "seconds")}
+                    row["added_mb"] = statistics.median(run["peak_rss_mb"] - run["baseline_rss_mb"] for run in runs)
                     label = "meta + own experts" if mode == "meta" else "all experts, then slice"
                     print(f"| {label} | {ep} | {rank} | {row['bytes_read_mb']:.1f} | {row['params_held_mb']:.1f} | "
                           f"{row['baseline_rss_mb']:.0f} | {row['peak_rss_mb']:.0f} | "
-                          f"{row['peak_rss_mb'] - row['baseline_rss_mb']:.0f} | {row['seconds']:.2f} |")
+                          f"{row['added_mb']:.0f} | {row['seconds']:.2f} |")
 
 
 if __name__ == "__main__":
