@@ -56,12 +56,12 @@ def _hf_tensors(
         target_dtype = torch.float32 if mapping.ours.endswith("gate.expert_bias") else dtype
         if mapping.expert_layer is None:
             for name, part in zip(mapping.hf, ours.chunk(len(mapping.hf), dim=0)):
-                yield name, part.to(target_dtype).contiguous()
+                yield name, part.to(device="cpu", dtype=target_dtype).contiguous()
             continue
         for expert in range(ours.shape[0]):
             rows = ours[expert].t()  # [rows of all parts, cols]
             for name, part in zip(mapping.expert_names(expert), rows.chunk(len(mapping.hf), dim=0)):
-                yield name, part.to(target_dtype).contiguous()
+                yield name, part.to(device="cpu", dtype=target_dtype).contiguous()
 
 
 def _shards(named_tensors: Iterator[tuple[str, torch.Tensor]], limit: int) -> Iterator[dict[str, torch.Tensor]]:

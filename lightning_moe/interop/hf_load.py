@@ -275,7 +275,7 @@ def _install(model: nn.Module, target: torch.Tensor, data: torch.Tensor) -> None
         target.copy_(data)
         return
     if target.device.type != "meta":
-        target.data = data.to(target.dtype)  # fewer expert rows, same Parameter object
+        target.data = data.to(device=target.device, dtype=target.dtype)  # fewer expert rows, same Parameter
         return
     if isinstance(target, nn.Parameter):
         replacement: torch.Tensor = nn.Parameter(data, requires_grad=target.requires_grad)
