@@ -61,6 +61,17 @@ def _upcycle(argv: list[str]) -> int:
 COMMANDS["upcycle"] = _upcycle
 
 
+def _export(argv: list[str]) -> int:
+    """``lightning-moe export CKPT OUT``: a Lightning checkpoint of an MoETransformer as a transformers
+    checkpoint directory."""
+    from lightning_moe.interop.hf_export import export_main
+
+    return export_main(argv)
+
+
+COMMANDS["export"] = _export
+
+
 class MoELightningCLI(LightningCLI):
     """LightningCLI limited to fit, validate and test (no ``predict_step`` on our models)."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,10 +26,14 @@ from lightning_moe.layers.balancing import register_bias_update
 from lightning_moe.layers.experts import FeedForward
 from lightning_moe.layers.gates import Gate
 from lightning_moe.layers.moe import MoELayer
-from lightning_moe.modeling.attention import rotary_cos_sin
 from lightning_moe.modeling.block import NORM_EPS, DecoderBlock, moe_layer_layout
+from lightning_moe.modeling.build import build_attention, override_gate_coefficients
+from lightning_moe.modeling.checkpointing import checkpointed_call
 from lightning_moe.modeling.config import OWNER, check_transformer_config, gate_from_hparam, gate_to_hparam
-from lightning_moe.modeling.optim import warmup_cosine, weight_decay_groups
+from lightning_moe.modeling.freeze import freeze_by_pattern
+from lightning_moe.modeling.optim import LR_SCHEDULES, weight_decay_groups
+from lightning_moe.modeling.options import check_architecture_options, check_finetuning_options
+from lightning_moe.modeling.rope import rotary_cos_sin
 
 
 class MoETransformer(L.LightningModule):
@@ -38,13 +43,19 @@ class MoETransformer(L.LightningModule):
     grouped-query attention, then an MoE or dense feed-forward), a final RMSNorm and an output
     projection (optionally tied to the embedding). ``training_step`` minimises the next-token
     cross-entropy plus the weighted auxiliary losses of every MoE layer; AdamW with linear warmup
-    and cosine decay.
+    and a cosine, linear or constant schedule.
+
+    The architecture options after ``init_std`` (attention biases, query/key norms, head width,
+    scaled RoPE, multi-head latent attention, an explicit MoE layer list) let the model reproduce
+    Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3: :meth:`from_pretrained` reads a
+    transformers checkpoint directory into it and :meth:`save_pretrained` writes one back (see
+    docs/finetuning.md). Their defaults give the from-scratch architecture.
 
     Args:
         vocab_size: vocabulary size (256 for bytes).
         d_model: model width.
         n_layers: number of blocks.
-        n_heads: query heads; ``d_model / n_heads`` must be even (RoPE).
+        n_heads: query heads; ``d_model / n_heads`` must be even (RoPE) unless ``head_dim`` is set.
         n_kv_heads: key/value heads for grouped-query attention (Ainslie et al. 2023); ``None`` is
             ``n_heads`` (multi-head attention).
         d_ff: hidden width of the dense feed-forward layers.
@@ -68,9 +79,43 @@ class MoETransformer(L.LightningModule):
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay of matrices (not of norms, biases, embeddings).
         warmup_steps: optimizer steps of linear warmup.
-        min_lr_ratio: final learning rate of the cosine decay, as a fraction of ``learning_rate``.
+        min_lr_ratio: final learning rate of the cosine or linear decay, as a fraction of ``learning_rate``.
         adam_betas: AdamW betas.
         init_std: standard deviation of the normal initialisation of every weight matrix.
+        head_dim: width of each attention head; ``d_model / n_heads`` by default (Qwen3-MoE sets it).
+        attention_bias: biases on the query, key and value projections (on the two down-projections
+            with multi-head latent attention).
+        attention_out_bias: a bias on the attention output projection.
+        qk_norm: ``None``; ``"head"`` for an RMSNorm over each head's queries and keys (Qwen3-MoE);
+            ``"full"`` for one over the whole query and key projections (OLMoE).
+        norm_eps: epsilon of every RMSNorm.
+        rope_scaling: ``None`` for plain RoPE; ``{"rope_type": "linear", "factor": s}`` or a YaRN dict
+            (``{"rope_type": "yarn", "factor", "original_max_position_embeddings", "beta_fast",
+            "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}``, the keys of
+            transformers' ``rope_parameters``). With multi-head latent attention, ``mscale_all_dim``
+            also multiplies the softmax scale by ``mscale**2`` as DeepSeek-V3 does.
+        rope_interleave: rotate adjacent feature pairs instead of the two halves of a head (DeepSeek).
+        q_lora_rank: query latent width of multi-head latent attention; ``None`` projects queries directly.
+        kv_lora_rank: key/value latent width; setting it turns every block's attention into multi-head
+            latent attention (DeepSeek-V2/V3) with the three head widths below.
+        qk_nope_head_dim: per-head query/key features without position (MLA).
+        qk_rope_head_dim: rotary query/key features per head (MLA).
+        v_head_dim: per-head value width (MLA).
+        moe_layer_indices: the blocks with an MoE feed-forward, replacing ``first_k_dense`` and
+            ``moe_every_n_layers`` (which must then stay 0 and 1).
+        lr_schedule: after warmup, ``"cosine"`` (to ``min_lr_ratio``), ``"linear"`` (to
+            ``min_lr_ratio``) or ``"constant"``.
+        load_balance_coef: when set, replaces the load-balancing loss coefficient of every MoE gate
+            (``0.0`` turns it off); the gate must have one.
+        z_loss_coef: when set, replaces the router z-loss coefficient of every MoE gate.
+        freeze: parameter-name patterns to freeze (see
+            :func:`~lightning_moe.modeling.freeze.freeze_by_pattern`): ``["*.attn.*"]``,
+            ``["*", "!*.experts.*"]`` (train only the routed experts), ``["*.gate.weight"]``. Frozen
+            parameters are left out of the optimizer.
+        gradient_checkpointing: recompute each block's activations in the backward instead of keeping them.
+        hf_config: the transformers ``config.json`` the model was read from (set by
+            :meth:`from_pretrained`; :meth:`save_pretrained` writes it back).
+        hf_source: the checkpoint directory the model was read from (its tokenizer files are copied on export).
     """
 
     def __init__(
@@ -103,6 +148,26 @@ class MoETransformer(L.LightningModule):
         min_lr_ratio: float = 0.1,
         adam_betas: tuple[float, float] = (0.9, 0.95),
         init_std: float = 0.02,
+        head_dim: int | None = None,
+        attention_bias: bool = False,
+        attention_out_bias: bool = False,
+        qk_norm: str | None = None,
+        norm_eps: float = NORM_EPS,
+        rope_scaling: dict[str, Any] | None = None,
+        rope_interleave: bool = False,
+        q_lora_rank: int | None = None,
+        kv_lora_rank: int | None = None,
+        qk_nope_head_dim: int | None = None,
+        qk_rope_head_dim: int | None = None,
+        v_head_dim: int | None = None,
+        moe_layer_indices: list[int] | None = None,
+        lr_schedule: str = "cosine",
+        load_balance_coef: float | None = None,
+        z_loss_coef: float | None = None,
+        freeze: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+        hf_config: dict[str, Any] | None = None,
+        hf_source: str | None = None,
     ) -> None:
         super().__init__()
         adam_betas = tuple(adam_betas)
@@ -127,14 +192,53 @@ class MoETransformer(L.LightningModule):
             min_lr_ratio=min_lr_ratio,
             adam_betas=adam_betas,
             init_std=init_std,
+            head_width_given=head_dim is not None or kv_lora_rank is not None,
+        )
+        mla_dims = dict(
+            q_lora_rank=q_lora_rank,
+            qk_nope_head_dim=qk_nope_head_dim,
+            qk_rope_head_dim=qk_rope_head_dim,
+            v_head_dim=v_head_dim,
+        )
+        check_architecture_options(
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            attention_bias=attention_bias,
+            attention_out_bias=attention_out_bias,
+            qk_norm=qk_norm,
+            norm_eps=norm_eps,
+            rope_scaling=rope_scaling,
+            rope_interleave=rope_interleave,
+            kv_lora_rank=kv_lora_rank,
+            mla_dims=mla_dims,
+            moe_layer_indices=moe_layer_indices,
+            first_k_dense=first_k_dense,
+            moe_every_n_layers=moe_every_n_layers,
+        )
+        check_finetuning_options(
+            load_balance_coef=load_balance_coef,
+            z_loss_coef=z_loss_coef,
+            freeze=freeze,
+            lr_schedule=lr_schedule,
+            gradient_checkpointing=gradient_checkpointing,
+            hf_config=hf_config,
+            hf_source=hf_source,
         )
         self.save_hyperparameters(ignore=["gate"])
         self.hparams["gate"] = gate_to_hparam(gate)
-        self.max_seq_len, self.rope_theta = max_seq_len, rope_theta
-        self.head_dim = d_model // n_heads
+        self.max_seq_len, self.rope_theta, self.rope_scaling = max_seq_len, rope_theta, rope_scaling
+        self.head_dim = head_dim or d_model // n_heads
+        #: Width of the rotated part of each query and key head.
+        self.rotary_dim = qk_rope_head_dim if kv_lora_rank is not None else self.head_dim
+        self.gradient_checkpointing = gradient_checkpointing
         #: Whether each block's feed-forward is an MoE layer.
         self.moe_layout = moe_layer_layout(
-            n_layers=n_layers, first_k_dense=first_k_dense, moe_every_n_layers=moe_every_n_layers
+            n_layers=n_layers,
+            first_k_dense=first_k_dense,
+            moe_every_n_layers=moe_every_n_layers,
+            moe_layer_indices=moe_layer_indices,
         )
 
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -156,24 +260,23 @@ class MoETransformer(L.LightningModule):
                     capacity_factor=capacity_factor,
                     init_std=init_std,
                 )
+                override_gate_coefficients(feed_forward.gate, load_balance_coef, z_loss_coef)
             else:
                 feed_forward = FeedForward(d_model=d_model, d_ff=d_ff, activation=activation, init_std=init_std)
-            blocks.append(
-                DecoderBlock(
-                    d_model=d_model,
-                    n_heads=n_heads,
-                    n_kv_heads=n_kv_heads or n_heads,
-                    feed_forward=feed_forward,
-                    init_std=init_std,
-                )
-            )
+            # NOTE: the attention is created after the feed-forward, the order the from-scratch
+            # model always drew its initial weights in (so that a seed gives the same model).
+            blocks.append(DecoderBlock(d_model=d_model, attention=build_attention(self.hparams),
+                                       feed_forward=feed_forward,
+                                       norm_eps=norm_eps))
         self.blocks = nn.ModuleList(blocks)
-        self.norm = nn.RMSNorm(d_model, eps=NORM_EPS)
+        self.norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=init_std)
+        if freeze:
+            freeze_by_pattern(self, freeze, owner=f"{OWNER} `freeze`")
         self._eval_loss_sum: torch.Tensor | None = None
         self._eval_tokens = 0
 
@@ -191,6 +294,23 @@ class MoETransformer(L.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, **kwargs)
 
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, load_weights: bool = True, dtype: torch.dtype | str | None = None, **overrides: Any
+    ) -> MoETransformer:
+        """The model of a local transformers checkpoint directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+        DeepSeek-V3); see :func:`lightning_moe.interop.hf_model.from_pretrained`."""
+        from lightning_moe.interop.hf_model import from_pretrained
+
+        return from_pretrained(path, load_weights=load_weights, dtype=dtype, model_class=cls, **overrides)
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
+        """Write a transformers checkpoint directory that ``AutoModelForCausalLM.from_pretrained`` loads;
+        see :func:`lightning_moe.interop.hf_export.save_pretrained`."""
+        from lightning_moe.interop.hf_export import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
+
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``[B, T, V]`` for token ids ``[B, T]``."""
         if input_ids_BT.dim() != 2:
@@ -201,10 +321,13 @@ class MoETransformer(L.LightningModule):
                 f"{OWNER}: sequence length {seq_len} exceeds `max_seq_len` ({self.max_seq_len}). "
                 f"Raise `max_seq_len` or shorten the data's `seq_len`."
             )
-        cos_TR, sin_TR = rotary_cos_sin(seq_len, self.head_dim, theta=self.rope_theta, device=input_ids_BT.device)
+        cos_TR, sin_TR = rotary_cos_sin(
+            seq_len, self.rotary_dim, theta=self.rope_theta, rope_scaling=self.rope_scaling, device=input_ids_BT.device
+        )
         x_BTD = self.embed(input_ids_BT)
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BTD = block(x_BTD, cos_TR, sin_TR)
+            x_BTD = checkpointed_call(block, x_BTD, cos_TR, sin_TR) if checkpointing else block(x_BTD, cos_TR, sin_TR)
         return self.lm_head(self.norm(x_BTD))  # (B, T, V)
 
     def language_model_loss(self, batch: Any) -> tuple[torch.Tensor, int]:
@@ -281,14 +404,18 @@ class MoETransformer(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hparams = self.hparams
-        optimizer = torch.optim.AdamW(
-            weight_decay_groups(self, hparams.weight_decay), lr=hparams.learning_rate, betas=tuple(hparams.adam_betas)
-        )
+        groups = [group for group in weight_decay_groups(self, hparams.weight_decay) if group["params"]]
+        if not groups:
+            raise ValueError(
+                f"{OWNER}: every parameter is frozen (`freeze`={hparams.freeze!r}), so there is nothing to train. "
+                f"Unfreeze some with a '!pattern'."
+            )
+        optimizer = torch.optim.AdamW(groups, lr=hparams.learning_rate, betas=tuple(hparams.adam_betas))
         # Aux-loss-free balancing (Wang et al. 2024): bias-balanced gates update after each step.
         register_bias_update(optimizer, self)
         total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
         schedule = functools.partial(
-            warmup_cosine,
+            LR_SCHEDULES[hparams.lr_schedule],
             warmup_steps=hparams.warmup_steps,
             total_steps=float(total_steps),
             min_lr_ratio=hparams.min_lr_ratio,

@@ -106,6 +106,9 @@ class MoELayer(nn.Module):
                 nn.init.normal_(self.shared_expert_gate.weight, std=init_std)
         #: Replaced by MoEStrategy with an expert-parallel dispatcher (same interface).
         self.dispatcher: Any = LocalDispatcher(num_experts)
+        #: Whether a forward records its routing (below); off while activation checkpointing
+        #: recomputes the forward in the backward, so that nothing is counted twice.
+        self.record_routing = True
 
         self.aux_losses: dict[str, AuxLoss] = {}
         self.stats: dict[str, torch.Tensor] = {}
@@ -151,7 +154,8 @@ class MoELayer(nn.Module):
                 shared_TD = shared_TD * torch.sigmoid(self.shared_expert_gate(x_TD))
             y_TD = y_TD + shared_TD
 
-        self._record(routing.aux_losses, routing.stats, routing.expert_index_N, x_TD.shape[0], routed, dropped)
+        if self.record_routing:
+            self._record(routing.aux_losses, routing.stats, routing.expert_index_N, x_TD.shape[0], routed, dropped)
         return y_TD.view(x.shape)
 
     @torch.no_grad()

@@ -37,8 +37,13 @@ def check_transformer_config(
     min_lr_ratio: float,
     adam_betas: tuple[float, float],
     init_std: float,
+    head_width_given: bool = False,
 ) -> None:
-    """Raise ``ValueError`` naming the field, its value and the fix, before anything is built."""
+    """Raise ``ValueError`` naming the field, its value and the fix, before anything is built.
+
+    ``head_width_given``: the heads' width is set by ``head_dim`` or multi-head latent attention,
+    so ``d_model / n_heads`` need not be a whole, even number.
+    """
     for name, value in (
         ("vocab_size", vocab_size),
         ("d_model", d_model),
@@ -53,13 +58,13 @@ def check_transformer_config(
         check_positive_int(OWNER, name, value)
     if moe_d_ff is not None:
         check_positive_int(OWNER, "moe_d_ff", moe_d_ff)
-    if d_model % n_heads:
+    if not head_width_given and d_model % n_heads:
         divisors = [h for h in range(1, d_model + 1) if d_model % h == 0 and h <= 64]
         raise ValueError(
             f"{OWNER}: `d_model` ({d_model}) must be divisible by `n_heads` ({n_heads}). "
             f"Choose `n_heads` from {divisors} or change `d_model`."
         )
-    if (d_model // n_heads) % 2:
+    if not head_width_given and (d_model // n_heads) % 2:
         raise ValueError(
             f"{OWNER}: the head width `d_model / n_heads` = {d_model // n_heads} must be even, because RoPE "
             f"rotates pairs of features. Change `d_model` ({d_model}) or `n_heads` ({n_heads})."
