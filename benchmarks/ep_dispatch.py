@@ -36,14 +36,14 @@ from lightning_moe.parallel.sharding import shard_layer
 
 
 def traffic(layer: MoELayer, x_TD: torch.Tensor, placement: ExpertPlacement, ep_rank: int) -> tuple[int, int, int]:
-    """Hidden rows and assignments the last dispatch sent off-rank (the dispatcher's own counts), and
+    """Hidden rows and assignments the last dispatch sent off-rank (the layer's record of it), and
     the distinct off-rank (token, rank) pairs of the same routing (the gate is deterministic)."""
-    dispatcher = layer.dispatcher
-    moved_rows = int(dispatcher.tokens_sent_per_rank.sum() - dispatcher.tokens_sent_per_rank[ep_rank])
-    moved_assignments = int(dispatcher.assignments_sent_per_rank.sum() - dispatcher.assignments_sent_per_rank[ep_rank])
+    sent = layer.traffic
+    moved_rows = int(sent.tokens_sent_per_rank.sum() - sent.tokens_sent_per_rank[ep_rank])
+    moved_assignments = int(sent.assignments_sent_per_rank.sum() - sent.assignments_sent_per_rank[ep_rank])
     with torch.no_grad():
         routing = layer.gate(x_TD)
-    rank_N = placement.rank_of_expert_E[routing.expert_index_N]
+    rank_N = placement.file_rank_E[routing.expert_index_N]  # no replicas: each expert's only holder
     off_rank_N = rank_N != ep_rank
     pairs = torch.unique(routing.token_index_N[off_rank_N] * placement.ep_size + rank_N[off_rank_N])
     assert moved_assignments == int(off_rank_N.sum())

@@ -10,6 +10,7 @@ all-to-all dispatcher (:mod:`lightning_moe.parallel.dispatch`); expert gradients
 from __future__ import annotations
 
 from datetime import timedelta
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -21,7 +22,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.amp import GradScaler
 from torch.nn import Module
@@ -32,6 +33,7 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning_moe.checkpoint import (
     CheckpointError,
+    SavedCheckpoint,
     committed_directory,
     load_local_checkpoint,
     save_sharded_checkpoint,
@@ -43,8 +45,10 @@ from lightning_moe.parallel.amp import WorldSyncedGradScaler
 from lightning_moe.parallel.averaging import ExpertAwareModelAverager
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
 from lightning_moe.parallel.finite import raise_if_nonfinite
-from lightning_moe.parallel.grad_sync import clip_grad_norm_global, scale_expert_grads_on_arrival, sync_expert_grads
+from lightning_moe.parallel.expert_state import per_expert_tensors
+from lightning_moe.parallel.grad_sync import clip_grad_norm_global, reduce_expert_grads_on_arrival, sync_expert_grads
 from lightning_moe.parallel.mesh import ExpertParallelMesh, check_layout, expert_parallel_mesh
+from lightning_moe.parallel.migration import MigrationReport, move_slots, plan_slot_moves
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.sharding import (
     ddp_ignored_names,
@@ -73,8 +77,12 @@ class MoEStrategy(DDPStrategy):
             (DeepSeek-V2, Sec. 2.1.3): the gate keeps the ``M`` ranks whose best expert scores highest
             and picks its top-k there. Applies to the ``topk`` and ``sigmoid`` gates.
         expert_placement: the logical experts of each EP rank in slot order, e.g. ``[[3, 0], [1, 2]]``,
-            used for every MoE layer; ``None`` is the identity (rank ``r`` holds experts
-            ``r*L .. r*L+L-1``).
+            the starting table of every MoE layer (an expert may appear on several ranks: replicas);
+            ``None`` is the identity (rank ``r`` holds experts ``r*L .. r*L+L-1``) plus the spare
+            slots below. Tables can change per layer while training runs: :meth:`apply_placement`.
+        spare_expert_slots: slots each EP rank holds in every MoE layer beyond ``E / expert_parallel_size``,
+            for replicas of busy experts. They start as replicas of the experts that follow the
+            rank's own block (:meth:`ExpertPlacement.identity`) until a placement says otherwise.
         check_finite: once per optimizer step, stop every rank with an error naming the step and the
             MoE layer when a loss or a router's logits held a NaN or Inf on some rank (one small
             all-reduce per step).
@@ -98,6 +106,7 @@ class MoEStrategy(DDPStrategy):
         expert_parallel_size: int = 1,
         device_limited_routing: int | None = None,
         expert_placement: list[list[int]] | None = None,
+        spare_expert_slots: int = 0,
         check_finite: bool = True,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -121,6 +130,16 @@ class MoEStrategy(DDPStrategy):
                 f"MoEStrategy: `device_limited_routing` must be None or a positive integer, got "
                 f"{device_limited_routing!r}. Use None for no limit, or the number of EP ranks a token may reach."
             )
+        if not isinstance(spare_expert_slots, int) or isinstance(spare_expert_slots, bool) or spare_expert_slots < 0:
+            raise ValueError(
+                f"MoEStrategy: `spare_expert_slots` must be an integer >= 0, got {spare_expert_slots!r}. Use 0 for "
+                f"no replicas."
+            )
+        if spare_expert_slots and expert_parallel_size == 1:
+            raise ValueError(
+                f"MoEStrategy: spare_expert_slots={spare_expert_slots} needs expert_parallel_size > 1: a replica "
+                f"sits on another EP rank than its expert. Set expert_parallel_size, or spare_expert_slots=0."
+            )
         if expert_placement is not None and len(expert_placement) != expert_parallel_size:
             raise ValueError(
                 f"MoEStrategy: `expert_placement` lists {len(expert_placement)} ranks but expert_parallel_size="
@@ -140,7 +159,10 @@ class MoEStrategy(DDPStrategy):
         self.expert_parallel_size = expert_parallel_size
         self.device_limited_routing = device_limited_routing
         self.expert_placement = expert_placement
+        self.spare_expert_slots = spare_expert_slots
         self.check_finite = check_finite
+        #: A backward ran whose gradients no optimizer step consumed yet (mid-accumulation).
+        self._pending_backward = False
         self.expert_mesh: ExpertParallelMesh | None = None
         self._loss_nonfinite: Tensor | None = None
 
@@ -190,7 +212,7 @@ class MoEStrategy(DDPStrategy):
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         check_layout(world_size, self.expert_parallel_size)
         problem = expert_param_problem(module, self.expert_parallel_size)
-        if problem is None and self.expert_placement is not None:
+        if problem is None:
             problem = self._placement_problem(module)
         # All ranks take part in one gather before anyone raises, so that a problem seen by one
         # rank stops every rank instead of leaving the others waiting in a collective.
@@ -212,16 +234,13 @@ class MoEStrategy(DDPStrategy):
             if not isinstance(layer.dispatcher, AllToAllDispatcher):
                 shard_layer(layer, placement=self._placement_for(layer.num_experts), ep_rank=mesh.ep_rank,
                             ep_group=mesh.ep_group)
-                scale_expert_grads_on_arrival(layer.experts.parameters(recurse=False), mesh.ep_size)
+                reduce_expert_grads_on_arrival(layer, ep_size=mesh.ep_size, ep_group=mesh.ep_group)
             elif layer.dispatcher.ep_size != mesh.ep_size:
                 raise ValueError(
                     f"An MoE layer is already sharded over {layer.dispatcher.ep_size} EP ranks, but this strategy "
                     f"uses expert_parallel_size={mesh.ep_size}. Build a fresh model, or load a checkpoint into it."
                 )
-            layer.gate.set_expert_groups(
-                layer.dispatcher.placement.rank_of_expert_E if self.device_limited_routing else None,
-                self.device_limited_routing,
-            )
+            self._set_expert_groups(layer)
         # DDP (and the states sync outside fitting) must leave the experts and per-forward counters
         # alone; a user's own list of ignored names is kept.
         user_ignored = [name for name in getattr(module, "_ddp_params_and_buffers_to_ignore", [])]
@@ -230,21 +249,126 @@ class MoEStrategy(DDPStrategy):
 
     def _placement_for(self, num_experts: int) -> ExpertPlacement:
         if self.expert_placement is None:
-            return ExpertPlacement.identity(num_experts, self.expert_parallel_size)
+            return ExpertPlacement.identity(num_experts, self.expert_parallel_size, self.spare_expert_slots)
         return ExpertPlacement.from_experts_per_rank(self.expert_placement)
 
     def _placement_problem(self, module: Module) -> str | None:
-        try:
-            placement = ExpertPlacement.from_experts_per_rank(self.expert_placement or [])
-        except ValueError as error:
-            return f"MoEStrategy: `expert_placement` is invalid: {error}"
         for name, layer in named_moe_layers(module):
+            try:
+                placement = self._placement_for(layer.num_experts)
+            except ValueError as error:
+                return f"MoEStrategy: the placement of MoE layer `{name}` is invalid: {error}"
             if layer.num_experts != placement.num_experts:
                 return (
                     f"MoEStrategy: `expert_placement` places {placement.num_experts} experts but MoE layer `{name}` "
                     f"has num_experts={layer.num_experts}. Give a placement of all {layer.num_experts} experts."
                 )
         return None
+
+    def _set_expert_groups(self, layer: MoELayer) -> None:
+        """Device-limited routing over the ranks that hold each expert in the table in force."""
+        holders = layer.dispatcher.placement.holders_RE if self.device_limited_routing else None
+        layer.gate.set_expert_groups(holders, self.device_limited_routing)
+
+    # ------------------------------------------------------------------ placement while training runs
+
+    def placements(self) -> dict[str, ExpertPlacement]:
+        """The slot table in force of every MoE layer, by module name."""
+        assert self.lightning_module is not None
+        return {name: layer.dispatcher.placement for name, layer in named_moe_layers(self.lightning_module)
+                if isinstance(layer.dispatcher, AllToAllDispatcher)}
+
+    def apply_placement(
+        self, placements: Mapping[str, ExpertPlacement | Sequence[Sequence[int]]]
+    ) -> MigrationReport:
+        """Switch MoE layers to new slot tables, moving only the slots that change, in place.
+
+        Call it on every rank with the same tables, between ``optimizer.step()`` and the next forward
+        (e.g. in a callback's ``on_train_batch_end`` after a step). Each changed slot's weights and
+        per-expert optimizer state travel point to point from a rank that holds the expert; then every
+        rank switches to the new tables at once. Parameter objects keep their identity, so the
+        optimizer and schedulers are untouched. See :mod:`lightning_moe.parallel.migration`.
+
+        Args:
+            placements: by MoE layer name (``dict(model.named_modules())`` names), the new table: an
+                :class:`ExpertPlacement`, or the experts of each rank (even split over replicas).
+                Layers not named keep theirs.
+
+        Returns:
+            What this rank moved (slots, bytes, seconds).
+
+        Raises:
+            RuntimeError: mid-accumulation (a backward's gradients are still in the old slot order).
+            ValueError: an unknown layer, a table that does not fit, or tables that differ across ranks
+                (raised on every rank).
+        """
+        module, mesh = self.lightning_module, self.expert_mesh
+        if module is None or mesh is None:
+            raise RuntimeError("MoEStrategy.apply_placement: call it while the strategy is set up (during fit).")
+        if self._pending_backward:
+            raise RuntimeError(
+                "MoEStrategy.apply_placement was called mid-accumulation: a backward ran whose gradients no "
+                "optimizer step consumed yet, and they are in the old slot order. Call it after "
+                "`optimizer.step()` (e.g. in `on_train_batch_end` of the last micro-batch of a step)."
+            )
+        layers = dict(named_moe_layers(module))
+        new: dict[str, ExpertPlacement] = {}
+        problem = None
+        for name, table in placements.items():
+            if name not in layers or not isinstance(layers[name].dispatcher, AllToAllDispatcher):
+                problem = f"MoEStrategy.apply_placement: `{name}` is not an MoE layer of the model ({sorted(layers)})."
+                break
+            placement = table if isinstance(table, ExpertPlacement) else ExpertPlacement(table)
+            if not placement.same_layout(layers[name].dispatcher.placement):
+                current = layers[name].dispatcher.placement
+                problem = (
+                    f"MoEStrategy.apply_placement: the table for `{name}` has {placement.num_experts} experts over "
+                    f"{placement.ep_size} ranks x {placement.slots_per_rank} slots; the layer has "
+                    f"{current.num_experts} over {current.ep_size} x {current.slots_per_rank}."
+                )
+                break
+            new[name] = placement
+        signature = problem or [(name, placement.experts_per_rank(), placement.routing_fractions_RER.tolist())
+                                for name, placement in sorted(new.items())]
+        gathered = self._all_gather_object(signature)
+        if any(isinstance(entry, str) for entry in gathered):
+            raise ValueError(next(entry for entry in gathered if isinstance(entry, str)))
+        if any(entry != gathered[0] for entry in gathered):
+            raise ValueError(
+                "MoEStrategy.apply_placement was called with different tables on different ranks. Every rank must "
+                "pass the same tables (compute them from values that are the same on every rank)."
+            )
+
+        moves, tensors_of_layer = [], {}
+        for name, placement in new.items():
+            layer = layers[name]
+            layer_moves = plan_slot_moves(name, layer.dispatcher.placement, placement)
+            if layer_moves:
+                moves += layer_moves
+                tensors_of_layer[name] = self._slot_tensors(layer)
+        report = move_slots(moves, tensors_of_layer, ep_rank=mesh.ep_rank, global_rank_of=mesh.global_rank,
+                            ep_group=mesh.ep_group)
+        for name, placement in new.items():
+            layer = layers[name]
+            layer.dispatcher.set_placement(placement)
+            self._set_expert_groups(layer)
+            for parameter in layer.experts.parameters(recurse=False):
+                parameter.grad = None  # consumed by the last step, and in the old slot order
+        return report
+
+    def _slot_tensors(self, layer: MoELayer) -> list[torch.Tensor]:
+        """Every tensor of ``layer`` whose first dimension is the slot: the expert weights, then their
+        per-expert optimizer state, in an order that is the same on every rank."""
+        slots = layer.dispatcher.num_local_experts
+        tensors = []
+        for parameter in layer.experts.parameters(recurse=False):
+            tensors.append(parameter.data)
+            for index, optimizer in enumerate(self.optimizers):
+                state = getattr(optimizer, "_optimizer", optimizer).state.get(parameter)
+                if state:
+                    where = f"optimizer {index}, an expert parameter of size {tuple(parameter.shape)}"
+                    tensors += [value for _, value in sorted(per_expert_tensors(state, slots, where=where).items())]
+        return tensors
 
     def _check_loggers(self, trainer: pl.Trainer, module: Module) -> None:
         if self.expert_parallel_size == 1 or not named_moe_layers(module):
@@ -296,8 +420,15 @@ class MoEStrategy(DDPStrategy):
             )
 
     @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._pending_backward = False  # the step consumed the gradients (or skipped them: fp16 overflow)
+        return output
+
+    @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
+        self._pending_backward = True
         if self.check_finite:
             finite = torch.isfinite(closure_loss.detach()).all()
             self._loss_nonfinite = ~finite if self._loss_nonfinite is None else self._loss_nonfinite | ~finite
@@ -328,11 +459,19 @@ class MoEStrategy(DDPStrategy):
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         mesh = self.expert_mesh
         parameters = list(self.precision_plugin.main_params(optimizer))
+        replicas_of_slots = {}
+        for layer in _sharded_layers(self.lightning_module):
+            placement = layer.dispatcher.placement
+            if placement.has_replicas:
+                counts_S = placement.replicas_E[placement.expert_of_slot_RS[layer.dispatcher.ep_rank]]
+                for parameter in layer.experts.parameters(recurse=False):
+                    replicas_of_slots[id(parameter)] = counts_S
         clip_grad_norm_global(
             parameters,
             float(clip_val),
             ep_group=mesh.ep_group if mesh is not None else None,
             ep_size=mesh.ep_size if mesh is not None else 1,
+            replicas_of_slots=replicas_of_slots,
         )
 
     def _all_gather_object(self, obj: Any) -> list[Any]:
@@ -379,6 +518,7 @@ class MoEStrategy(DDPStrategy):
             checkpoint_io=self.checkpoint_io,
             broadcast=self.broadcast,
             all_gather=self._all_gather_object,
+            placements={name: placement.to_dict() for name, placement in self.placements().items()},
         )
 
     @override
@@ -397,18 +537,42 @@ class MoEStrategy(DDPStrategy):
             return super().load_checkpoint(path, weights_only=weights_only)
         problem, checkpoint = None, {}
         try:
+            source = SavedCheckpoint(path, weights_only=weights_only, checkpoint_io=self.checkpoint_io)
+            # The tables first: they decide which logical experts this rank's slots load.
+            self._reinstate_placements(source.placements)
             checkpoint = load_local_checkpoint(
                 path,
                 expert_params=sharded_expert_params(module),
                 optimizers=self.optimizers,
                 module=module,
-                weights_only=weights_only,
-                checkpoint_io=self.checkpoint_io,
+                source=source,
             )
         except Exception as error:  # each rank reads other files: agree before anyone raises
             problem = f"rank {self.global_rank}: {error}"
         self._agree(problem)
         return checkpoint
+
+    def _reinstate_placements(self, saved: dict[str, Any]) -> None:
+        """Put back each MoE layer's saved table when it fits this run's layout; otherwise keep the
+        default table and say so once."""
+        current = self.placements()
+        misfits = []
+        for name, state in saved.items():
+            placement = ExpertPlacement.from_dict(state)
+            if name in current and placement.same_layout(current[name]):
+                if placement != current[name]:
+                    layer = dict(named_moe_layers(self.lightning_module))[name]
+                    layer.dispatcher.set_placement(placement)  # no data to move: the checkpoint fills the slots
+                    self._set_expert_groups(layer)
+            else:
+                misfits.append(f"{name}: {placement.ep_size} ranks x {placement.slots_per_rank} slots")
+        if misfits:
+            sample = next(iter(current.values()), None)
+            layout = f"{sample.ep_size} ranks x {sample.slots_per_rank} slots" if sample else "no sharded experts"
+            rank_zero_info(
+                f"MoEStrategy: the checkpoint's expert placement ({misfits[0]}) does not fit this run ({layout}); "
+                f"the run starts from the default placement."
+            )
 
     @classmethod
     @override

@@ -46,11 +46,12 @@ def inputs_of(rank: int):
     return x_TD, routing_of(rank, generator), grad_TD
 
 
-def run(dispatcher, experts, x_TD, routing, grad_TD) -> torch.Tensor:
-    expert_input, tokens_per_expert, context = dispatcher.dispatch(x_TD, routing)
-    y_TD = dispatcher.combine(experts(expert_input, tokens_per_expert), context)
+def run(dispatcher, experts, x_TD, routing, grad_TD):
+    """The output and the traffic of one dispatch, with a backward."""
+    dispatched = dispatcher.dispatch(x_TD, routing)
+    y_TD = dispatcher.combine(experts(dispatched.rows, dispatched.rows_per_slot), dispatched.context)
     y_TD.backward(grad_TD)
-    return y_TD.detach()
+    return y_TD.detach(), dispatched.traffic
 
 
 def worker(out_dir: Path) -> None:
@@ -71,7 +72,7 @@ def worker(out_dir: Path) -> None:
     reference = {}
     for source in range(WORLD):
         x_TD, routing, grad_TD = inputs_of(source)
-        y_TD = run(LocalDispatcher(NUM_EXPERTS), full, x_TD, routing, grad_TD)
+        y_TD, _ = run(LocalDispatcher(NUM_EXPERTS), full, x_TD, routing, grad_TD)
         reference[source] = (y_TD, x_TD.grad, routing.weight_N.grad)
 
     # Expert parallel: this rank's slots of the same experts, this rank's tokens.
@@ -83,10 +84,10 @@ def worker(out_dir: Path) -> None:
         local.w_out.copy_(full.w_out[slots])
     dispatcher = AllToAllDispatcher(placement=placement, ep_rank=rank, ep_group=dist.group.WORLD)
     x_TD, routing, grad_TD = inputs_of(rank)
-    y_TD = run(dispatcher, local, x_TD, routing, grad_TD)
+    y_TD, traffic = run(dispatcher, local, x_TD, routing, grad_TD)
 
-    assert dispatcher.tokens_sent_per_rank.tolist() == EXPECTED_TOKENS_SENT[rank], dispatcher.tokens_sent_per_rank
-    assert dispatcher.assignments_sent_per_rank.tolist() == EXPECTED_ASSIGNMENTS_SENT[rank]
+    assert traffic.tokens_sent_per_rank.tolist() == EXPECTED_TOKENS_SENT[rank], traffic.tokens_sent_per_rank
+    assert traffic.assignments_sent_per_rank.tolist() == EXPECTED_ASSIGNMENTS_SENT[rank]
     y_ref, x_grad_ref, weight_grad_ref = reference[rank]
     torch.testing.assert_close(y_TD, y_ref)
     if rank == 0:
@@ -96,7 +97,7 @@ def worker(out_dir: Path) -> None:
     # An expert's gradient sums the contributions of both ranks' tokens, as in the reference.
     torch.testing.assert_close(local.w_in.grad, full.w_in.grad[slots])
     torch.testing.assert_close(local.w_out.grad, full.w_out.grad[slots])
-    (out_dir / f"rank{rank}.json").write_text(json.dumps({"tokens_sent": dispatcher.tokens_sent_per_rank.tolist()}))
+    (out_dir / f"rank{rank}.json").write_text(json.dumps({"tokens_sent": traffic.tokens_sent_per_rank.tolist()}))
     dist.destroy_process_group()
 
 

@@ -32,8 +32,8 @@ class RecordLocal(L.Callback):
         layers = moe_layers(pl_module)
         step = str(batch_idx // trainer.accumulate_grad_batches + 1)
         tokens = [layer.tokens_per_expert.tolist() for layer in layers]
-        sent = [layer.dispatcher.tokens_sent_per_rank.tolist() for layer in layers]
-        assigned = [layer.dispatcher.assignments_sent_per_rank.tolist() for layer in layers]
+        sent = [layer.traffic.tokens_sent_per_rank.tolist() for layer in layers]
+        assigned = [layer.traffic.assignments_sent_per_rank.tolist() for layer in layers]
         if step in self.per_step:
             before = self.per_step[step]
             tokens = [[a + b for a, b in zip(x, y)] for x, y in zip(before["tokens"], tokens)]

@@ -19,25 +19,74 @@ from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.sharding import shard_layer
 
 
-def test_placement_identity_and_permuted():
+def test_placement_identity_permuted_and_with_spare_slots():
     identity = ExpertPlacement.identity(8, 4)
     assert identity.experts_per_rank() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert not identity.has_replicas and identity.file_rank_E.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     permuted = ExpertPlacement.from_experts_per_rank([[5, 0], [7, 2], [1, 3], [6, 4]])
-    assert permuted.rank_of_expert_E.tolist() == [0, 2, 1, 2, 3, 0, 3, 1]
-    assert permuted.slot_of_expert_E.tolist() == [1, 0, 1, 1, 1, 0, 0, 0]
+    assert permuted.file_rank_E.tolist() == [0, 2, 1, 2, 3, 0, 3, 1]
+    assert permuted.slot_of_expert_ER[0].tolist() == [1, -1, -1, -1]  # expert 0: slot 1 of rank 0
     assert permuted.experts_on_rank(1) == [7, 2]
     assert ExpertPlacement.from_experts_per_rank(permuted.experts_per_rank()) == permuted
+
+    # One spare slot per rank: rank r's spare holds the first expert of the next rank's block.
+    spare = ExpertPlacement.identity(8, 4, spare_slots=1)
+    assert spare.experts_per_rank() == [[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 0]]
+    assert spare.replicas_E.tolist() == [2, 1, 2, 1, 2, 1, 2, 1] and spare.has_replicas
+    assert spare.file_rank_E.tolist() == [0, 0, 0, 1, 1, 2, 2, 3]  # stored once, by the first holder
+    # Even split over the replicas, from every source rank.
+    assert spare.routing_fractions_RER[1, 2].tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert spare.routing_fractions_RER[3, 3].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert ExpertPlacement.from_dict(spare.to_dict()) == spare
 
 
 @pytest.mark.parametrize(
     ("experts_per_rank", "message"),
-    [([[0, 1], [1, 2]], "exactly once"), ([[0, 1], [2]], "spread evenly"), ([[0, 1, 2], [3]], "exactly once")],
+    [
+        ([[0, 1], [1, 3]], "at least once"),  # expert 2 is missing
+        ([[0, 1], [2]], "same, non-zero number of slots"),
+        ([[0, 0, 1], [2, 3, 1]], "an expert twice"),
+        ([[0, 1], [2, 5]], "at least once"),
+    ],
 )
 def test_placement_rejects_bad_tables(experts_per_rank, message):
     with pytest.raises(ValueError, match=message):
         ExpertPlacement.from_experts_per_rank(experts_per_rank)
     with pytest.raises(ValueError, match="not divisible by expert_parallel_size=3"):
         ExpertPlacement.identity(4, 3)
+    with pytest.raises(ValueError, match="spare_expert_slots=3 does not fit"):
+        ExpertPlacement.identity(4, 2, spare_slots=3)
+
+
+def test_placement_routing_fractions_are_checked():
+    table = [[0, 1, 2], [2, 3, 0]]
+    fractions = ExpertPlacement.from_experts_per_rank(table).routing_fractions_RER.clone()
+    fractions[0, 2] = torch.tensor([0.9, 0.1])  # source 0 keeps most of expert 2 at home
+    placement = ExpertPlacement.from_experts_per_rank(table, fractions)
+    assert placement.routing_fractions_RER[0, 2].tolist() == pytest.approx([0.9, 0.1])
+    wrong = fractions.clone()
+    wrong[0, 1] = torch.tensor([0.5, 0.5])  # rank 1 does not hold expert 1
+    with pytest.raises(ValueError, match="does not hold it"):
+        ExpertPlacement.from_experts_per_rank(table, wrong)
+    wrong = fractions.clone()
+    wrong[1, 0] = torch.tensor([0.5, 0.2])
+    with pytest.raises(ValueError, match="must sum to 1"):
+        ExpertPlacement.from_experts_per_rank(table, wrong)
+    with pytest.raises(ValueError, match=r"shape \[R_src, E, R_dst\]"):
+        ExpertPlacement.from_experts_per_rank(table, fractions[:, :3])
+
+
+def test_replica_choice_follows_the_fractions():
+    from lightning_moe.layers.replicas import choose_replica_ranks
+
+    cumulative_ER = torch.tensor([[1.0, 1.0, 1.0], [0.25, 0.25, 1.0], [0.0, 0.5, 1.0]])  # expert 0 on rank 0 only
+    expert_N = torch.tensor([1] * 8 + [0] * 3 + [2] * 4)[torch.randperm(15, generator=torch.Generator().manual_seed(0))]
+    rank_N = choose_replica_ranks(expert_N, cumulative_ER)
+    assert rank_N[expert_N == 0].tolist() == [0, 0, 0]
+    assert sorted(rank_N[expert_N == 1].tolist()) == [0, 0, 2, 2, 2, 2, 2, 2]  # a quarter, three quarters
+    assert sorted(rank_N[expert_N == 2].tolist()) == [1, 1, 2, 2]  # rank 0 has a zero share
+    # Deterministic: the first assignments of an expert (in priority order) go to the first replica.
+    assert rank_N[expert_N == 1].tolist()[:2] == [0, 0]
 
 
 def _layer(**kwargs) -> MoELayer:
@@ -65,10 +114,10 @@ def test_dispatcher_with_any_placement_matches_local(experts_per_rank, capacity_
     torch.testing.assert_close(sharded.experts.w_out.grad, reference.experts.w_out.grad[slots])
     torch.testing.assert_close(sharded.gate.weight.grad, reference.gate.weight.grad)
     # One row per token that kept an assignment, however many of its experts it uses.
-    for dispatcher in (sharded.dispatcher, reference.dispatcher):
-        assert dispatcher.assignments_sent_per_rank.tolist() == [int(sharded.tokens_per_expert.sum())]
+    for layer in (sharded, reference):
+        assert layer.traffic.assignments_sent_per_rank.tolist() == [int(sharded.tokens_per_expert.sum())]
         if capacity_factor is None:
-            assert dispatcher.tokens_sent_per_rank.tolist() == [12]
+            assert layer.traffic.tokens_sent_per_rank.tolist() == [12]
 
 
 def test_device_limited_routing_keeps_tokens_on_few_groups():

@@ -131,8 +131,9 @@ class ExpertLoadMetric(Metric):
                     f"MoE layer {index} has ep_size={dispatcher.ep_size}, the metric was built for "
                     f"ep_size={self.ep_size}. All MoE layers must share one expert-parallel size."
                 )
-            self.traffic_LPP[index, dispatcher.ep_rank] += dispatcher.tokens_sent_per_rank.to(device)
-            self.rank_load_LP[index] += dispatcher.assignments_sent_per_rank.to(device)
+            if layer.traffic is not None:
+                self.traffic_LPP[index, dispatcher.ep_rank] += layer.traffic.tokens_sent_per_rank.to(device)
+                self.rank_load_LP[index] += layer.traffic.assignments_sent_per_rank.to(device)
             num_tokens = float(layer.num_tokens)
             entropy = layer.stats.get("router_entropy")
             entropy_sum = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -49,6 +50,7 @@ def drop_over_capacity(routing: Routing, num_experts: int, capacity_factor: floa
         num_tokens=routing.num_tokens,
         aux_losses=routing.aux_losses,
         stats=routing.stats,
+        device_index_N=None if routing.device_index_N is None else routing.device_index_N[keep_N],
     )
     return kept, int(num_assignments - kept.expert_index_N.numel())
 
@@ -70,8 +72,55 @@ def weighted_sum_rows(rows_ND: torch.Tensor, weight_N: torch.Tensor | None, targ
 
 
 @dataclass
+class DispatchTraffic:
+    """What one dispatch moved, per destination EP rank ``[R]`` (int64, on the input's device).
+
+    Attributes:
+        tokens_sent_per_rank: distinct tokens sent to each rank: one hidden row each, what crosses
+            the network.
+        assignments_sent_per_rank: assignments sent to each rank's experts: their work.
+    """
+
+    tokens_sent_per_rank: torch.Tensor
+    assignments_sent_per_rank: torch.Tensor
+
+
+class Dispatched(NamedTuple):
+    """The result of :meth:`Dispatcher.dispatch`."""
+
+    rows: torch.Tensor  # [M, D] rows for this rank's expert slots, one block per slot
+    rows_per_slot: torch.Tensor  # [S] rows of each local slot (int64)
+    context: Any  # what `combine` needs
+    traffic: DispatchTraffic
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """How an :class:`~lightning_moe.MoELayer` sends assignment rows to its experts and brings the
+    results back: :class:`LocalDispatcher` in one process, the all-to-all dispatcher of
+    :mod:`lightning_moe.parallel.dispatch` under expert parallelism."""
+
+    ep_rank: int
+    ep_size: int
+    num_experts: int
+
+    @property
+    def num_local_experts(self) -> int:
+        """Expert slots on this rank (the leading dimension of the layer's expert weights)."""
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+        """The rows of ``x_TD`` that this rank's experts must process, grouped by local slot."""
+
+    def combine(self, y_MD: torch.Tensor, context: Any) -> torch.Tensor:
+        """``[T, D]``: each token's expert outputs, weighted by the gate and summed."""
+
+    def reduce_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """Expert load summed over every process that routes with the same gate."""
+
+
+@dataclass
 class LocalDispatchContext:
-    """What :meth:`LocalDispatcher.combine` needs: each expert-ordered row's token and weight."""
+    """What :meth:`LocalDispatcher.combine` needs: each slot-ordered row's token and weight."""
 
     token_index_N: torch.Tensor
     weight_N: torch.Tensor
@@ -79,43 +128,50 @@ class LocalDispatchContext:
 
 
 class LocalDispatcher:
-    """Sorts assignment rows by expert for a grouped GEMM, and sums the results into their tokens.
+    """Sorts assignment rows by expert slot for a grouped GEMM, and sums the results into their tokens.
+
+    The one code path of a single expert-parallel rank: an :class:`~lightning_moe.MoELayer` on its own
+    uses it, and so does the expert-parallel dispatcher at EP size 1.
 
     Args:
         num_experts: experts of the layer; all are local.
+        slot_of_expert_E: the local slot of each logical expert (a permutation); ``None`` is the
+            identity (slot ``e`` holds expert ``e``).
     """
 
     #: Expert-parallel rank and size of this process (a single process is its own EP group).
     ep_rank = 0
     ep_size = 1
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, slot_of_expert_E: torch.Tensor | None = None) -> None:
         self.num_experts = num_experts
-        #: In the last dispatch, per EP rank ``[ep_size]``: distinct tokens sent to it (one hidden row
-        #: each) and assignments sent to its experts. A single process is its own only EP rank.
-        self.tokens_sent_per_rank = torch.zeros(1, dtype=torch.long)
-        self.assignments_sent_per_rank = torch.zeros(1, dtype=torch.long)
+        self.slot_of_expert_E = None if slot_of_expert_E is None else torch.as_tensor(slot_of_expert_E).long()
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, LocalDispatchContext]:
-        """The rows of the assignments, gathered from ``x_TD`` already sorted by expert (one gather,
-        no intermediate copy), the tokens per local expert ``[E]``, and what :meth:`combine` needs."""
-        order_N = torch.argsort(routing.expert_index_N, stable=True)
-        tokens_per_expert_E = count_per_expert(routing.expert_index_N, self.num_experts)
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+        """The rows of the assignments, gathered from ``x_TD`` already sorted by slot (one gather, no
+        intermediate copy), the rows per slot ``[E]``, what :meth:`combine` needs, and the traffic."""
+        slot_N = routing.expert_index_N
+        if self.slot_of_expert_E is not None:
+            slot_N = self.slot_of_expert_E.to(slot_N.device)[slot_N]
+        order_N = torch.argsort(slot_N, stable=True)
+        rows_per_slot_E = count_per_expert(slot_N, self.num_experts)
         token_index_N = routing.token_index_N[order_N]
         # NOTE: kept on the input's device: reading them back here would synchronise every forward.
-        self.tokens_sent_per_rank = count_routed_tokens(token_index_N, x_TD.shape[0])
-        self.assignments_sent_per_rank = tokens_per_expert_E.sum().reshape(1)
+        traffic = DispatchTraffic(
+            tokens_sent_per_rank=count_routed_tokens(token_index_N, x_TD.shape[0]),
+            assignments_sent_per_rank=rows_per_slot_E.sum().reshape(1),
+        )
         context = LocalDispatchContext(token_index_N, routing.weight_N[order_N], x_TD.shape[0])
-        return x_TD[token_index_N], tokens_per_expert_E, context
+        return Dispatched(x_TD[token_index_N], rows_per_slot_E, context, traffic)
 
     def combine(self, y_ND: torch.Tensor, context: LocalDispatchContext) -> torch.Tensor:
         """``[T, D]``: each token's expert outputs, weighted by the gate and summed.
 
-        NOTE: the rows stay in expert order and are added into their tokens through the sorted token
+        NOTE: the rows stay in slot order and are added into their tokens through the sorted token
         index, which saves a scatter back to assignment order (and its gather in backward).
         """
         return weighted_sum_rows(y_ND, context.weight_N, context.token_index_N, context.num_tokens)

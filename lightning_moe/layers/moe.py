@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_moe.layers.dispatch import LocalDispatcher, drop_over_capacity
+from lightning_moe.layers.dispatch import Dispatcher, DispatchTraffic, LocalDispatcher, drop_over_capacity
 from lightning_moe.layers.experts import Experts, FeedForward, check_activation, to_autocast_dtype
 from lightning_moe.layers.gates import AuxLoss, Gate, make_gate
 from lightning_moe.layers.gates.base import check_positive_int
@@ -105,7 +105,7 @@ class MoELayer(nn.Module):
                 self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
                 nn.init.normal_(self.shared_expert_gate.weight, std=init_std)
         #: Replaced by MoEStrategy with an expert-parallel dispatcher (same interface).
-        self.dispatcher: Any = LocalDispatcher(num_experts)
+        self.dispatcher: Dispatcher = LocalDispatcher(num_experts)
         #: Whether a forward records its routing (below); off while activation checkpointing
         #: recomputes the forward in the backward, so that nothing is counted twice.
         self.record_routing = True
@@ -113,6 +113,8 @@ class MoELayer(nn.Module):
         self.aux_losses: dict[str, AuxLoss] = {}
         self.stats: dict[str, torch.Tensor] = {}
         self.num_tokens = 0
+        #: What the last forward's dispatch moved, per destination EP rank (``None`` before one).
+        self.traffic: DispatchTraffic | None = None
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("routed_tokens", torch.zeros((), dtype=torch.long), persistent=False)
@@ -138,15 +140,13 @@ class MoELayer(nn.Module):
         # 2. Permute: rows sorted by expert (and sent to the expert's rank under expert parallelism).
         # Under mixed precision the rows are cast first, so that the gather and the all-to-all move
         # 16-bit rows (the router above keeps the full-precision input).
-        expert_input, tokens_per_local_expert, dispatch_context = self.dispatcher.dispatch(
-            to_autocast_dtype(x_TD), routing
-        )
+        dispatched = self.dispatcher.dispatch(to_autocast_dtype(x_TD), routing)
 
-        # 3. Compute: one grouped GEMM per projection over all local experts.
-        expert_output = self.experts(expert_input, tokens_per_local_expert)
+        # 3. Compute: one grouped GEMM per projection over all local expert slots.
+        expert_output = self.experts(dispatched.rows, dispatched.rows_per_slot)
 
         # 4. Un-permute and combine: y_t = sum over t's assignments of weight * expert output.
-        y_TD = self.dispatcher.combine(expert_output, dispatch_context)
+        y_TD = self.dispatcher.combine(expert_output, dispatched.context)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
@@ -155,6 +155,7 @@ class MoELayer(nn.Module):
             y_TD = y_TD + shared_TD
 
         if self.record_routing:
+            self.traffic = dispatched.traffic
             self._record(routing.aux_losses, routing.stats, routing.expert_index_N, x_TD.shape[0], routed, dropped)
         return y_TD.view(x.shape)
 

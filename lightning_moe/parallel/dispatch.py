@@ -8,9 +8,11 @@ A token whose experts sit on one remote rank crosses the network once, however m
 experts it uses (the de-duplication of DeepEP and Megatron-Core's "flex" dispatcher). One dispatch,
 on every rank of an expert-parallel (EP) group:
 
-1. map each assignment's logical expert to its physical position ``rank * L + slot`` through the
-   :class:`~lightning_moe.parallel.placement.ExpertPlacement`, and sort the assignments by it
-   (grouped by destination rank, then by slot);
+1. pick the rank of each assignment: the expert's only holder, or, for an expert with replicas, the
+   replica given by this rank's routing fractions (:func:`~lightning_moe.layers.replicas.choose_replica_ranks`,
+   unless the gate already chose, for device-level capacity); then its physical position
+   ``rank * S + slot`` through the :class:`~lightning_moe.parallel.placement.ExpertPlacement`, and
+   sort the assignments by it (grouped by destination rank, then by slot);
 2. collect the distinct (destination rank, token) *pairs*, grouped by rank (one hidden row is sent
    per pair), and give each assignment the index of its pair inside the block sent to its rank;
 3. exchange the counts (assignments per slot and pairs per rank) with one plain all-to-all;
@@ -22,11 +24,12 @@ on every rank of an expert-parallel (EP) group:
 
 ``combine`` weights each expert output, sums the outputs of one pair *before* sending them back
 (so the return trip also carries one row per pair), and adds the returned rows into their tokens.
-With one EP rank nothing is sent: each assignment reads its token's row directly.
+With one EP rank nothing is sent: the dispatcher is the
+:class:`~lightning_moe.layers.dispatch.LocalDispatcher`, the one code path of a single rank.
 
 Shape legend: ``T`` tokens, ``N`` assignments routed by this rank, ``U`` pairs sent by this rank,
 ``V`` pairs received, ``M`` assignments received, ``D`` model width, ``R`` EP ranks, ``L`` local
-expert slots, ``E`` logical experts.
+expert slots (``S`` in the placement), ``E`` logical experts.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from lightning_moe.layers.dispatch import weighted_sum_rows
+from lightning_moe.layers.dispatch import Dispatched, DispatchTraffic, LocalDispatcher, weighted_sum_rows
 from lightning_moe.layers.gates.base import Routing
-from lightning_moe.ops.counting import count_per_expert, count_routed_tokens
+from lightning_moe.layers.replicas import choose_replica_ranks
+from lightning_moe.ops.counting import count_per_expert
 from lightning_moe.parallel.placement import ExpertPlacement
 
 
@@ -47,7 +51,7 @@ from lightning_moe.parallel.placement import ExpertPlacement
 class DispatchContext:
     """What :meth:`AllToAllDispatcher.combine` needs from the matching dispatch."""
 
-    token_of_pair_U: torch.Tensor | None  # token of each pair sent, by destination rank (None: EP 1)
+    token_of_pair_U: torch.Tensor  # token of each pair sent, by destination rank
     pair_of_row_M: torch.Tensor  # received pair each expert-input row was copied from
     weight_M: torch.Tensor  # gate weight of each expert-input row
     pairs_sent: list[int]  # pairs sent to each EP rank
@@ -60,7 +64,7 @@ class AllToAllDispatcher:
     weighted sum of those experts' outputs back.
 
     Args:
-        placement: logical expert -> (EP rank, slot), identical on every rank.
+        placement: the layer's slot table, identical on every rank.
         ep_rank: this process's rank inside its EP group.
         ep_group: the EP process group (consecutive global ranks).
         load_group: the group over which :meth:`reduce_load` sums expert load: every process that
@@ -75,46 +79,56 @@ class AllToAllDispatcher:
         ep_group: dist.ProcessGroup | None,
         load_group: dist.ProcessGroup | None = None,
     ) -> None:
-        self.placement = placement
         self.ep_rank = ep_rank
-        self.ep_size = placement.ep_size
         self.ep_group = ep_group
         self.load_group = load_group
-        self.num_experts = placement.num_experts
-        #: In the last dispatch, per EP rank ``[ep_size]``: distinct tokens sent to it (one hidden row
-        #: each, what crosses the network) and assignments sent to its experts (their work).
-        self.tokens_sent_per_rank = torch.zeros(self.ep_size, dtype=torch.long)
-        self.assignments_sent_per_rank = torch.zeros(self.ep_size, dtype=torch.long)
+        self.set_placement(placement)
 
     @property
     def num_local_experts(self) -> int:
         return self.placement.slots_per_rank
 
     def set_placement(self, placement: ExpertPlacement) -> None:
-        """Use a new table from the next dispatch on (the caller moves the expert weights)."""
-        if placement.num_experts != self.num_experts or placement.ep_size != self.ep_size:
+        """Use ``placement`` from the next dispatch on (the caller moves the expert weights: see
+        :mod:`lightning_moe.parallel.migration`)."""
+        current = getattr(self, "placement", None)
+        if current is not None and not current.same_layout(placement):
             raise ValueError(
-                f"A new placement must keep num_experts={self.num_experts} and ep_size={self.ep_size}, got "
-                f"{placement.num_experts} and {placement.ep_size}."
+                f"A new placement must keep num_experts={current.num_experts}, ep_size={current.ep_size} and "
+                f"slots_per_rank={current.slots_per_rank}, got {placement.num_experts}, {placement.ep_size} and "
+                f"{placement.slots_per_rank}."
             )
         self.placement = placement
+        self.ep_size = placement.ep_size
+        self.num_experts = placement.num_experts
+        self._local: LocalDispatcher | None = None
+        if self.ep_size == 1:
+            self._local = LocalDispatcher(placement.num_experts, slot_of_expert_E=placement.slot_of_expert_ER[:, 0])
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
-        """Rows for this rank's experts, sorted by local slot; rows per local slot ``[L]``; the context."""
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+        """Rows for this rank's experts, grouped by local slot; rows per slot ``[L]``; the context; the traffic."""
+        if self._local is not None:
+            return self._local.dispatch(x_TD, routing)
+        placement = self.placement
         ranks, slots = self.ep_size, self.num_local_experts
         num_tokens, device = x_TD.shape[0], x_TD.device
-        # 1. Physical position of each assignment; sorted by it, assignments are grouped by
-        # destination rank and, inside a rank, by slot.
-        physical_N = self.placement.physical_of_expert_E.to(device)[routing.expert_index_N]
+        # 1. Destination rank and physical position of each assignment; sorted by position,
+        # assignments are grouped by destination rank and, inside a rank, by slot.
+        expert_N = routing.expert_index_N
+        if routing.device_index_N is not None:
+            rank_N = routing.device_index_N
+        elif placement.has_replicas:
+            rank_N = choose_replica_ranks(expert_N, placement.cumulative_fractions_RER[self.ep_rank])
+        else:
+            rank_N = placement.file_rank_E.to(device)[expert_N]  # each expert's only holder
+        physical_N = rank_N * slots + placement.slot_of_expert_ER.to(device)[expert_N, rank_N]
         send_order_N = torch.argsort(physical_N, stable=True)
         assignments_RL = count_per_expert(physical_N, ranks * slots).view(ranks, slots)
         token_sorted_N = routing.token_index_N[send_order_N]
         weight_sorted_N = routing.weight_N[send_order_N]
-        if ranks == 1:
-            return self._dispatch_on_one_rank(x_TD, token_sorted_N, weight_sorted_N, assignments_RL[0])
 
         # 2. The distinct (rank, token) pairs, rank-major, and each assignment's pair in its rank's block.
-        rank_sorted_N = torch.div(physical_N[send_order_N], slots, rounding_mode="floor")
+        rank_sorted_N = rank_N[send_order_N]
         needed_RT = torch.zeros(ranks, num_tokens, dtype=torch.bool, device=device)
         needed_RT[rank_sorted_N, token_sorted_N] = True
         pair_of_cell_RT = (torch.cumsum(needed_RT.view(-1), 0) - 1).view(ranks, num_tokens)
@@ -131,8 +145,9 @@ class AllToAllDispatcher:
         # One device-to-host copy for all split sizes.
         sizes = torch.stack([pairs_per_rank_R, pairs_received_R, assignments_RL.sum(1), received_RL.sum(1)])
         pairs_sent, pairs_received, assignments_sent, assignments_received = sizes.tolist()
-        self.tokens_sent_per_rank = torch.tensor(pairs_sent)
-        self.assignments_sent_per_rank = torch.tensor(assignments_sent)
+        traffic = DispatchTraffic(
+            tokens_sent_per_rank=pairs_per_rank_R, assignments_sent_per_rank=assignments_RL.sum(1)
+        )
 
         # 4. Pair rows and assignment weights differentiably; pair indices as plain int32.
         x_received_VD = all_to_all_single_autograd(x_TD[token_of_pair_U], pairs_received, pairs_sent, self.ep_group)
@@ -160,33 +175,15 @@ class AllToAllDispatcher:
             pairs_received=pairs_received,
             num_tokens=num_tokens,
         )
-        return x_received_VD[pair_of_row_M], received_RL.sum(dim=0), context
-
-    def _dispatch_on_one_rank(
-        self, x_TD: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor, assignments_L: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
-        """EP size 1: nothing crosses a network, so each assignment reads its token's row directly
-        (the tokens are the "pairs") and the combine adds straight into the tokens."""
-        num_tokens = x_TD.shape[0]
-        self.tokens_sent_per_rank = count_routed_tokens(token_N, num_tokens)
-        self.assignments_sent_per_rank = assignments_L.sum().reshape(1)
-        context = DispatchContext(
-            token_of_pair_U=None,
-            pair_of_row_M=token_N,
-            weight_M=weight_N,
-            pairs_sent=[num_tokens],
-            pairs_received=[num_tokens],
-            num_tokens=num_tokens,
-        )
-        return x_TD[token_N], assignments_L, context
+        return Dispatched(x_received_VD[pair_of_row_M], received_RL.sum(dim=0), context, traffic)
 
     def combine(self, y_MD: torch.Tensor, context: DispatchContext) -> torch.Tensor:
         """``[T, D]``: each token's expert outputs, weighted by the gate and summed, back on the rank
         the token came from."""
+        if self._local is not None:
+            return self._local.combine(y_MD, context)
         # Sum each pair's weighted outputs here, so the return trip carries one row per pair too.
         y_pairs_VD = weighted_sum_rows(y_MD, context.weight_M, context.pair_of_row_M, sum(context.pairs_received))
-        if context.token_of_pair_U is None:
-            return y_pairs_VD  # one EP rank: the pairs are the tokens
         # The reverse all-to-all: what we received from rank r goes back to rank r.
         y_pairs_UD = all_to_all_single_autograd(y_pairs_VD, context.pairs_sent, context.pairs_received, self.ep_group)
         return weighted_sum_rows(y_pairs_UD, None, context.token_of_pair_U, context.num_tokens)

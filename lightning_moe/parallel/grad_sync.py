@@ -3,9 +3,10 @@
 Dense parameters are replicated on every rank and DDP averages their gradients over the world.
 Expert parameters are sharded over the EP group and left out of DDP. In each backward, an expert's
 gradient arrives as the sum over the ranks of its EP group (the backward of the dispatch all-to-all
-brings every source rank's contribution home); a hook divides it by the EP size on arrival. Averaging
-over the expert-data-parallel (EDP) group then gives the same average over the world that DDP takes
-of the dense gradients:
+brings every source rank's contribution home); a hook divides it by the EP size on arrival and, for
+an expert with replicas on several ranks, sums it over the replicas' slots (each replica received
+only the tokens routed to it). Averaging over the expert-data-parallel (EDP) group then gives the
+same average over the world that DDP takes of the dense gradients:
 
     grad_e = (1 / edp) * sum_{edp} (1 / ep) * sum_{ep} dL_rank / dw_e = (1 / W) * sum_{ranks} dL_rank / dw_e.
 
@@ -14,8 +15,9 @@ unchanged, so syncing after each of several backward passes (manual optimization
 result as syncing once after the last.
 
 Clipping by norm must see the norm of the *whole* model: the dense part once (identical on every
-rank) plus each expert shard once, i.e. the sum of squares of the expert part all-reduced over the
-EP group (EDP replicas hold identical expert gradients after the sync and are not counted again).
+rank) plus each logical expert once, i.e. the sum of squares of the expert part all-reduced over the
+EP group, a replicated expert's slots weighted by one over its replica count (EDP replicas hold
+identical expert gradients after the sync and are not counted again).
 """
 
 from __future__ import annotations
@@ -26,16 +28,52 @@ import torch
 import torch.distributed as dist
 
 from lightning_moe.layers.experts import is_expert_param
+from lightning_moe.layers.moe import MoELayer
+from lightning_moe.parallel.placement import ExpertPlacement
 
 
-def scale_expert_grads_on_arrival(parameters: Iterable[torch.nn.Parameter], ep_size: int) -> None:
-    """Divide each backward's gradient of these expert parameters by ``ep_size`` before it is
-    accumulated into ``.grad`` (see the module docstring)."""
+def reduce_expert_grads_on_arrival(layer: MoELayer, *, ep_size: int, ep_group: dist.ProcessGroup | None) -> None:
+    """Hook each expert parameter of ``layer`` so that, in every backward, its gradient is divided by
+    ``ep_size`` and, for an expert with replicas, summed over the slots of all its holders.
+
+    Each replica receives the gradient of the tokens routed to it; summed over the holders, every
+    replica gets the gradient the expert would have had without replicas, so identical optimizer
+    updates keep the replicas identical. The sum runs in the backward itself (one all-reduce over the
+    EP group per parameter, only while the placement in force has replicas), so gradient
+    accumulation and several ``manual_backward`` calls add up exactly as without replicas. The
+    placement is read at each backward: a migration changes it between steps.
+    """
     if ep_size == 1:
         return
     scale = 1.0 / ep_size
-    for parameter in parameters:
-        parameter.register_hook(lambda grad: grad * scale)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad * scale
+        placement = layer.dispatcher.placement
+        if placement.has_replicas:
+            grad = _sum_replica_rows(grad, placement, layer.dispatcher.ep_rank, ep_group)
+        return grad
+
+    for parameter in layer.experts.parameters(recurse=False):
+        parameter.register_hook(hook)
+
+
+def _sum_replica_rows(
+    grad_S: torch.Tensor, placement: ExpertPlacement, ep_rank: int, ep_group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """Rows of ``grad_S`` (one per local slot) whose expert has replicas, summed over every rank's slots
+    of the same expert. Every rank all-reduces one buffer with a row per replicated expert, in logical
+    order (zeros for the experts it does not hold), so the buffer is the same on every rank."""
+    replicated_X = (placement.replicas_E > 1).nonzero().flatten()  # X: replicated experts
+    row_of_expert_E = torch.full((placement.num_experts,), -1, dtype=torch.long)
+    row_of_expert_E[replicated_X] = torch.arange(replicated_X.numel())
+    row_of_slot_S = row_of_expert_E[placement.expert_of_slot_RS[ep_rank]]
+    slots = (row_of_slot_S >= 0).nonzero().flatten().to(grad_S.device)
+    rows = row_of_slot_S[row_of_slot_S >= 0].to(grad_S.device)
+    buffer_X = grad_S.new_zeros((replicated_X.numel(), *grad_S.shape[1:]))
+    buffer_X.index_copy_(0, rows, grad_S.index_select(0, slots))
+    dist.all_reduce(buffer_X, op=dist.ReduceOp.SUM, group=ep_group)
+    return grad_S.index_copy(0, slots, buffer_X.index_select(0, rows))
 
 
 @torch.no_grad()
@@ -71,22 +109,47 @@ def _norm_of_norms(grads: list[torch.Tensor], device: torch.device) -> torch.Ten
 
 @torch.no_grad()
 def clip_grad_norm_global(
-    parameters: Iterable[torch.Tensor], max_norm: float, *, ep_group: dist.ProcessGroup | None, ep_size: int
+    parameters: Iterable[torch.Tensor],
+    max_norm: float,
+    *,
+    ep_group: dist.ProcessGroup | None,
+    ep_size: int,
+    replicas_of_slots: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Clip gradients in place by the global norm of dense and sharded expert gradients; return that norm.
 
     The dense part and the rule are those of ``torch.nn.utils.clip_grad_norm_`` (per-tensor norms, the
     norm of the norms, scale by ``max_norm / (norm + 1e-6)`` clamped at 1); the expert part's square
-    is summed over the EP group (each shard once), then both parts are combined.
+    is summed over the EP group, each logical expert once: a slot whose expert has ``n`` replicas
+    (identical gradients on ``n`` ranks) counts ``1 / n``.
+
+    Args:
+        parameters: the parameters whose gradients are clipped.
+        max_norm: the largest norm allowed.
+        ep_group: the EP group (the expert part is summed over it).
+        ep_size: its size.
+        replicas_of_slots: for an expert parameter (by ``id``), the replica count of the expert in each
+            of its slots ``[S]``; parameters not in it count every slot once.
     """
-    grads_dense, grads_expert = [], []
+    replicas_of_slots = replicas_of_slots or {}
+    grads_dense, grads_expert, counts_expert = [], [], []
     for p in parameters:
-        if p.grad is not None:
-            (grads_expert if is_expert_param(p) else grads_dense).append(p.grad)
+        if p.grad is None:
+            continue
+        if is_expert_param(p):
+            grads_expert.append(p.grad)
+            counts_expert.append(replicas_of_slots.get(id(p)))
+        else:
+            grads_dense.append(p.grad)
     grads = grads_dense + grads_expert
     device = grads[0].device if grads else torch.device("cpu")
     dense_norm = _norm_of_norms(grads_dense, device)
-    expert_sq = _norm_of_norms(grads_expert, device).square()
+    expert_sq = torch.zeros((), device=device)
+    for grad, counts_S in zip(grads_expert, counts_expert):
+        squares_S = grad.detach().float().pow(2).reshape(grad.shape[0], -1).sum(dim=1)
+        if counts_S is not None:
+            squares_S = squares_S / counts_S.to(squares_S)
+        expert_sq = expert_sq + squares_S.sum()
     if ep_size > 1:
         dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=ep_group)
     total_norm = torch.linalg.vector_norm(torch.stack([dense_norm, expert_sq.sqrt()]), 2.0)

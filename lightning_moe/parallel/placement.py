@@ -1,106 +1,177 @@
-"""The placement table: which expert-parallel rank, and which local slot on it, holds each logical expert.
+"""The slot table of one MoE layer: which logical expert each physical slot holds, replicas, and
+how each rank splits its tokens over an expert's replicas.
 
-The gate speaks *logical* expert ids ``0 .. E-1``; the placement maps them to *physical* positions
-``(ep rank, slot)``. Every rank holds the same table, so every rank can compute where any assignment
-goes without asking. The identity placement puts logical expert ``e`` on rank ``e // L``, slot
-``e % L`` (``L = E / ep_size`` slots per rank); any other table is valid as long as each rank has
-exactly ``L`` experts, one per slot. Expert migration changes the table (and moves the weights with
-``copy_``); nothing else in the model changes.
+The gate speaks *logical* expert ids ``0 .. E-1``. Each of the ``R`` expert-parallel ranks holds
+``S`` *slots* (``S >= E / R``; the slots beyond ``E / R`` are spare); each slot holds one logical
+expert, every expert is in at least one slot, and the replicas of an expert sit on distinct ranks.
+Every replica holds the same weights (and optimizer state), so a token may go to any of them:
+``routing_fractions_RER[r, e, d]`` is the share of source rank ``r``'s assignments to expert ``e``
+that go to rank ``d`` (each row sums to 1, and is 0 where ``d`` does not hold ``e``; by default the
+share is even). Every rank holds the same table, so every rank can compute where any assignment
+goes without asking; expert migration replaces the table and moves the weights
+(:mod:`lightning_moe.parallel.migration`), nothing else in the model changes.
 
-Shape legend: ``E`` logical experts, ``R`` expert-parallel ranks (``ep_size``), ``L`` local slots per
-rank, ``P`` physical positions ``rank * L + slot`` (``P == E``).
+Shape legend: ``E`` logical experts, ``R`` expert-parallel ranks, ``S`` slots per rank, ``P``
+physical positions ``rank * S + slot``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 
 class ExpertPlacement:
-    """Logical expert id -> (expert-parallel rank, local slot), identical on every rank.
+    """The slot table of one MoE layer, identical on every rank.
 
     Args:
-        rank_of_expert: for each logical expert, the EP rank that holds it.
-        slot_of_expert: for each logical expert, its slot on that rank (``0 .. L-1``).
-        ep_size: number of expert-parallel ranks.
+        experts_per_rank: for each of the ``R`` EP ranks, the logical expert of each of its ``S``
+            slots, e.g. ``[[0, 1, 2], [2, 3, 0]]`` (experts 0 and 2 have a replica on each rank).
+        routing_fractions_RER: ``[R, E, R]``: the share of source rank ``r``'s assignments to expert
+            ``e`` sent to rank ``d``; ``None`` splits evenly over the replicas.
     """
 
-    def __init__(self, *, rank_of_expert: Sequence[int], slot_of_expert: Sequence[int], ep_size: int) -> None:
-        num_experts = len(rank_of_expert)
-        if len(slot_of_expert) != num_experts:
+    def __init__(
+        self, experts_per_rank: Sequence[Sequence[int]], routing_fractions_RER: torch.Tensor | None = None
+    ) -> None:
+        table = [[int(e) for e in experts] for experts in experts_per_rank]
+        num_ranks = len(table)
+        if num_ranks == 0 or any(len(experts) != len(table[0]) for experts in table) or not table[0]:
             raise ValueError(
-                f"ExpertPlacement: `slot_of_expert` has {len(slot_of_expert)} entries but `rank_of_expert` has "
-                f"{num_experts}. Give one rank and one slot per logical expert."
+                f"ExpertPlacement: {experts_per_rank} must give every EP rank the same, non-zero number of slots."
             )
-        if ep_size < 1 or num_experts % ep_size:
+        slots = len(table[0])
+        flat = [e for experts in table for e in experts]
+        num_experts = max(flat) + 1 if flat and min(flat) >= 0 else 0
+        if min(flat) < 0 or sorted(set(flat)) != list(range(num_experts)):
             raise ValueError(
-                f"ExpertPlacement: {num_experts} experts cannot be spread evenly over ep_size={ep_size} ranks. "
-                f"Use an `ep_size` that divides the number of experts."
+                f"ExpertPlacement: {experts_per_rank} must name every logical expert 0..{num_experts - 1} at least "
+                f"once, and nothing else."
             )
-        slots_per_rank = num_experts // ep_size
-        taken = {(int(r), int(s)) for r, s in zip(rank_of_expert, slot_of_expert)}
-        expected = {(r, s) for r in range(ep_size) for s in range(slots_per_rank)}
-        if taken != expected:
+        for rank, experts in enumerate(table):
+            if len(set(experts)) != len(experts):
+                raise ValueError(
+                    f"ExpertPlacement: rank {rank} holds {experts}, an expert twice. Replicas of an expert must sit "
+                    f"on distinct ranks (a second copy on the same rank would add no capacity)."
+                )
+        self.num_experts, self.ep_size, self.slots_per_rank = num_experts, num_ranks, slots
+        self.expert_of_slot_RS = torch.tensor(table, dtype=torch.long)
+        holders_RE = torch.zeros(num_ranks, num_experts, dtype=torch.bool)
+        holders_RE[torch.arange(num_ranks).repeat_interleave(slots), self.expert_of_slot_RS.reshape(-1)] = True
+        self.holders_RE = holders_RE
+        #: Slot of expert ``e`` on rank ``d``, or -1 where ``d`` does not hold ``e``.
+        self.slot_of_expert_ER = torch.full((num_experts, num_ranks), -1, dtype=torch.long)
+        ranks_RS = torch.arange(num_ranks).unsqueeze(1).expand(num_ranks, slots)
+        self.slot_of_expert_ER[self.expert_of_slot_RS, ranks_RS] = torch.arange(slots).expand(num_ranks, slots)
+        self.replicas_E = holders_RE.sum(dim=0)
+        #: The rank whose checkpoint file stores each expert: its first holder, so each is stored once.
+        self.file_rank_E = holders_RE.int().argmax(dim=0)
+        self.routing_fractions_RER = self._fractions(routing_fractions_RER)
+        # Cumulative fractions over destination ranks, for the replica choice of the dispatcher.
+        self.cumulative_fractions_RER = self.routing_fractions_RER.cumsum(dim=-1).float()
+        self.cumulative_fractions_RER[..., -1] = 1.0  # no assignment may fall past the last replica
+
+    def _fractions(self, routing_fractions_RER: torch.Tensor | None) -> torch.Tensor:
+        even_ER = self.holders_RE.t().double() / self.replicas_E.double().unsqueeze(1)
+        if routing_fractions_RER is None:
+            return even_ER.unsqueeze(0).expand(self.ep_size, -1, -1).contiguous()
+        fractions = torch.as_tensor(routing_fractions_RER, dtype=torch.float64)
+        expected = (self.ep_size, self.num_experts, self.ep_size)
+        if tuple(fractions.shape) != expected:
             raise ValueError(
-                f"ExpertPlacement: the table {list(zip(rank_of_expert, slot_of_expert))} must use every "
-                f"(rank, slot) with rank < {ep_size} and slot < {slots_per_rank} exactly once."
+                f"ExpertPlacement: `routing_fractions_RER` must have shape [R_src, E, R_dst] = {list(expected)}, got "
+                f"{list(fractions.shape)}."
             )
-        self.num_experts = num_experts
-        self.ep_size = ep_size
-        self.slots_per_rank = slots_per_rank
-        self.rank_of_expert_E = torch.tensor([int(r) for r in rank_of_expert], dtype=torch.long)
-        self.slot_of_expert_E = torch.tensor([int(s) for s in slot_of_expert], dtype=torch.long)
-        # Physical position of each logical expert; sorting assignments by it groups them by
-        # destination rank, and by slot inside a rank, which is the order the all-to-all sends.
-        self.physical_of_expert_E = self.rank_of_expert_E * slots_per_rank + self.slot_of_expert_E
-        self.expert_of_physical_P = torch.empty_like(self.physical_of_expert_E)
-        self.expert_of_physical_P[self.physical_of_expert_E] = torch.arange(num_experts)
+        if (fractions < 0).any() or not torch.isfinite(fractions).all():
+            raise ValueError("ExpertPlacement: `routing_fractions_RER` must be finite and non-negative.")
+        if (fractions * ~self.holders_RE.t().unsqueeze(0)).abs().max() > 0:
+            raise ValueError(
+                "ExpertPlacement: `routing_fractions_RER` sends tokens of an expert to a rank that does not hold it. "
+                "Give a non-zero share only to ranks whose slots hold the expert."
+            )
+        if not torch.allclose(fractions.sum(dim=-1), torch.ones(self.ep_size, self.num_experts, dtype=torch.float64),
+                              atol=1e-6):
+            raise ValueError(
+                "ExpertPlacement: every row of `routing_fractions_RER` (a source rank and an expert) must sum to 1."
+            )
+        return fractions / fractions.sum(dim=-1, keepdim=True)
+
+    # ----------------------------------------------------------------------------------- constructors
 
     @classmethod
-    def identity(cls, num_experts: int, ep_size: int) -> ExpertPlacement:
-        """Logical expert ``e`` on rank ``e // L``, slot ``e % L``."""
+    def identity(cls, num_experts: int, ep_size: int, spare_slots: int = 0) -> ExpertPlacement:
+        """Logical expert ``e`` on rank ``e // L``, slot ``e % L`` (``L = E / R``), then ``spare_slots``
+        replicas per rank: rank ``r``'s ``j``-th spare slot holds expert ``(r + 1) * L + j`` (mod ``E``),
+        the experts that follow its own block, so that every rank gets other experts' replicas and the
+        replicas spread evenly over the experts. Even split over replicas."""
         if ep_size < 1 or num_experts % ep_size:
             raise ValueError(
                 f"ExpertPlacement: num_experts={num_experts} is not divisible by expert_parallel_size={ep_size}. "
                 f"Choose an `expert_parallel_size` that divides the number of experts."
             )
-        slots = num_experts // ep_size
-        return cls(
-            rank_of_expert=[e // slots for e in range(num_experts)],
-            slot_of_expert=[e % slots for e in range(num_experts)],
-            ep_size=ep_size,
-        )
+        local = num_experts // ep_size
+        if spare_slots < 0 or local + spare_slots > num_experts:
+            raise ValueError(
+                f"ExpertPlacement: spare_expert_slots={spare_slots} does not fit: each of the {ep_size} ranks holds "
+                f"{local} experts and at most {num_experts - local} replicas of the others. Use a value between 0 "
+                f"and {num_experts - local}."
+            )
+        table = [
+            [r * local + s for s in range(local)] + [((r + 1) * local + j) % num_experts for j in range(spare_slots)]
+            for r in range(ep_size)
+        ]
+        return cls(table)
 
     @classmethod
-    def from_experts_per_rank(cls, experts_per_rank: Sequence[Sequence[int]]) -> ExpertPlacement:
-        """A placement from the logical experts of each rank, in slot order: ``[[3, 0], [1, 2]]`` puts
-        experts 3 and 0 in slots 0 and 1 of rank 0, experts 1 and 2 on rank 1."""
-        ep_size = len(experts_per_rank)
-        flat = [int(e) for experts in experts_per_rank for e in experts]
-        if sorted(flat) != list(range(len(flat))):
-            raise ValueError(
-                f"ExpertPlacement: {experts_per_rank} must name every logical expert 0..{len(flat) - 1} exactly once."
-            )
-        rank_of_expert = [0] * len(flat)
-        slot_of_expert = [0] * len(flat)
-        for rank, experts in enumerate(experts_per_rank):
-            for slot, expert in enumerate(experts):
-                rank_of_expert[int(expert)], slot_of_expert[int(expert)] = rank, slot
-        return cls(rank_of_expert=rank_of_expert, slot_of_expert=slot_of_expert, ep_size=ep_size)
+    def from_experts_per_rank(
+        cls, experts_per_rank: Sequence[Sequence[int]], routing_fractions_RER: torch.Tensor | None = None
+    ) -> ExpertPlacement:
+        """A placement from the logical experts of each rank, in slot order."""
+        return cls(experts_per_rank, routing_fractions_RER)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> ExpertPlacement:
+        """The inverse of :meth:`to_dict` (what checkpoints store)."""
+        return cls(state["experts_per_rank"], state.get("routing_fractions_RER"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and a tensor: ``torch.load(weights_only=True)`` reads it back."""
+        return {"experts_per_rank": self.experts_per_rank(), "routing_fractions_RER": self.routing_fractions_RER.clone()}
+
+    # ----------------------------------------------------------------------------------- views
 
     def experts_on_rank(self, ep_rank: int) -> list[int]:
         """The logical experts held by ``ep_rank``, in slot order."""
-        start = ep_rank * self.slots_per_rank
-        return self.expert_of_physical_P[start : start + self.slots_per_rank].tolist()
+        return self.expert_of_slot_RS[ep_rank].tolist()
 
     def experts_per_rank(self) -> list[list[int]]:
-        """The logical experts of every rank, in slot order (the inverse of :meth:`from_experts_per_rank`)."""
-        return [self.experts_on_rank(rank) for rank in range(self.ep_size)]
+        """The logical experts of every rank, in slot order."""
+        return self.expert_of_slot_RS.tolist()
+
+    @property
+    def has_replicas(self) -> bool:
+        return bool((self.replicas_E > 1).any())
+
+    def rank_share_ER(self, source_rank: int) -> torch.Tensor:
+        """``[E, R]``: the share of source rank ``source_rank``'s assignments to each expert that each
+        rank receives (what device-level balance counts)."""
+        return self.routing_fractions_RER[source_rank]
+
+    def same_layout(self, other: ExpertPlacement) -> bool:
+        """Whether ``other`` fits the same experts, ranks and slots per rank (so it can replace this one)."""
+        return (self.num_experts, self.ep_size, self.slots_per_rank) == (
+            other.num_experts, other.ep_size, other.slots_per_rank
+        )
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ExpertPlacement) and self.experts_per_rank() == other.experts_per_rank()
+        return (
+            isinstance(other, ExpertPlacement)
+            and self.experts_per_rank() == other.experts_per_rank()
+            and torch.equal(self.routing_fractions_RER, other.routing_fractions_RER)
+        )
 
     def __repr__(self) -> str:
-        return f"ExpertPlacement(experts_per_rank={self.experts_per_rank()})"
+        fractions = "" if not self.has_replicas else ", routing_fractions_RER=..."
+        return f"ExpertPlacement(experts_per_rank={self.experts_per_rank()}{fractions})"

@@ -53,8 +53,9 @@ class ShardedExpertParam:
         return self.placement.experts_on_rank(self.layer.dispatcher.ep_rank)
 
     def file_rank_of_expert(self, expert: int) -> int:
-        """The EP rank whose checkpoint file stores logical expert ``expert`` (each expert is stored once)."""
-        return int(self.placement.rank_of_expert_E[expert])
+        """The EP rank whose checkpoint file stores logical expert ``expert``: its first holder, so that
+        an expert with replicas is stored once."""
+        return int(self.placement.file_rank_E[expert])
 
 
 def named_moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:

@@ -119,7 +119,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "global_step": trainer.global_step,
         "local_experts": [d.placement.experts_on_rank(d.ep_rank) for d in dispatchers if hasattr(d, "placement")],
         "expert_shape": list(layers[0].experts.w_in.shape),
-        "tokens_sent_per_rank": layers[0].dispatcher.tokens_sent_per_rank.tolist(),
+        "tokens_sent_per_rank": layers[0].traffic.tokens_sent_per_rank.tolist(),
         "gate_state": {k: v.tolist() for k, v in layers[0].gate.state_dict().items()},
     }
 

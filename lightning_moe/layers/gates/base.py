@@ -42,6 +42,8 @@ class Routing:
         num_tokens: ``T``.
         aux_losses: auxiliary losses by name (e.g. ``"load_balance_loss"``).
         stats: detached per-batch statistics by name (e.g. ``"router_entropy"``).
+        device_index_N: the EP rank each assignment goes to, when the gate chose it (device-level
+            capacity needs the replica choice); ``None`` lets the dispatcher choose.
 
     NOTE: assignments are in *priority order*: when a capacity limit drops assignments, the later
     ones go first. Token-choice gates list all first choices, then all second choices, and so on,
@@ -54,6 +56,7 @@ class Routing:
     num_tokens: int
     aux_losses: dict[str, AuxLoss] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    device_index_N: torch.Tensor | None = None
 
 
 def routing_from_topk(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> Routing:
@@ -137,26 +140,37 @@ class Gate(nn.Module):
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         """Adjust selection biases from the load seen since the last optimizer step."""
 
-    def set_expert_groups(self, group_of_expert_E: torch.Tensor | None, max_groups: int | None) -> None:
+    def set_expert_groups(self, groups: torch.Tensor | None, max_groups: int | None) -> None:
         """Limit each token to experts of at most ``max_groups`` groups (``None`` lifts the limit).
 
         Device-limited routing (DeepSeek-V2, Dai et al. 2024, Sec. 2.1.3): with groups = the
         expert-parallel ranks that hold the experts, a token's experts span at most ``max_groups``
-        ranks, which bounds its all-to-all traffic. Set by :class:`~lightning_moe.MoEStrategy` from
-        its placement; token-choice gates apply it with :meth:`limit_to_expert_groups` before top-k.
+        ranks, which bounds its all-to-all traffic. Set by :class:`~lightning_moe.MoEStrategy` from the
+        placement in force; token-choice gates apply it with :meth:`limit_to_expert_groups` before top-k.
+
+        Args:
+            groups: ``[E]``, the group of each expert; or ``[G, E]`` booleans, which groups hold which
+                expert (an expert with replicas is in several groups).
+            max_groups: groups a token may use.
         """
-        if group_of_expert_E is None or max_groups is None:
+        if groups is None or max_groups is None:
             self.expert_group_limit = None
             return
         check_positive_int(type(self).__name__, "max_groups", max_groups)
-        group_of_expert_E = torch.as_tensor(group_of_expert_E, dtype=torch.long)
-        if group_of_expert_E.shape != (self.num_experts,):
+        groups = torch.as_tensor(groups)
+        if groups.dim() == 1 and groups.shape == (self.num_experts,):
+            groups = torch.nn.functional.one_hot(groups.long().cpu(), int(groups.max()) + 1).t().bool()
+        if groups.dim() != 2 or groups.shape[1] != self.num_experts:
             raise ValueError(
-                f"{type(self).__name__}.set_expert_groups: `group_of_expert_E` must have shape ({self.num_experts},), "
-                f"got {tuple(group_of_expert_E.shape)}. Give one group id per logical expert."
+                f"{type(self).__name__}.set_expert_groups: `groups` must have shape ({self.num_experts},) or "
+                f"(groups, {self.num_experts}), got {tuple(groups.shape)}. Give each expert's group, or which "
+                f"groups hold each expert."
             )
+        holders_GE = groups.bool().cpu()
+        if not holders_GE.any(dim=0).all():
+            raise ValueError(f"{type(self).__name__}.set_expert_groups: every expert must be in some group.")
         top_k = getattr(self, "top_k", 1)
-        smallest_group = int(torch.bincount(group_of_expert_E).min())
+        smallest_group = int(holders_GE.sum(dim=1).min())
         if smallest_group * max_groups < top_k:
             raise ValueError(
                 f"{type(self).__name__}: device-limited routing to {max_groups} group(s) of {smallest_group} "
@@ -164,29 +178,32 @@ class Gate(nn.Module):
                 f"or lower `top_k`."
             )
         device = next((t.device for t in self.parameters()), None)
-        self.register_buffer("expert_group", group_of_expert_E.to(device), persistent=False)
+        # (group, expert) pairs: one column per expert a group holds.
+        self.register_buffer("expert_group", holders_GE.nonzero().t().contiguous().to(device), persistent=False)
+        self.expert_group_count = holders_GE.shape[0]
         self.expert_group_limit = max_groups
 
     def limit_to_expert_groups(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """``scores_TE`` with the experts outside each token's ``max_groups`` best groups set to -inf.
 
-        A group's affinity is the best score of its experts (DeepSeek-V2 Sec. 2.1.3). Without a limit
-        (or when it allows every group) the scores are returned unchanged.
+        A group's affinity is the best score of the experts it holds (DeepSeek-V2 Sec. 2.1.3); the
+        allowed experts are those held by a kept group. Without a limit (or when it allows every
+        group) the scores are returned unchanged.
         """
         max_groups = self.expert_group_limit
-        if max_groups is None:
+        if max_groups is None or max_groups >= self.expert_group_count:
             return scores_TE
-        group_E = self.expert_group.to(scores_TE.device)
-        num_groups = int(group_E.max()) + 1
-        if max_groups >= num_groups:
-            return scores_TE
+        pair_group_P, pair_expert_P = self.expert_group.to(scores_TE.device)
         num_tokens = scores_TE.shape[0]
-        group_TE = group_E.expand(num_tokens, -1)
-        group_score_TG = scores_TE.new_full((num_tokens, num_groups), float("-inf"))
-        group_score_TG = group_score_TG.scatter_reduce(1, group_TE, scores_TE, reduce="amax")
-        kept_group_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-        kept_group_TG.scatter_(1, group_score_TG.topk(max_groups, dim=-1).indices, True)
-        return scores_TE.masked_fill(~kept_group_TG.gather(1, group_TE), float("-inf"))
+        group_score_TG = scores_TE.new_full((num_tokens, self.expert_group_count), float("-inf")).scatter_reduce(
+            1, pair_group_P.expand(num_tokens, -1), scores_TE[:, pair_expert_P], reduce="amax"
+        )
+        kept_group_TG = torch.zeros_like(group_score_TG)
+        kept_group_TG.scatter_(1, group_score_TG.topk(max_groups, dim=-1).indices, 1.0)
+        allowed_TE = torch.zeros_like(scores_TE).scatter_reduce(
+            1, pair_expert_P.expand(num_tokens, -1), kept_group_TG[:, pair_group_P], reduce="amax"
+        )
+        return scores_TE.masked_fill(allowed_TE == 0, float("-inf"))
 
     def reset_parameters(self, init_std: float) -> None:
         """(Re-)initialise the routing weights with a normal of standard deviation ``init_std``.

@@ -54,10 +54,10 @@ class ExpertChoiceGate(LinearRouterGate):
             )
         self.capacity_factor = float(capacity_factor)
 
-    def set_expert_groups(self, group_of_expert_E: torch.Tensor | None, max_groups: int | None) -> None:
+    def set_expert_groups(self, groups: torch.Tensor | None, max_groups: int | None) -> None:
         """Device-limited routing limits the experts of each token; here experts choose tokens, so a
         limit cannot be applied and is refused (lifting it, with ``None``, is accepted)."""
-        if group_of_expert_E is not None and max_groups is not None:
+        if groups is not None and max_groups is not None:
             raise ValueError(
                 f"{type(self).__name__} cannot apply device-limited routing (`max_groups`={max_groups}): each "
                 f"expert chooses its tokens, so a token's experts cannot be limited. Turn the limit off "

@@ -1,0 +1,41 @@
+"""Which replica of an expert each assignment goes to, in given fractions.
+
+Under expert parallelism an expert may have replicas on several ranks, and each source rank splits
+its assignments to that expert over the replicas in fractions set by the placement
+(:class:`~lightning_moe.parallel.placement.ExpertPlacement`). The split is deterministic, so that the
+gate (for device-level capacity) and the dispatcher agree on it without talking. No collectives.
+
+Shape legend: ``N`` assignments, ``E`` experts, ``R`` ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_moe.ops.counting import count_per_expert
+
+
+def choose_replica_ranks(expert_index_N: torch.Tensor, cumulative_fractions_ER: torch.Tensor) -> torch.Tensor:
+    """The rank each assignment goes to, ``[N]``: the ``i``-th of expert ``e``'s ``n`` assignments (in
+    priority order) goes to the rank whose interval of cumulative fractions holds ``(i + 1/2) / n``.
+
+    The counts per replica then match the fractions to within one assignment, and a replica with a
+    zero fraction (a rank that does not hold the expert) gets none.
+
+    Args:
+        expert_index_N: the logical expert of each assignment.
+        cumulative_fractions_ER: ``[E, R]``, the running sum over ranks of this source rank's routing
+            fractions, with the last column exactly 1.
+    """
+    num_experts = cumulative_fractions_ER.shape[0]
+    cumulative_ER = cumulative_fractions_ER.to(expert_index_N.device)
+    order_N = torch.argsort(expert_index_N, stable=True)
+    expert_sorted_N = expert_index_N[order_N]
+    counts_E = count_per_expert(expert_index_N, num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    position_N = torch.arange(expert_index_N.numel(), device=expert_index_N.device) - starts_E[expert_sorted_N]
+    quantile_N = (position_N.float() + 0.5) / counts_E[expert_sorted_N].float()
+    rank_sorted_N = (cumulative_ER[expert_sorted_N, :-1] <= quantile_N.unsqueeze(1)).sum(dim=1)
+    rank_N = torch.empty_like(rank_sorted_N)
+    rank_N[order_N] = rank_sorted_N
+    return rank_N
