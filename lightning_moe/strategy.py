@@ -40,15 +40,15 @@ from lightning_moe.checkpoint import (
 )
 from lightning_moe.layers.balancing import register_bias_update
 from lightning_moe.layers.experts import is_expert_param
+from lightning_moe.layers.gates.device_balance import ExpertDevices
 from lightning_moe.layers.moe import MoELayer
 from lightning_moe.parallel.amp import WorldSyncedGradScaler
 from lightning_moe.parallel.averaging import ExpertAwareModelAverager
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
 from lightning_moe.parallel.finite import raise_if_nonfinite
-from lightning_moe.parallel.expert_state import per_expert_tensors
 from lightning_moe.parallel.grad_sync import clip_grad_norm_global, reduce_expert_grads_on_arrival, sync_expert_grads
 from lightning_moe.parallel.mesh import ExpertParallelMesh, check_layout, expert_parallel_mesh
-from lightning_moe.parallel.migration import MigrationReport, move_slots, plan_slot_moves
+from lightning_moe.parallel.migration import MigrationReport, move_slots, plan_slot_moves, slot_tensors
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.sharding import (
     ddp_ignored_names,
@@ -254,6 +254,13 @@ class MoEStrategy(DDPStrategy):
 
     def _placement_problem(self, module: Module) -> str | None:
         for name, layer in named_moe_layers(module):
+            balance = getattr(layer.gate, "device_balance", None)
+            if self.expert_parallel_size == 1 and balance is not None and balance.active:
+                return (
+                    f"MoE layer `{name}`: {balance.describe()} balances load across expert-parallel ranks, but "
+                    f"expert_parallel_size=1: there is nothing to balance. Set those gate options to 0 / None, or "
+                    f"use expert_parallel_size > 1."
+                )
             try:
                 placement = self._placement_for(layer.num_experts)
             except ValueError as error:
@@ -266,9 +273,18 @@ class MoEStrategy(DDPStrategy):
         return None
 
     def _set_expert_groups(self, layer: MoELayer) -> None:
-        """Device-limited routing over the ranks that hold each expert in the table in force."""
-        holders = layer.dispatcher.placement.holders_RE if self.device_limited_routing else None
+        """Give the gate the devices of its experts under the table in force: the groups of
+        device-limited routing, and what device-level balance and capacity count over."""
+        placement, rank = layer.dispatcher.placement, layer.dispatcher.ep_rank
+        holders = placement.holders_RE if self.device_limited_routing else None
         layer.gate.set_expert_groups(holders, self.device_limited_routing)
+        devices = None
+        if placement.ep_size > 1:
+            devices = ExpertDevices(
+                share_GE=placement.routing_fractions_RER[rank].t().float().contiguous(),
+                cumulative_EG=placement.cumulative_fractions_RER[rank],
+            )
+        layer.gate.set_expert_devices(devices)
 
     # ------------------------------------------------------------------ placement while training runs
 
@@ -345,7 +361,7 @@ class MoEStrategy(DDPStrategy):
             layer_moves = plan_slot_moves(name, layer.dispatcher.placement, placement)
             if layer_moves:
                 moves += layer_moves
-                tensors_of_layer[name] = self._slot_tensors(layer)
+                tensors_of_layer[name] = slot_tensors(layer, self.optimizers)
         report = move_slots(moves, tensors_of_layer, ep_rank=mesh.ep_rank, global_rank_of=mesh.global_rank,
                             ep_group=mesh.ep_group)
         for name, placement in new.items():
@@ -355,20 +371,6 @@ class MoEStrategy(DDPStrategy):
             for parameter in layer.experts.parameters(recurse=False):
                 parameter.grad = None  # consumed by the last step, and in the old slot order
         return report
-
-    def _slot_tensors(self, layer: MoELayer) -> list[torch.Tensor]:
-        """Every tensor of ``layer`` whose first dimension is the slot: the expert weights, then their
-        per-expert optimizer state, in an order that is the same on every rank."""
-        slots = layer.dispatcher.num_local_experts
-        tensors = []
-        for parameter in layer.experts.parameters(recurse=False):
-            tensors.append(parameter.data)
-            for index, optimizer in enumerate(self.optimizers):
-                state = getattr(optimizer, "_optimizer", optimizer).state.get(parameter)
-                if state:
-                    where = f"optimizer {index}, an expert parameter of size {tuple(parameter.shape)}"
-                    tensors += [value for _, value in sorted(per_expert_tensors(state, slots, where=where).items())]
-        return tensors
 
     def _check_loggers(self, trainer: pl.Trainer, module: Module) -> None:
         if self.expert_parallel_size == 1 or not named_moe_layers(module):

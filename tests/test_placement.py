@@ -33,6 +33,8 @@ ACCUMULATE = 2
 # Bytes of one expert slot: w_in [D, 2F] and w_out [F, D] in fp32, each with Adam's exp_avg and exp_avg_sq.
 SLOT_BYTES = (16 * 2 * 8 + 8 * 16) * 4 * 3
 RESUME_FROM = "migrate_ep2/checkpoints/epoch=1-step=10.ckpt"
+DEVICE_OPTIONS = {"load_balance_coef": 0.0, "device_balance_coef": 0.05, "communication_balance_coef": 0.02,
+                  "device_capacity_factor": 1.0}
 
 
 def world4_scenarios(out: Path) -> list[dict]:
@@ -64,6 +66,8 @@ def world2(world4) -> Path:
         {"name": "migrate_w2", "ep": 2, "model": MODEL, "migrate_at": MIGRATE_AT, "inverse_at": 4},
         {"name": "resume_w2", "ep": 2, "model": MODEL, "migrate_at": [11, 14, 17],
          "resume_from": str(world4 / RESUME_FROM)},
+        {"name": "device_balance", "ep": 2, "steps": 8, "migrate_at": [2, 5],
+         "model": {"num_experts": 4, "gate_kwargs": DEVICE_OPTIONS}},
     ]))
     launch(WORKER, [str(out / "scenarios.json"), str(out)], world_size=2, timeout=300, log_dir=out / "logs")
     return out
@@ -155,3 +159,15 @@ def test_resume_at_another_layout_starts_from_the_default_placement(world4):
     np.testing.assert_allclose(step_losses(resumed), step_losses(read(world4, "migrate_ep2", 4))[10:], rtol=1e-4)
     log = (world4 / "logs" / "rank0.log").read_text()
     assert "the checkpoint's expert placement (blocks.first: 2 ranks x 3 slots) does not fit this run" in log
+
+
+def test_device_level_balance_over_the_table_in_force(world2):
+    """DeepSeek-V2's device-level and communication losses and device-level dropping at EP 2 with
+    replicas and migrations: the losses are there, and no rank sends a destination more assignments
+    than its capacity (ceil(1.0 * assignments / 2)), counted by the dispatcher itself."""
+    for result in read(world2, "device_balance", 2):
+        assert {"device_balance_loss", "communication_balance_loss"} <= set(result["aux_losses"])
+        assert result["global_step"] == 8 and len(result["reports"]) == 2
+        for sent, routed in zip(result["sent_per_rank"], result["routed"]):
+            assert max(sent) <= -(-routed // 2)
+        assert sum(result["dropped"]) > 0

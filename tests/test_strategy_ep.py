@@ -85,6 +85,8 @@ def world4_scenarios(out: Path) -> list[dict]:
         {"name": "err_experts", "ep": 4, "expect_error": True, "model": {"num_experts": 6}, **TRAIN},
         {"name": "err_root", "ep": 2, "expect_error": True, "root_expert_param": True, **TRAIN},
         {"name": "err_mismatch", "ep": 2, "expect_error": True, "mismatch": True, **TRAIN},
+        {"name": "err_device_balance", "ep": 1, "expect_error": True,
+         "model": {"num_experts": 4, "gate_kwargs": {"device_balance_coef": 0.05}}, **TRAIN},
     ]
 
 
@@ -301,6 +303,8 @@ def test_device_limited_routing_matches_reference(world4):
         ("err_experts", "num_experts=6, which is not divisible by expert_parallel_size=4"),
         ("err_root", "registered directly on the root module"),
         ("err_mismatch", "num_experts=8 on rank 1 but 4 on rank 0"),
+        ("err_device_balance", "device_balance_coef=0.05 balances load across expert-parallel ranks, but "
+                               "expert_parallel_size=1: there is nothing to balance"),
     ],
 )
 def test_setup_errors(world4, name, message):

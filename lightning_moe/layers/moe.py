@@ -132,10 +132,11 @@ class MoELayer(nn.Module):
 
         # 1. Route: assignments (token, logical expert, weight) in priority order.
         routing = self.gate(x_TD, num_sequences=num_sequences)
-        routed = routing.expert_index_N.numel()
-        dropped = 0
+        routed = routing.expert_index_N.numel() + routing.num_dropped
+        dropped = routing.num_dropped  # by the gate's device-level capacity
         if self.capacity_factor is not None:
-            routing, dropped = drop_over_capacity(routing, self.num_experts, self.capacity_factor)
+            routing, dropped_here = drop_over_capacity(routing, self.num_experts, self.capacity_factor)
+            dropped += dropped_here
 
         # 2. Permute: rows sorted by expert (and sent to the expert's rank under expert parallelism).
         # Under mixed precision the rows are cast first, so that the gather and the all-to-all move

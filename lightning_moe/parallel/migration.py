@@ -26,10 +26,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from lightning_moe.layers.moe import MoELayer
+from lightning_moe.parallel.expert_state import per_expert_tensors
 from lightning_moe.parallel.placement import ExpertPlacement
 
 
@@ -92,6 +95,22 @@ def plan_slot_moves(layer: str, old: ExpertPlacement, new: ExpertPlacement) -> l
                 sends[source] += 1
             moves.append(SlotMove(layer, expert, source, int(old.slot_of_expert_ER[expert, source]), rank, slot))
     return moves
+
+
+def slot_tensors(layer: MoELayer, optimizers: Sequence[Any]) -> list[torch.Tensor]:
+    """Every tensor of ``layer`` whose first dimension is the slot: each expert weight, then its
+    per-expert optimizer state in every optimizer that holds it (key order), the same order on every
+    rank. What a migration moves."""
+    slots = layer.dispatcher.num_local_experts
+    tensors = []
+    for parameter in layer.experts.parameters(recurse=False):
+        tensors.append(parameter.data)
+        for index, optimizer in enumerate(optimizers):
+            state = getattr(optimizer, "_optimizer", optimizer).state.get(parameter)
+            if state:
+                where = f"optimizer {index}, an expert parameter of shape {tuple(parameter.shape)}"
+                tensors += [value for _, value in sorted(per_expert_tensors(state, slots, where=where).items())]
+    return tensors
 
 
 def _row_bytes(tensors: Sequence[torch.Tensor]) -> int:

@@ -131,7 +131,12 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     trainer.callbacks.append(RecordStart())
     trainer.fit(model, loader, ckpt_path=scenario.get("resume_from"))
     trainer.save_checkpoint(out_dir / "final.ckpt")
+    layers = [model.get_submodule(name) for name in LAYERS]
     return {
+        "aux_losses": sorted({name for layer in layers for name in layer.aux_losses}),
+        "sent_per_rank": [layer.traffic.assignments_sent_per_rank.tolist() for layer in layers],
+        "routed": [int(layer.routed_tokens) for layer in layers],
+        "dropped": [int(layer.dropped_tokens) for layer in layers],
         "losses": model.micro_batch_losses,
         "global_step": trainer.global_step,
         "reports": migrations.reports,

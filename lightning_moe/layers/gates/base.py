@@ -12,7 +12,7 @@ Shape legend: ``T`` tokens, ``D`` model width, ``E`` experts (logical ids), ``K`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ class Routing:
         stats: detached per-batch statistics by name (e.g. ``"router_entropy"``).
         device_index_N: the EP rank each assignment goes to, when the gate chose it (device-level
             capacity needs the replica choice); ``None`` lets the dispatcher choose.
+        num_dropped: assignments the gate itself dropped (device-level capacity).
 
     NOTE: assignments are in *priority order*: when a capacity limit drops assignments, the later
     ones go first. Token-choice gates list all first choices, then all second choices, and so on,
@@ -57,6 +58,7 @@ class Routing:
     aux_losses: dict[str, AuxLoss] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     device_index_N: torch.Tensor | None = None
+    num_dropped: int = 0
 
 
 def routing_from_topk(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> Routing:
@@ -182,6 +184,13 @@ class Gate(nn.Module):
         self.register_buffer("expert_group", holders_GE.nonzero().t().contiguous().to(device), persistent=False)
         self.expert_group_count = holders_GE.shape[0]
         self.expert_group_limit = max_groups
+
+    def set_expert_devices(self, devices: Any) -> None:
+        """Give a gate with device-level options (:class:`~lightning_moe.layers.gates.device_balance.DeviceBalance`)
+        the devices of its experts under the placement in force; ``None`` without expert parallelism."""
+        balance = getattr(self, "device_balance", None)
+        if balance is not None:
+            balance.devices = devices
 
     def limit_to_expert_groups(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """``scores_TE`` with the experts outside each token's ``max_groups`` best groups set to -inf.

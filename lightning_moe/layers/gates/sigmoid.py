@@ -24,6 +24,7 @@ from lightning_moe.layers.gates.base import (
     router_entropy,
     routing_from_topk,
 )
+from lightning_moe.layers.gates.device_balance import DeviceBalance, DeviceBalanceOptions
 from lightning_moe.layers.gates.losses import switch_load_balance_loss
 
 #: Added to the sum of the kept scores before renormalising, as DeepSeek-V3's released modeling
@@ -62,7 +63,7 @@ def sequence_balance_loss(
     return (fraction_SE * mean_score_SE).sum(dim=-1).mean()  # eq. 17, without its alpha
 
 
-class SigmoidGate(LinearRouterGate):
+class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
     """DeepSeek-V3 gate: sigmoid affinities, a selection-only bias, and group-limited routing.
 
     1. Scores ``s = sigmoid(x W^T)`` in fp32 (DeepSeek-V3 eq. 15).
@@ -97,6 +98,11 @@ class SigmoidGate(LinearRouterGate):
             fewer than ``top_k`` experts of the kept groups have a positive biased score. Keep 0.0
             only to reproduce a checkpoint whose reference code uses it (the transformers importer
             measures which one the installed version uses).
+        device_balance_coef: coefficient of DeepSeek-V2's device-level balance loss over the
+            expert-parallel ranks (:mod:`~lightning_moe.layers.gates.device_balance`).
+        communication_balance_coef: coefficient of DeepSeek-V2's communication balance loss.
+        device_capacity_factor: each EP rank takes at most this factor times its even share of a
+            rank's assignments, dropping those of lowest score (DeepSeek-V2); ``None``: no drop.
 
     NOTE: ``expert_bias`` stays fp32 whatever dtype the module is cast to (``bf16-true``,
     ``.half()``): in bf16 a bias of magnitude 0.5 has a spacing of 2**-8, so updates of 1e-3 would
@@ -115,6 +121,9 @@ class SigmoidGate(LinearRouterGate):
         sequence_balance_coef: float = 0.0,
         load_balance_coef: float = 0.0,
         dropped_group_fill: float = float("-inf"),
+        device_balance_coef: float = 0.0,
+        communication_balance_coef: float = 0.0,
+        device_capacity_factor: float | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -149,6 +158,12 @@ class SigmoidGate(LinearRouterGate):
         self.sequence_balance_coef = float(sequence_balance_coef)
         self.load_balance_coef = float(load_balance_coef)
         self.dropped_group_fill = float(dropped_group_fill)
+        self.device_balance = DeviceBalance(
+            owner,
+            device_balance_coef=device_balance_coef,
+            communication_balance_coef=communication_balance_coef,
+            device_capacity_factor=device_capacity_factor,
+        )
 
     @property
     def needs_bias_update(self) -> bool:  # type: ignore[override]
@@ -230,7 +245,8 @@ class SigmoidGate(LinearRouterGate):
             routing.aux_losses["load_balance_loss"] = AuxLoss(loss, self.load_balance_coef)
         routing.stats["router_entropy"] = router_entropy(normalized_TE.detach())
         routing.stats["expert_bias_abs_mean"] = self.expert_bias.detach().abs().mean()
-        return routing
+        # Device-level losses weigh the normalised scores, as the sequence-wise loss does (eq. 19).
+        return self.device_balance.apply(routing, normalized_TE, topk_ids_TK, self.expert_group_limit)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:

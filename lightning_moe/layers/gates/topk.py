@@ -12,10 +12,11 @@ from lightning_moe.layers.gates.base import (
     check_positive_int,
     routing_from_topk,
 )
+from lightning_moe.layers.gates.device_balance import DeviceBalance, DeviceBalanceOptions
 from lightning_moe.layers.gates.losses import add_softmax_router_losses
 
 
-class TopKGate(LinearRouterGate):
+class TopKGate(DeviceBalanceOptions, LinearRouterGate):
     """Softmax over all experts in fp32, then the ``top_k`` most probable experts.
 
     With ``normalize=True`` the ``k`` kept probabilities are renormalised to sum to one (Mixtral,
@@ -32,6 +33,11 @@ class TopKGate(LinearRouterGate):
             (Mixtral, GShard) and not for ``top_k=1`` (Switch).
         load_balance_coef: coefficient of the Switch load-balancing loss (Fedus et al. 2021, eq. 4).
         z_loss_coef: coefficient of the router z-loss (Zoph et al. 2022, eq. 5).
+        device_balance_coef: coefficient of DeepSeek-V2's device-level balance loss over the
+            expert-parallel ranks (:mod:`~lightning_moe.layers.gates.device_balance`).
+        communication_balance_coef: coefficient of DeepSeek-V2's communication balance loss.
+        device_capacity_factor: each EP rank takes at most this factor times its even share of a
+            rank's assignments, dropping those of lowest probability (DeepSeek-V2); ``None``: no drop.
     """
 
     def __init__(
@@ -41,6 +47,9 @@ class TopKGate(LinearRouterGate):
         normalize: bool | None = None,
         load_balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
+        device_balance_coef: float = 0.0,
+        communication_balance_coef: float = 0.0,
+        device_capacity_factor: float | None = None,
     ) -> None:
         super().__init__()
         check_positive_int(type(self).__name__, "top_k", top_k)
@@ -50,6 +59,12 @@ class TopKGate(LinearRouterGate):
         self.normalize = top_k > 1 if normalize is None else bool(normalize)
         self.load_balance_coef = load_balance_coef
         self.z_loss_coef = z_loss_coef
+        self.device_balance = DeviceBalance(
+            type(self).__name__,
+            device_balance_coef=device_balance_coef,
+            communication_balance_coef=communication_balance_coef,
+            device_capacity_factor=device_capacity_factor,
+        )
 
     def _build(self, d_model: int, num_experts: int) -> None:
         check_at_most_experts(type(self).__name__, "top_k", self.top_k, num_experts)
@@ -68,4 +83,4 @@ class TopKGate(LinearRouterGate):
         add_softmax_router_losses(
             routing, logits_TE, probs_TE, load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef
         )
-        return routing
+        return self.device_balance.apply(routing, probs_TE, topk_ids_TK, self.expert_group_limit)
