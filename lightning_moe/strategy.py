@@ -43,15 +43,17 @@ from lightning_moe.layers.experts import is_expert_param
 from lightning_moe.layers.gates.device_balance import ExpertDevices
 from lightning_moe.layers.moe import MoELayer
 from lightning_moe.parallel.amp import WorldSyncedGradScaler
+from lightning_moe.parallel.checks import check_loggers, check_optimizers, placement_problem
 from lightning_moe.parallel.averaging import ExpertAwareModelAverager
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
 from lightning_moe.parallel.finite import raise_if_nonfinite
 from lightning_moe.parallel.grad_sync import clip_grad_norm_global, reduce_expert_grads_on_arrival, sync_expert_grads
 from lightning_moe.parallel.mesh import ExpertParallelMesh, check_layout, expert_parallel_mesh
-from lightning_moe.parallel.migration import MigrationReport, move_slots, plan_slot_moves, slot_tensors
+from lightning_moe.parallel.migration import MigrationReport, migrate_layers
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.sharding import (
     ddp_ignored_names,
+    reinstate_placements,
     describe_signature_mismatch,
     expert_param_problem,
     moe_signature,
@@ -191,12 +193,13 @@ class MoEStrategy(DDPStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None
-        self._check_loggers(trainer, self.model)
+        if self.expert_parallel_size > 1 and named_moe_layers(self.model):
+            check_loggers(trainer.loggers, self.expert_parallel_size)
         # DDP's own setup, whole (precision conversion, layer sync, DDP wrapper, optimizers, comm
         # hooks, post-local SGD): only the hooks it calls are overridden here.
         super().setup(trainer)
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._check_optimizers()
+        if trainer.state.fn == TrainerFn.FITTING and self.experts_sharded:
+            check_optimizers(self.optimizers, self.expert_parallel_size)
             for optimizer in self.optimizers:
                 register_bias_update(optimizer, self.lightning_module)
         if self.experts_sharded:
@@ -213,7 +216,7 @@ class MoEStrategy(DDPStrategy):
         check_layout(world_size, self.expert_parallel_size)
         problem = expert_param_problem(module, self.expert_parallel_size)
         if problem is None:
-            problem = self._placement_problem(module)
+            problem = placement_problem(module, self.expert_parallel_size, self._placement_for)
         # All ranks take part in one gather before anyone raises, so that a problem seen by one
         # rank stops every rank instead of leaving the others waiting in a collective.
         gathered = self._all_gather_object((moe_signature(module), problem))
@@ -251,26 +254,6 @@ class MoEStrategy(DDPStrategy):
         if self.expert_placement is None:
             return ExpertPlacement.identity(num_experts, self.expert_parallel_size, self.spare_expert_slots)
         return ExpertPlacement.from_experts_per_rank(self.expert_placement)
-
-    def _placement_problem(self, module: Module) -> str | None:
-        for name, layer in named_moe_layers(module):
-            balance = getattr(layer.gate, "device_balance", None)
-            if self.expert_parallel_size == 1 and balance is not None and balance.active:
-                return (
-                    f"MoE layer `{name}`: {balance.describe()} balances load across expert-parallel ranks, but "
-                    f"expert_parallel_size=1: there is nothing to balance. Set those gate options to 0 / None, or "
-                    f"use expert_parallel_size > 1."
-                )
-            try:
-                placement = self._placement_for(layer.num_experts)
-            except ValueError as error:
-                return f"MoEStrategy: the placement of MoE layer `{name}` is invalid: {error}"
-            if layer.num_experts != placement.num_experts:
-                return (
-                    f"MoEStrategy: `expert_placement` places {placement.num_experts} experts but MoE layer `{name}` "
-                    f"has num_experts={layer.num_experts}. Give a placement of all {layer.num_experts} experts."
-                )
-        return None
 
     def _set_expert_groups(self, layer: MoELayer) -> None:
         """Give the gate the devices of its experts under the table in force: the groups of
@@ -327,77 +310,10 @@ class MoEStrategy(DDPStrategy):
                 "optimizer step consumed yet, and they are in the old slot order. Call it after "
                 "`optimizer.step()` (e.g. in `on_train_batch_end` of the last micro-batch of a step)."
             )
-        layers = dict(named_moe_layers(module))
-        new: dict[str, ExpertPlacement] = {}
-        problem = None
-        for name, table in placements.items():
-            if name not in layers or not isinstance(layers[name].dispatcher, AllToAllDispatcher):
-                problem = f"MoEStrategy.apply_placement: `{name}` is not an MoE layer of the model ({sorted(layers)})."
-                break
-            placement = table if isinstance(table, ExpertPlacement) else ExpertPlacement(table)
-            if not placement.same_layout(layers[name].dispatcher.placement):
-                current = layers[name].dispatcher.placement
-                problem = (
-                    f"MoEStrategy.apply_placement: the table for `{name}` has {placement.num_experts} experts over "
-                    f"{placement.ep_size} ranks x {placement.slots_per_rank} slots; the layer has "
-                    f"{current.num_experts} over {current.ep_size} x {current.slots_per_rank}."
-                )
-                break
-            new[name] = placement
-        signature = problem or [(name, placement.experts_per_rank(), placement.routing_fractions_RER.tolist())
-                                for name, placement in sorted(new.items())]
-        gathered = self._all_gather_object(signature)
-        if any(isinstance(entry, str) for entry in gathered):
-            raise ValueError(next(entry for entry in gathered if isinstance(entry, str)))
-        if any(entry != gathered[0] for entry in gathered):
-            raise ValueError(
-                "MoEStrategy.apply_placement was called with different tables on different ranks. Every rank must "
-                "pass the same tables (compute them from values that are the same on every rank)."
-            )
-
-        moves, tensors_of_layer = [], {}
-        for name, placement in new.items():
-            layer = layers[name]
-            layer_moves = plan_slot_moves(name, layer.dispatcher.placement, placement)
-            if layer_moves:
-                moves += layer_moves
-                tensors_of_layer[name] = slot_tensors(layer, self.optimizers)
-        report = move_slots(moves, tensors_of_layer, ep_rank=mesh.ep_rank, global_rank_of=mesh.global_rank,
-                            ep_group=mesh.ep_group)
-        for name, placement in new.items():
-            layer = layers[name]
-            layer.dispatcher.set_placement(placement)
-            self._set_expert_groups(layer)
-            for parameter in layer.experts.parameters(recurse=False):
-                parameter.grad = None  # consumed by the last step, and in the old slot order
-        return report
-
-    def _check_loggers(self, trainer: pl.Trainer, module: Module) -> None:
-        if self.expert_parallel_size == 1 or not named_moe_layers(module):
-            return
-        for logger in trainer.loggers:
-            if getattr(logger, "_log_model", False) or getattr(logger, "_log_model_checkpoints", False):
-                raise ValueError(
-                    f"MoEStrategy: the {type(logger).__name__} uploads checkpoints (`log_model`), but with "
-                    f"expert_parallel_size={self.expert_parallel_size} a checkpoint is a directory (each EP rank "
-                    f"writes its experts), which that logger's upload does not take. Set `log_model=False` and "
-                    f"upload the checkpoint directory yourself, or upload the single file that "
-                    f"`lightning-moe consolidate CKPT OUT` writes from it."
-                )
-
-    def _check_optimizers(self) -> None:
-        if not self.experts_sharded:
-            return
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        for optimizer in self.optimizers:
-            if isinstance(getattr(optimizer, "_optimizer", optimizer), ZeroRedundancyOptimizer):
-                raise ValueError(
-                    f"MoEStrategy: ZeroRedundancyOptimizer cannot hold expert shards (expert_parallel_size="
-                    f"{self.expert_parallel_size}): after each step it broadcasts every parameter from the rank "
-                    f"that holds its optimizer state, which would overwrite every rank's experts with one "
-                    f"rank's. Use a regular optimizer (e.g. AdamW), or expert_parallel_size=1."
-                )
+        return migrate_layers(
+            module, placements, optimizers=self.optimizers, mesh=mesh, all_gather=self._all_gather_object,
+            on_switch=self._set_expert_groups,
+        )
 
     def _make_precision_expert_aware(self) -> None:
         plugin = self.precision_plugin
@@ -557,19 +473,10 @@ class MoEStrategy(DDPStrategy):
     def _reinstate_placements(self, saved: dict[str, Any]) -> None:
         """Put back each MoE layer's saved table when it fits this run's layout; otherwise keep the
         default table and say so once."""
-        current = self.placements()
-        misfits = []
-        for name, state in saved.items():
-            placement = ExpertPlacement.from_dict(state)
-            if name in current and placement.same_layout(current[name]):
-                if placement != current[name]:
-                    layer = dict(named_moe_layers(self.lightning_module))[name]
-                    layer.dispatcher.set_placement(placement)  # no data to move: the checkpoint fills the slots
-                    self._set_expert_groups(layer)
-            else:
-                misfits.append(f"{name}: {placement.ep_size} ranks x {placement.slots_per_rank} slots")
+        assert self.lightning_module is not None
+        misfits = reinstate_placements(self.lightning_module, saved, on_switch=self._set_expert_groups)
         if misfits:
-            sample = next(iter(current.values()), None)
+            sample = next(iter(self.placements().values()), None)
             layout = f"{sample.ep_size} ranks x {sample.slots_per_rank} slots" if sample else "no sharded experts"
             rank_zero_info(
                 f"MoEStrategy: the checkpoint's expert placement ({misfits[0]}) does not fit this run ({layout}); "

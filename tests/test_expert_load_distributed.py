@@ -78,6 +78,7 @@ def worker(out_dir: Path) -> None:
                 "tokens": [t.tolist() for t in w.tokens_per_expert],
                 "traffic": [t.tolist() for t in w.traffic],
                 "rank_load": [t.tolist() for t in w.rank_load],
+                "source_load": [t.tolist() for t in w.source_load],
             }
             for w in monitor.history
         ],
@@ -107,14 +108,19 @@ def test_world4_ep2_logs_global_sums_once(tmp_path):
             expected_tokens = torch.zeros(len(window["tokens"][layer]), dtype=torch.long)
             expected_traffic = torch.zeros(EP, EP, dtype=torch.long)
             expected_rank_load = torch.zeros(EP, dtype=torch.long)
+            expected_source = torch.zeros(EP, len(window["tokens"][layer]), dtype=torch.long)
             for r in ranks:
                 for step in steps:
                     expected_tokens += torch.tensor(r["local"][step]["tokens"][layer])
+                    expected_source[r["ep_rank"]] += torch.tensor(r["local"][step]["tokens"][layer])
                     expected_traffic[r["ep_rank"]] += torch.tensor(r["local"][step]["sent"][layer])
                     expected_rank_load += torch.tensor(r["local"][step]["assigned"][layer])
             assert window["tokens"][layer] == expected_tokens.tolist()
             assert window["traffic"][layer] == expected_traffic.tolist()
             assert window["rank_load"][layer] == expected_rank_load.tolist()
+            # [source EP rank, expert]: what each EP rank routed, summed over its EDP replicas.
+            assert window["source_load"][layer] == expected_source.tolist()
+            assert torch.tensor(window["source_load"][layer]).sum(0).tolist() == window["tokens"][layer]
             # Dropless: all 4 ranks x 2 steps x 4 x 5 tokens x k assignments, each processed once; each
             # token is sent at least once and at most once per assignment.
             top_k = (2, 1)[layer]

@@ -56,6 +56,10 @@ class ExpertLoadMonitor(Callback):
     - ``load_history(i)`` -> ``[(step, [E]), ...]``; ``run_load(i)`` -> ``[E]`` since training began.
     - ``traffic(i)`` -> ``[P, P]`` of the last window (``traffic()`` sums the layers);
       ``rank_load(i)`` -> ``[P]`` assignments processed by each EP rank's experts.
+    - ``source_load(i)`` -> ``[P, E]`` assignments from each source EP rank to each logical expert in
+      the last window (``source_load_history(i)`` for every window kept): the load a placement
+      planner needs. Each window keeps ``L x P x E`` int64 counts: lower ``history_size`` for very
+      large models.
     - ``latest_metrics``: the scalars of the last log, by tag.
 
     Every rank holds the same, world-summed values. The run totals and history are saved in
@@ -139,6 +143,14 @@ class ExpertLoadMonitor(Callback):
     def traffic_history(self, layer_index: int) -> list[tuple[int, torch.Tensor]]:
         """``(step, traffic [P, P])`` of layer ``layer_index`` for each window kept, oldest first."""
         return [(window.step, window.traffic[layer_index]) for window in self.history]
+
+    def source_load(self, layer_index: int) -> torch.Tensor | None:
+        """Assignments ``[P, E]`` from each source EP rank to each logical expert in the last window."""
+        return self.history[-1].source_load[layer_index] if self.history else None
+
+    def source_load_history(self, layer_index: int) -> list[tuple[int, torch.Tensor]]:
+        """``(step, source load [P, E])`` of layer ``layer_index`` for each window kept, oldest first."""
+        return [(window.step, window.source_load[layer_index]) for window in self.history if window.source_load]
 
     def rank_load(self, layer_index: int) -> torch.Tensor | None:
         """Assignments ``[P]`` that each EP rank's experts processed in the last window."""

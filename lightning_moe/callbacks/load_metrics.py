@@ -42,6 +42,9 @@ class LoadWindow:
             the gate reports none.
         rank_load: per layer, assignments ``[P]`` that each EP rank's experts processed, summed over
             expert-data-parallel replicas.
+        source_load: per layer, assignments ``[P, E]`` from each source EP rank to each logical
+            expert (after capacity drops), summed over expert-data-parallel replicas: what a placement
+            planner needs (which ranks send tokens to which experts).
     """
 
     step: int
@@ -52,6 +55,7 @@ class LoadWindow:
     num_tokens: list[int]
     router_entropy: list[float | None] = field(default_factory=list)
     rank_load: list[torch.Tensor] = field(default_factory=list)
+    source_load: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -68,6 +72,7 @@ class LoadWindow:
             "num_tokens": list(self.num_tokens),
             "router_entropy": list(self.router_entropy),
             "rank_load": [t.clone() for t in self.rank_load],
+            "source_load": [t.clone() for t in self.source_load],
         }
 
     @classmethod
@@ -105,6 +110,9 @@ class ExpertLoadMetric(Metric):
         self.add_state("tokens_per_expert_LM", torch.zeros(num_layers, widest, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("traffic_LPP", torch.zeros(num_layers, ep_size, ep_size, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("rank_load_LP", torch.zeros(num_layers, ep_size, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state(
+            "source_load_LPM", torch.zeros(num_layers, ep_size, widest, dtype=torch.long), dist_reduce_fx="sum"
+        )
         # NOTE: float64 counters hold integer counts exactly up to 2**53 and the entropy sums.
         self.add_state("counters_LC", torch.zeros(num_layers, _NUM_COUNTERS, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -126,6 +134,8 @@ class ExpertLoadMetric(Metric):
             num_experts = self.num_experts[index]
             self.tokens_per_expert_LM[index, :num_experts] += layer.tokens_per_expert.to(device)
             dispatcher = layer.dispatcher
+            # This rank routed these assignments: its row of the layer's [source rank, expert] load.
+            self.source_load_LPM[index, dispatcher.ep_rank, :num_experts] += layer.tokens_per_expert.to(device)
             if dispatcher.ep_size != self.ep_size:
                 raise ValueError(
                     f"MoE layer {index} has ep_size={dispatcher.ep_size}, the metric was built for "
@@ -149,26 +159,30 @@ class ExpertLoadMetric(Metric):
         self.counters_LC[:, :_TOKENS] += torch.stack(on_device)
         self.counters_LC[:, _TOKENS:] += torch.tensor(on_host, dtype=torch.float64).to(device, non_blocking=True)
 
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The summed states ``([L, M], [L, P, P], [L, P], [L, C])`` on the CPU (a collective: call on
-        every rank).
+    def compute(self) -> tuple[torch.Tensor, ...]:
+        """The summed states ``([L, M], [L, P, P], [L, P], [L, C], [L, P, M])`` on the CPU (a
+        collective: call on every rank).
 
         NOTE: torchmetrics squeezes one-element tensors of the result (``[1, 1, 1]`` traffic of one
         layer without EP); :meth:`compute_window` restores the shapes.
         """
-        return self.tokens_per_expert_LM.cpu(), self.traffic_LPP.cpu(), self.rank_load_LP.cpu(), self.counters_LC.cpu()
+        return (
+            self.tokens_per_expert_LM.cpu(), self.traffic_LPP.cpu(), self.rank_load_LP.cpu(), self.counters_LC.cpu(),
+            self.source_load_LPM.cpu(),
+        )
 
     def compute_window(self, step: int) -> LoadWindow:
         """The window's sums over every process, as a :class:`LoadWindow` closed at ``step``.
 
         A collective when running distributed: every rank must call it.
         """
-        tokens_LM, traffic_LPP, rank_load_LP, counters_LC = self.compute()
+        tokens_LM, traffic_LPP, rank_load_LP, counters_LC, source_load_LPM = self.compute()
         num_layers = len(self.num_experts)
         tokens_LM = tokens_LM.reshape(num_layers, max(self.num_experts))
         traffic_LPP = traffic_LPP.reshape(num_layers, self.ep_size, self.ep_size)
         rank_load_LP = rank_load_LP.reshape(num_layers, self.ep_size)
         counters_LC = counters_LC.reshape(num_layers, _NUM_COUNTERS)
+        source_load_LPM = source_load_LPM.reshape(num_layers, self.ep_size, max(self.num_experts))
         entropy = []
         for row in counters_LC:
             tokens_with_entropy = row[_ENTROPY_TOKENS].item()
@@ -182,6 +196,7 @@ class ExpertLoadMetric(Metric):
             num_tokens=[int(v) for v in counters_LC[:, _TOKENS].tolist()],
             router_entropy=entropy,
             rank_load=[t.clone() for t in rank_load_LP],
+            source_load=[source_load_LPM[index, :, :num].clone() for index, num in enumerate(self.num_experts)],
         )
 
 

@@ -24,7 +24,7 @@ copies the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from lightning_moe.layers.moe import MoELayer
 from lightning_moe.parallel.expert_state import per_expert_tensors
+from lightning_moe.parallel.mesh import ExpertParallelMesh
 from lightning_moe.parallel.placement import ExpertPlacement
 
 
@@ -168,4 +169,66 @@ def move_slots(
         for tensor, row in zip(tensors_of_layer[move.layer], rows):
             tensor[move.dst_slot].copy_(row)
     report.seconds = time.perf_counter() - start
+    return report
+
+
+def migrate_layers(
+    module: torch.nn.Module,
+    placements: Mapping[str, ExpertPlacement | Sequence[Sequence[int]]],
+    *,
+    optimizers: Sequence[Any],
+    mesh: ExpertParallelMesh,
+    all_gather: Callable[[Any], list[Any]],
+    on_switch: Callable[[MoELayer], None],
+) -> MigrationReport:
+    """Switch the named MoE layers of ``module`` to new tables, moving the changed slots (the body of
+    :meth:`~lightning_moe.MoEStrategy.apply_placement`; a collective: every rank calls it).
+
+    The tables are checked and compared across ranks first (one all-gather): a bad or differing table
+    raises ``ValueError`` on every rank. After the transfer each layer switches to its new table,
+    ``on_switch(layer)`` refreshes what derives from it (the gate's device groups), and the layer's
+    expert gradients are dropped (consumed by the last step, and in the old slot order).
+    """
+    layers = {name: layer for name, layer in module.named_modules() if isinstance(layer, MoELayer)}
+    new: dict[str, ExpertPlacement] = {}
+    problem = None
+    for name, table in placements.items():
+        current = getattr(layers.get(name), "dispatcher", None)
+        if not hasattr(current, "placement"):
+            problem = f"MoEStrategy.apply_placement: `{name}` is not a sharded MoE layer of the model ({sorted(layers)})."
+            break
+        placement = table if isinstance(table, ExpertPlacement) else ExpertPlacement(table)
+        if not placement.same_layout(current.placement):
+            problem = (
+                f"MoEStrategy.apply_placement: the table for `{name}` has {placement.num_experts} experts over "
+                f"{placement.ep_size} ranks x {placement.slots_per_rank} slots; the layer has "
+                f"{current.placement.num_experts} over {current.placement.ep_size} x "
+                f"{current.placement.slots_per_rank}."
+            )
+            break
+        new[name] = placement
+    signature = problem or [(name, p.experts_per_rank(), p.routing_fractions_RER.tolist()) for name, p in sorted(new.items())]
+    gathered = all_gather(signature)
+    if any(isinstance(entry, str) for entry in gathered):
+        raise ValueError(next(entry for entry in gathered if isinstance(entry, str)))
+    if any(entry != gathered[0] for entry in gathered):
+        raise ValueError(
+            "MoEStrategy.apply_placement was called with different tables on different ranks. Every rank must "
+            "pass the same tables (compute them from values that are the same on every rank)."
+        )
+
+    moves, tensors_of_layer = [], {}
+    for name, placement in new.items():
+        layer_moves = plan_slot_moves(name, layers[name].dispatcher.placement, placement)
+        if layer_moves:
+            moves += layer_moves
+            tensors_of_layer[name] = slot_tensors(layers[name], optimizers)
+    report = move_slots(moves, tensors_of_layer, ep_rank=mesh.ep_rank, global_rank_of=mesh.global_rank,
+                        ep_group=mesh.ep_group)
+    for name, placement in new.items():
+        layer = layers[name]
+        layer.dispatcher.set_placement(placement)
+        on_switch(layer)
+        for parameter in layer.experts.parameters(recurse=False):
+            parameter.grad = None
     return report

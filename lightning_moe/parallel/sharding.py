@@ -7,6 +7,7 @@ parameter (the optimizer created next, hooks, the user's own references) keeps w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,3 +175,23 @@ def ddp_ignored_names(module: nn.Module) -> list[str]:
         prefix = f"{layer_name}." if layer_name else ""
         names += [prefix + buffer for buffer in sorted(layer._non_persistent_buffers_set)]
     return names
+
+
+def reinstate_placements(
+    module: nn.Module, saved: dict[str, Any], *, on_switch: Callable[[MoELayer], None]
+) -> list[str]:
+    """Give each sharded MoE layer of ``module`` its table from a checkpoint (``saved``: layer name ->
+    :meth:`ExpertPlacement.to_dict`), where it fits the layer's layout; no data moves, the checkpoint
+    fills the slots next. ``on_switch(layer)`` refreshes what derives from the table. Returns, for
+    each saved table that does not fit, ``"<layer>: <R> ranks x <S> slots"``."""
+    layers = {name: layer for name, layer in named_moe_layers(module) if isinstance(layer.dispatcher, AllToAllDispatcher)}
+    misfits = []
+    for name, state in saved.items():
+        placement = ExpertPlacement.from_dict(state)
+        layer = layers.get(name)
+        if layer is None or not placement.same_layout(layer.dispatcher.placement):
+            misfits.append(f"{name}: {placement.ep_size} ranks x {placement.slots_per_rank} slots")
+        elif placement != layer.dispatcher.placement:
+            layer.dispatcher.set_placement(placement)
+            on_switch(layer)
+    return misfits
