@@ -116,6 +116,12 @@ class MoETransformer(L.LightningModule):
         hf_config: the transformers ``config.json`` the model was read from (set by
             :meth:`from_pretrained`; :meth:`save_pretrained` writes it back).
         hf_source: the checkpoint directory the model was read from (its tokenizer files are copied on export).
+        pretrained: a local transformers checkpoint directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+            DeepSeek-V3) to fine-tune: the architecture comes from its ``config.json`` (leave the
+            architecture arguments out; one set to another value is an error), the other arguments
+            are the fine-tuning options, and the weights are read when training starts (under
+            :class:`~lightning_moe.MoEStrategy` each rank reads only its own experts). The way to
+            fine-tune from a YAML recipe; ``MoETransformer.from_pretrained(path)`` reads them at once.
     """
 
     def __init__(
@@ -168,7 +174,20 @@ class MoETransformer(L.LightningModule):
         gradient_checkpointing: bool = False,
         hf_config: dict[str, Any] | None = None,
         hf_source: str | None = None,
+        pretrained: str | None = None,
     ) -> None:
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        if pretrained is not None:
+            # The checkpoint's architecture, built on the meta device: no memory is used until the
+            # weights are read (`configure_model`, or each rank's own experts under MoEStrategy).
+            from lightning_moe.interop.hf_model import pretrained_arguments
+
+            given = {name: value for name, value in arguments.items() if name != "pretrained"}
+            resolved = pretrained_arguments(pretrained, given, _init_defaults())
+            with torch.device("meta"):
+                MoETransformer.__init__(self, **resolved)
+            self._pretrained_source = self.hparams.hf_source
+            return
         super().__init__()
         adam_betas = tuple(adam_betas)
         gate = gate_from_hparam(gate)
@@ -226,8 +245,10 @@ class MoETransformer(L.LightningModule):
             hf_config=hf_config,
             hf_source=hf_source,
         )
-        self.save_hyperparameters(ignore=["gate"])
-        self.hparams["gate"] = gate_to_hparam(gate)
+        # NOTE: the arguments are saved explicitly (not read from the call frames), so that a model built
+        # with `pretrained` saves the resolved architecture: its checkpoints load without the source.
+        self.save_hyperparameters({**arguments, "adam_betas": adam_betas, "gate": gate_to_hparam(gate)})
+        del self.hparams["pretrained"]
         self.max_seq_len, self.rope_theta, self.rope_scaling = max_seq_len, rope_theta, rope_scaling
         self.head_dim = head_dim or d_model // n_heads
         #: Width of the rotated part of each query and key head.
@@ -279,6 +300,43 @@ class MoETransformer(L.LightningModule):
             freeze_by_pattern(self, freeze, owner=f"{OWNER} `freeze`")
         self._eval_loss_sum: torch.Tensor | None = None
         self._eval_tokens = 0
+        #: The checkpoint directory whose weights are still to be read (a model built with `pretrained`).
+        self._pretrained_source: str | None = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # A model built with `pretrained` holds meta tensors until its weights are read. A dtype cast
+        # works on them; a device move cannot (no data to move) and is skipped: the weights are read
+        # onto the CPU and moved with the model afterwards. Without this, Lightning's teardown after an
+        # early error (`model.cpu()`) would hide that error behind "Cannot copy out of meta tensor".
+        if getattr(self, "_pretrained_source", None) is None:
+            return super()._apply(fn, recurse)
+        try:
+            return super()._apply(fn, recurse)
+        except NotImplementedError:
+            return self
+
+    def configure_model(self) -> None:
+        """Read the weights of a model built with ``pretrained`` (on the meta device), unless the
+        strategy reads each rank's share itself (:class:`~lightning_moe.MoEStrategy` reads only a rank's
+        own experts, after sharding)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if self._pretrained_source is not None and not getattr(strategy, "reads_local_experts", False):
+            self.load_pretrained_weights()
+
+    def load_pretrained_weights(self, local_experts: dict[str, list[int]] | None = None) -> Any:
+        """Fill a model built with ``pretrained`` from its checkpoint directory: dense weights, and the
+        listed logical experts of each MoE layer (all when ``None``). Returns the load report (bytes
+        read). See :func:`lightning_moe.interop.load_pretrained_weights`."""
+        from lightning_moe.interop.hf_load import load_pretrained_weights
+
+        if self._pretrained_source is None:
+            raise RuntimeError(
+                f"{OWNER}.load_pretrained_weights: this model was not built with `pretrained` (or its weights were "
+                f"read already)."
+            )
+        report = load_pretrained_weights(self, self._pretrained_source, local_experts=local_experts)
+        self._pretrained_source = None
+        return report
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -436,3 +494,14 @@ class MoETransformer(L.LightningModule):
                 used = getattr(block.ffn.gate, "top_k", self.hparams.top_k)
                 total -= per_expert * (experts.num_experts - min(used, experts.num_experts))
         return total
+
+
+def _init_defaults() -> dict[str, Any]:
+    """The defaults of ``MoETransformer.__init__`` (an argument equal to its default was not set)."""
+    import inspect
+
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(MoETransformer.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }

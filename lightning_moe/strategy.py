@@ -101,6 +101,9 @@ class MoEStrategy(DDPStrategy):
     """
 
     strategy_name = "moe"
+    #: A model built on the meta device (``MoETransformer(pretrained=...)``) reads its weights after
+    #: sharding, each rank only its own experts (see :meth:`model_to_device`).
+    reads_local_experts = True
 
     def __init__(
         self,
@@ -163,6 +166,8 @@ class MoEStrategy(DDPStrategy):
         self.expert_placement = expert_placement
         self.spare_expert_slots = spare_expert_slots
         self.check_finite = check_finite
+        #: What this rank read when the model's weights were loaded after sharding (bytes, tensors).
+        self.pretrained_load_report: Any = None
         #: A backward ran whose gradients no optimizer step consumed yet (mid-accumulation).
         self._pending_backward = False
         self.expert_mesh: ExpertParallelMesh | None = None
@@ -183,12 +188,33 @@ class MoEStrategy(DDPStrategy):
 
     @override
     def model_to_device(self) -> None:
-        super().model_to_device()
         # NOTE: DDPStrategy.setup calls this after the precision conversion and before it wraps the
         # model in DDP and creates the optimizers, which is where experts must be sharded: DDP must be
         # told which parameters to ignore, and the optimizers must hold the local shards only.
-        assert self.lightning_module is not None
-        self.parallelize(self.lightning_module)
+        module = self.lightning_module
+        assert module is not None
+        if _meta_tensors(module):
+            self._load_local_weights(module)
+        super().model_to_device()
+        self.parallelize(module)
+
+    def _load_local_weights(self, module: Module) -> None:
+        """A model on the meta device: shard it there (free), then let it read its weights, each rank
+        only the experts its slots hold (``module.load_pretrained_weights(local_experts)``)."""
+        self.parallelize(module)
+        loader = getattr(module, "load_pretrained_weights", None)
+        if callable(loader) and getattr(module, "_pretrained_source", None) is not None:
+            self.pretrained_load_report = loader(local_experts={
+                name: layer.dispatcher.placement.experts_on_rank(layer.dispatcher.ep_rank)
+                for name, layer in named_moe_layers(module)
+            })
+        left = _meta_tensors(module)
+        if left:
+            raise ValueError(
+                f"MoEStrategy: {left[:5]}{' ...' if len(left) > 5 else ''} are still on the meta device at setup. "
+                f"Create them in `configure_model`, or give the module a `load_pretrained_weights(local_experts)` "
+                f"that fills them (MoETransformer(pretrained=...) does)."
+            )
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -237,13 +263,14 @@ class MoEStrategy(DDPStrategy):
             if not isinstance(layer.dispatcher, AllToAllDispatcher):
                 shard_layer(layer, placement=self._placement_for(layer.num_experts), ep_rank=mesh.ep_rank,
                             ep_group=mesh.ep_group)
-                reduce_expert_grads_on_arrival(layer, ep_size=mesh.ep_size, ep_group=mesh.ep_group)
             elif layer.dispatcher.ep_size != mesh.ep_size:
                 raise ValueError(
                     f"An MoE layer is already sharded over {layer.dispatcher.ep_size} EP ranks, but this strategy "
                     f"uses expert_parallel_size={mesh.ep_size}. Build a fresh model, or load a checkpoint into it."
                 )
             self._set_expert_groups(layer)
+            # On the parameters in place now (loading a meta model replaces them); once per parameter.
+            reduce_expert_grads_on_arrival(layer, ep_size=mesh.ep_size, ep_group=mesh.ep_group)
         # DDP (and the states sync outside fitting) must leave the experts and per-forward counters
         # alone; a user's own list of ignored names is kept.
         user_ignored = [name for name in getattr(module, "_ddp_params_and_buffers_to_ignore", [])]
@@ -508,3 +535,8 @@ def _sharded_layers(module: Module) -> list[MoELayer]:
         layer for _, layer in named_moe_layers(module)
         if isinstance(layer.dispatcher, AllToAllDispatcher) and layer.dispatcher.ep_size > 1
     ]
+
+
+def _meta_tensors(module: Module) -> list[str]:
+    """Names of the parameters and buffers of ``module`` on the meta device."""
+    return [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]

@@ -192,6 +192,12 @@ def test_expert_rows_already_sliced_on_the_meta_device(deepseek):
 def test_a_meta_buffer_the_checkpoint_cannot_fill_is_named(deepseek):
     directory, _ = deepseek
     model = MoETransformer.from_pretrained(directory, load_weights=False)
-    model.blocks[1].ffn.gate.set_expert_groups(torch.arange(8) // 4, max_groups=1)  # on the meta device
-    with pytest.raises(ValueError, match=r"\['blocks.1.ffn.gate.expert_group'\].*set_expert_groups"):
+    # A user's own buffer, made on the meta device like the rest of the model: nothing can fill it.
+    model.blocks[1].ffn.gate.register_buffer("calibration", torch.empty(3, device="meta"), persistent=False)
+    with pytest.raises(ValueError, match=r"\['blocks.1.ffn.gate.calibration'\] are on the meta device"):
         load_pretrained_weights(model, directory)
+    # Expert groups set on a meta model are not on the meta device: they need no checkpoint.
+    other = MoETransformer.from_pretrained(directory, load_weights=False)
+    other.blocks[1].ffn.gate.set_expert_groups(torch.arange(8) // 4, max_groups=1)
+    assert not other.blocks[1].ffn.gate.expert_group.is_meta
+    load_pretrained_weights(other, directory)

@@ -77,22 +77,7 @@ def from_pretrained(
         from lightning_moe.model import MoETransformer
 
         model_class = MoETransformer
-    path = Path(path)
-    config = read_hf_config(path)
-    kwargs = model_kwargs_from_hf_config(config, source=str(path / "config.json"))
-    gate_kwargs = overrides.pop("gate_kwargs", None)
-    if gate_kwargs and "gate" not in overrides:
-        kwargs["gate"] = _merge_gate_kwargs(kwargs["gate"], dict(gate_kwargs))
-    elif gate_kwargs:
-        overrides["gate_kwargs"] = gate_kwargs
-    longest = kwargs["max_seq_len"]
-    if overrides.get("max_seq_len", longest) > longest:
-        raise ValueError(
-            f"from_pretrained: `max_seq_len`={overrides['max_seq_len']} exceeds what {path} supports ({longest}: its "
-            f"max_position_embeddings, or its sliding window). Use at most {longest}."
-        )
-    kwargs.update(overrides)
-    kwargs.update(hf_config=config, hf_source=str(path.resolve()))
+    kwargs = pretrained_arguments(path, overrides)
     with torch.device("meta"):
         model = model_class(**kwargs)
     resolved = resolve_dtype(dtype)
@@ -101,3 +86,51 @@ def from_pretrained(
     if load_weights:
         load_pretrained_weights(model, path)
     return model
+
+
+#: Arguments a fine-tuning run may set to other values than the checkpoint's: the rest of what
+#: ``model_kwargs_from_hf_config`` returns is the architecture, which the weights fix.
+_MAY_DIFFER = {"max_seq_len", "capacity_factor", "init_std"}
+
+
+def pretrained_arguments(
+    path: str | Path, given: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The :class:`~lightning_moe.MoETransformer` arguments of a model read from a checkpoint directory:
+    its architecture, from ``config.json``, and the fine-tuning options of ``given``.
+
+    Args:
+        path: the transformers checkpoint directory.
+        given: arguments the caller passed (learning rate, ``freeze``, ``gate_kwargs``...).
+        defaults: ``MoETransformer``'s defaults: an architecture argument in ``given`` equal to its
+            default is taken from the checkpoint; ``None`` treats every given argument as set.
+
+    Raises:
+        ValueError: an architecture argument set to another value than the checkpoint's (naming both),
+            or a ``max_seq_len`` beyond what the checkpoint supports.
+    """
+    path = Path(path)
+    config = read_hf_config(path)
+    kwargs = model_kwargs_from_hf_config(config, source=str(path / "config.json"))
+    defaults = defaults or {}
+    given = {name: value for name, value in given.items() if name not in defaults or value != defaults[name]}
+    for name, value in given.items():
+        if name in kwargs and name not in _MAY_DIFFER and name != "gate" and value != kwargs[name]:
+            raise ValueError(
+                f"MoETransformer: `{name}`={value!r} differs from the checkpoint's {kwargs[name]!r} ({path}). The "
+                f"architecture comes from the checkpoint: leave `{name}` out."
+            )
+    gate_kwargs = given.pop("gate_kwargs", None)
+    if gate_kwargs and "gate" not in given:
+        kwargs["gate"] = _merge_gate_kwargs(kwargs["gate"], dict(gate_kwargs))
+    elif gate_kwargs:
+        given["gate_kwargs"] = gate_kwargs
+    longest = kwargs["max_seq_len"]
+    if given.get("max_seq_len", longest) > longest:
+        raise ValueError(
+            f"MoETransformer: `max_seq_len`={given['max_seq_len']} exceeds what {path} supports ({longest}: its "
+            f"max_position_embeddings, or its sliding window). Use at most {longest}."
+        )
+    kwargs.update(given)
+    kwargs.update(hf_config=config, hf_source=str(path.resolve()))
+    return kwargs

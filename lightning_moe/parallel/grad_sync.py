@@ -32,6 +32,9 @@ from lightning_moe.layers.moe import MoELayer
 from lightning_moe.parallel.placement import ExpertPlacement
 
 
+_HOOKED = "_lightning_moe_grad_hook"
+
+
 def reduce_expert_grads_on_arrival(layer: MoELayer, *, ep_size: int, ep_group: dist.ProcessGroup | None) -> None:
     """Hook each expert parameter of ``layer`` so that, in every backward, its gradient is divided by
     ``ep_size`` and, for an expert with replicas, summed over the slots of all its holders.
@@ -41,11 +44,13 @@ def reduce_expert_grads_on_arrival(layer: MoELayer, *, ep_size: int, ep_group: d
     updates keep the replicas identical. The sum runs in the backward itself (one all-reduce over the
     EP group per parameter, only while the placement in force has replicas), so gradient
     accumulation and several ``manual_backward`` calls add up exactly as without replicas. The
-    placement is read at each backward: a migration changes it between steps.
+    placement is read at each backward: a migration changes it between steps. A parameter is hooked
+    once, however often this is called.
     """
     if ep_size == 1:
         return
     scale = 1.0 / ep_size
+    parameters = [p for p in layer.experts.parameters(recurse=False) if not getattr(p, _HOOKED, False)]
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad * scale
@@ -54,8 +59,9 @@ def reduce_expert_grads_on_arrival(layer: MoELayer, *, ep_size: int, ep_group: d
             grad = _sum_replica_rows(grad, placement, layer.dispatcher.ep_rank, ep_group)
         return grad
 
-    for parameter in layer.experts.parameters(recurse=False):
+    for parameter in parameters:
         parameter.register_hook(hook)
+        setattr(parameter, _HOOKED, True)
 
 
 def _sum_replica_rows(

@@ -147,7 +147,8 @@ def shard_layer(
     """
     local_experts = placement.experts_on_rank(ep_rank)
     for parameter in layer.experts.parameters(recurse=False):
-        if broadcast_from_rank_zero and dist.is_initialized() and dist.get_world_size() > 1:
+        # A meta tensor holds no data (its experts are read from a checkpoint after sharding).
+        if broadcast_from_rank_zero and not parameter.is_meta and dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(parameter.data, src=0)
         index = torch.tensor(local_experts, device=parameter.device)
         parameter.data = parameter.data.index_select(0, index).contiguous()

@@ -180,6 +180,8 @@ class Gate(nn.Module):
                 f"or lower `top_k`."
             )
         device = next((t.device for t in self.parameters()), None)
+        if device is not None and device.type == "meta":
+            device = None  # no data there; the model's move to its device carries the buffer along
         # (group, expert) pairs: one column per expert a group holds.
         self.register_buffer("expert_group", holders_GE.nonzero().t().contiguous().to(device), persistent=False)
         self.expert_group_count = holders_GE.shape[0]
