@@ -11,6 +11,7 @@ from lightning_moe.layers import (
 )
 from lightning_moe.data import ByteCorpusDataModule, TextFileDataModule
 from lightning_moe.model import MoETransformer
+from lightning_moe.planning import PlacementPlanner, Topology
 from lightning_moe.strategy import MoEStrategy, register_moe_strategy
 
 # `strategy="moe"` resolves once the package is imported.
@@ -22,7 +23,9 @@ __all__ = [
     "ByteCorpusDataModule",
     "MoEStrategy",
     "MoETransformer",
+    "PlacementPlanner",
     "TextFileDataModule",
+    "Topology",
     "ExpertLoadMonitor",
     "Gate",
     "MoELayer",
