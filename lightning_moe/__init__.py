@@ -12,6 +12,7 @@ from lightning_moe.layers import (
 )
 from lightning_moe.data import ByteCorpusDataModule, TextFileDataModule
 from lightning_moe.model import MoETransformer
+from lightning_moe.planning import PlacementPlanner, Topology
 from lightning_moe.resumable_loader import ResumableDataLoader
 from lightning_moe.tokenized import TokenizedDataModule
 from lightning_moe.strategy import MoEStrategy, register_moe_strategy
@@ -25,9 +26,11 @@ __all__ = [
     "ByteCorpusDataModule",
     "MoEStrategy",
     "MoETransformer",
+    "PlacementPlanner",
     "ResumableDataLoader",
     "TextFileDataModule",
     "TokenizedDataModule",
+    "Topology",
     "ExpertLoadMonitor",
     "Gate",
     "MoELayer",

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
 
 from launch import REPO_ROOT, free_port, launch  # noqa: E402
-from models import TwoMoELayers, dataset, reference_run  # noqa: E402
+from models import LateExperts, TwoMoELayers, dataset, reference_run  # noqa: E402
 
 from lightning_moe.checkpoint import (  # noqa: E402
     committed_directory,
@@ -74,6 +74,7 @@ def world4_scenarios(out: Path) -> list[dict]:
         {"name": "ep4", "ep": 4, "max_epochs": 2, "model": {"num_experts": 4, "gate_kwargs": {"z_loss_coef": 1e-3}},
          "validate": True, **TRAIN},
         {"name": "ep2_permuted", "ep": 2, "max_epochs": 2, "placement": [[3, 0], [1, 2]], "model": NO_AUX, **TRAIN},
+        {"name": "ep2_late_experts", "ep": 2, "late_experts": True, "model": NO_AUX, **TRAIN},
         {"name": "resume_ep4", "ep": 4, "max_epochs": 2, "model": NO_AUX, "resume_from": str(out / RESUME_FROM),
          **TRAIN},
         {"name": "capacity_ep4", "ep": 4, "model": {"num_experts": 4, "capacity_factor": 1.0}, **TRAIN},
@@ -202,6 +203,13 @@ def test_validate_after_fit_and_from_checkpoint(world4):
     for result in read(world4, "ep4", 4):
         assert result["val_loss_after_fit"] == pytest.approx(expected, rel=1e-4)
         assert result["val_loss_from_checkpoint"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_experts_created_in_configure_model(world4):
+    """A module whose MoE layers appear only in `configure_model` (as large models build them) is
+    sharded and trained like any other: the same steps as its single-process reference."""
+    ref_losses, _ = reference(NO_AUX, steps=STEPS_PER_EPOCH, model_class=LateExperts)
+    np.testing.assert_allclose(step_losses(read(world4, "ep2_late_experts", 4)), ref_losses, rtol=1e-4)
 
 
 def test_permuted_placement_matches_identity(world4, tmp_path):

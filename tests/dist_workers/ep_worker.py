@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from models import TwoMoELayers, dataloader  # noqa: E402
+from models import LateExperts, TwoMoELayers, dataloader  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_moe import MoEStrategy, mark_expert_param  # noqa: E402
@@ -66,6 +66,8 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     if scenario.get("mismatch") and rank == 1:
         model_kwargs["num_experts"] = 2 * model_kwargs.get("num_experts", 4)
     model_class = RootExpertParam if scenario.get("root_expert_param") else TwoMoELayers
+    if scenario.get("late_experts"):
+        model_class = LateExperts
     if scenario.get("manual"):
         # The model accumulates and clips; the Trainer must not (Lightning refuses both in manual mode).
         model_kwargs.update(accumulate=scenario.pop("accumulate"), clip=scenario.pop("clip"))

@@ -69,6 +69,23 @@ class TwoMoELayers(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)
 
 
+class LateExperts(TwoMoELayers):
+    """Creates its MoE layers in ``configure_model``, as a model too large for one process would."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        del self.blocks  # built again, later
+
+    def configure_model(self) -> None:
+        if hasattr(self, "blocks"):
+            return
+        torch.manual_seed(self.hparams.seed + 1)
+        common = dict(d_model=D_MODEL, d_ff=self.hparams.d_ff, num_experts=self.hparams.num_experts,
+                      gate=self.hparams.gate, top_k=self.hparams.top_k, gate_kwargs=self.hparams.gate_kwargs,
+                      capacity_factor=self.hparams.capacity_factor, init_std=0.2)
+        self.blocks = nn.ModuleDict({"first": MoELayer(**common), "second": MoELayer(**common)})
+
+
 def dataset(num_samples: int, seed: int = 1) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, SEQ, D_MODEL, generator=generator)
@@ -92,6 +109,7 @@ def reference_run(
     clip: float | None,
     num_samples: int,
     device_groups: tuple[list[int], int] | None = None,
+    model_class: type[TwoMoELayers] | None = None,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """What ``world_size`` DDP ranks with per-rank batches ``batch_size`` compute, in one process.
 
@@ -100,7 +118,8 @@ def reference_run(
     and Lightning's accumulation do. Returns the per-step losses and the final state dict. Steps
     wrap around the data like epochs do.
     """
-    model = TwoMoELayers(**model_kwargs)
+    model = (model_class or TwoMoELayers)(**model_kwargs)
+    model.configure_model()
     if device_groups is not None:
         for layer in (model.blocks["first"], model.blocks["second"]):
             layer.gate.set_expert_groups(torch.tensor(device_groups[0]), device_groups[1])

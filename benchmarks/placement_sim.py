@@ -1,0 +1,331 @@
+"""Expert placement policies on a simulated cluster, judged by the planner's cost model.
+
+For every cluster (nodes x GPUs), link bandwidths (intra / inter GB/s), layer and workload, a run
+draws ``--windows`` windows of routing load. At each window boundary every policy re-plans from
+the load of the window that just ended (what the expert-load monitor measured) and is judged on
+the next window's load:
+
+- ``static``: the block placement, never moved (:meth:`PlacementPlan.default`);
+- ``eplb``: DeepSeek's EPLB re-run from scratch (hierarchical by node when the layer has expert
+  groups, as DeepSeek-V3's 8 do);
+- ``smartmoe``: the SmartMoE-style greedy, swapping slots of the current placement;
+- ``ours``: :class:`~lightning_moe.PlacementPlanner` with the current placement (migration-aware);
+- ``oracle``: the planner on the window's own load, moving for free.
+
+The layers: ``mixtral`` (E=8, k=2, d=4096, f=14336) and ``deepseek`` (E=256, k=8, d=7168,
+f=2048); or ``ExKxDxF`` for any shape. Expert compute assumes the GEMMs reach ``--tflops``
+(forward + backward = 3 x 2 x 3 x d x f FLOPs per assignment); a hidden row is ``2 d`` bytes (bf16);
+a slot moves ``14 x 3 d f`` bytes (bf16 weight, fp32 master weight and two fp32 Adam moments).
+Every rank has ``ceil(E / R) + --spare-slots`` slots.
+
+Workloads (each source rank draws its top-k experts per token, without replacement, from a
+softmax over per-source logits; the window's load is Poisson around the expected counts of
+``--tokens-per-rank`` tokens per step over ``--steps-per-window`` steps, per step):
+
+- ``zipfS``: expert popularity ``1 / rank^S`` over a random order that drifts: every window, each
+  pair of neighbours in the order trades places with probability ``--drift``;
+- ``rotating``: an eighth of the experts is 8x hotter, and that hot block moves by a sixteenth of
+  the experts every window;
+- ``hot_source``: popularity ``1 / rank^0.5`` everywhere, but source rank 0's tokens go 16x more
+  to a sixteenth of the experts (at least two), a set that drifts by one expert a window.
+
+Printed per configuration and policy (means over the judged windows): the modelled layer time
+(forward + backward, one MoE layer), the busiest rank's load over the mean, the bytes that cross
+nodes per step, the bytes moved per re-plan, and the planner's run time. The goals of the issue
+are checked at the end for the configurations that have them.
+
+Usage::
+
+    python benchmarks/placement_sim.py                                   # everything (~30 min)
+    python benchmarks/placement_sim.py --clusters 2x8 --bandwidths 160/50 --workloads zipf1
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lightning_moe.planning import LayerCost, PlacementPlan, PlacementPlanner, Topology
+from lightning_moe.planning.baselines import eplb_plan, oracle_plan, smartmoe_greedy_plan, static_plan
+from lightning_moe.planning.cost_model import estimate_plan, migration_transfers
+
+POLICIES = ("static", "eplb", "smartmoe", "ours", "oracle")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A MoE layer shape: experts, experts per token, model width, expert hidden width, groups."""
+
+    name: str
+    num_experts: int
+    top_k: int
+    d_model: int
+    d_ff: int
+    num_groups: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Layer:
+        if text in LAYERS:
+            return LAYERS[text]
+        try:
+            experts, top_k, d_model, d_ff = (int(part) for part in text.split("x"))
+        except ValueError:
+            raise ValueError(f"--models: {text!r} is neither {sorted(LAYERS)} nor ExKxDxF (e.g. 8x2x256x512)") from None
+        if min(experts, top_k, d_model, d_ff) < 1 or top_k > experts:
+            raise ValueError(f"--models: {text!r} needs positive sizes and k <= E")
+        return cls(text, experts, top_k, d_model, d_ff)
+
+
+LAYERS = {
+    "mixtral": Layer("mixtral", 8, 2, 4096, 14336),
+    "deepseek": Layer("deepseek", 256, 8, 7168, 2048, num_groups=8),
+}
+
+
+def parse_pairs(text: str, separator: str, flag: str) -> list[tuple[float, float]]:
+    pairs = []
+    for item in text.split(","):
+        try:
+            first, second = (float(part) for part in item.split(separator))
+        except ValueError:
+            raise ValueError(f"{flag}: {item!r} is not A{separator}B") from None
+        pairs.append((first, second))
+    return pairs
+
+
+def inclusion_probabilities(logits_E: np.ndarray, top_k: int, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Chance that a token picks each expert among its top-k, drawing experts without replacement
+    from ``softmax(logits)`` (Gumbel top-k), by Monte Carlo."""
+    scores = logits_E[None, :] + rng.gumbel(size=(samples, len(logits_E)))
+    chosen = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
+    return np.bincount(chosen.ravel(), minlength=len(logits_E)) / samples
+
+
+class Workload:
+    """Per-window, per-source expert logits of one workload (see the module docstring)."""
+
+    def __init__(self, name: str, num_experts: int, num_ranks: int, drift: float, rng: np.random.Generator) -> None:
+        self.name, self.num_experts, self.num_ranks, self.rng = name, num_experts, num_ranks, rng
+        self.drift = drift
+        self.order = rng.permutation(num_experts)  # popularity rank of each expert
+        if name.startswith("zipf"):
+            self.exponent = float(name[4:])
+        elif name not in ("rotating", "hot_source"):
+            raise ValueError(f"--workloads: unknown workload {name!r}; use zipfS, rotating or hot_source")
+
+    def logits(self, window: int) -> np.ndarray:
+        """``[R, E]`` logits of every source rank in ``window``."""
+        experts = self.num_experts
+        if self.name.startswith("zipf"):
+            if window > 0:  # drift: each pair of neighbours in the popularity order may trade places
+                for i in np.flatnonzero(self.rng.random(experts - 1) < self.drift):
+                    swap = (self.order == i) | (self.order == i + 1)
+                    self.order[swap] = self.order[swap][::-1]
+            logits_E = -self.exponent * np.log1p(self.order)
+            return np.tile(logits_E, (self.num_ranks, 1))
+        if self.name == "rotating":
+            hot = max(1, experts // 8)
+            start = (window * max(1, experts // 16)) % experts
+            logits_E = np.zeros(experts)
+            logits_E[(start + np.arange(hot)) % experts] = np.log(8.0)
+            return np.tile(logits_E, (self.num_ranks, 1))
+        logits_RE = np.tile(-0.5 * np.log1p(self.order), (self.num_ranks, 1))
+        favourites = (window + np.arange(max(2, experts // 16))) % experts
+        logits_RE[0, favourites] += np.log(16.0)
+        return logits_RE
+
+
+def window_loads(workload, layer, windows, tokens_per_rank, steps, samples, rng) -> list[np.ndarray]:
+    """``windows`` loads ``[R, E]``: assignments per step, averaged over a window of ``steps`` steps.
+    Inclusion probabilities are estimated once per distinct logits (the Monte Carlo error must not
+    pass for drift)."""
+    loads, cache = [], {}
+    for window in range(windows):
+        logits_RE = workload.logits(window)
+        unique, inverse = np.unique(logits_RE, axis=0, return_inverse=True)
+        probabilities_UE = []
+        for row in unique:
+            if row.tobytes() not in cache:
+                cache[row.tobytes()] = inclusion_probabilities(row, layer.top_k, samples, rng)
+            probabilities_UE.append(cache[row.tobytes()])
+        probabilities_UE = np.stack(probabilities_UE)
+        expected_RE = probabilities_UE[inverse.ravel()] * tokens_per_rank * steps
+        loads.append(rng.poisson(expected_RE) / steps)
+    return loads
+
+
+@dataclass
+class Tally:
+    """Sums over the judged windows of one policy."""
+
+    layer_seconds: list[float] = field(default_factory=list)
+    max_over_mean: list[float] = field(default_factory=list)
+    cross_node_bytes: list[float] = field(default_factory=list)
+    moved_bytes: list[float] = field(default_factory=list)
+    plan_seconds: list[float] = field(default_factory=list)
+
+    def row(self) -> dict[str, float]:
+        mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
+        return {
+            "layer_ms": 1e3 * mean(self.layer_seconds),
+            "max_over_mean": mean(self.max_over_mean),
+            "cross_gb": mean(self.cross_node_bytes) / 1e9,
+            "moved_gb": mean(self.moved_bytes) / 1e9,
+            "plan_s": mean(self.plan_seconds),
+        }
+
+
+def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[str, dict[str, float]]:
+    """Run every policy over the windows of one configuration; return each policy's means."""
+    topology = Topology(num_nodes, gpus, intra * 1e9, inter * 1e9)
+    num_ranks = topology.num_ranks
+    slots = math.ceil(layer.num_experts / num_ranks) + args.spare_slots
+    cost = LayerCost.swiglu(d_model=layer.d_model, d_ff=layer.d_ff, flops_per_second=args.tflops * 1e12)
+    rng = np.random.default_rng([args.seed, layer.num_experts, num_ranks])
+    workload = Workload(workload_name, layer.num_experts, num_ranks, args.drift, rng)
+    loads = window_loads(workload, layer, args.windows, args.tokens_per_rank, args.steps_per_window, args.mc_samples, rng)
+    planner = PlacementPlanner.from_cost(topology, layer.num_experts, slots, cost, horizon_steps=args.steps_per_window)
+    static = static_plan(layer.num_experts, num_ranks, slots)
+    current = {policy: static for policy in POLICIES}
+    tallies = {policy: Tally() for policy in POLICIES}
+    for window in range(1, args.windows):
+        measured, upcoming = loads[window - 1], loads[window]
+        judged = window > args.warmup_replans  # the first re-plans leave the static placement
+        for policy in POLICIES:
+            start = time.perf_counter()
+            if policy == "static":
+                plan = static
+            elif policy == "eplb":
+                plan = eplb_plan(measured, num_ranks, slots, num_nodes=num_nodes, num_groups=layer.num_groups)
+            elif policy == "smartmoe":
+                plan = smartmoe_greedy_plan(measured, current[policy])
+            elif policy == "ours":
+                plan = planner.plan(measured, current=current[policy])
+            else:
+                plan = oracle_plan(planner, upcoming)
+            elapsed = time.perf_counter() - start
+            estimate = estimate_plan(plan, upcoming, topology, cost)
+            moved = migration_transfers(current[policy].experts_per_rank, plan.experts_per_rank, topology)
+            current[policy] = plan
+            if not judged:
+                continue
+            tally = tallies[policy]
+            tally.layer_seconds.append(estimate.layer_seconds)
+            tally.max_over_mean.append(estimate.max_over_mean)
+            tally.cross_node_bytes.append(estimate.cross_node_bytes)
+            tally.moved_bytes.append(len(moved) * cost.expert_bytes)
+            if policy in ("ours", "oracle"):
+                tally.plan_seconds.append(elapsed)
+    rows = {policy: tally.row() for policy, tally in tallies.items()}
+    floor = np.mean([cross_node_floor(load, topology, slots) for load in loads[1 + args.warmup_replans :]])
+    rows["floor"] = {"cross_gb": floor * cost.token_bytes * cost.all_to_all_passes / 1e9}
+    expert_loads = [load.sum(axis=0) for load in loads]
+    rows["drift"] = {
+        "cosine": float(np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(expert_loads, expert_loads[1:])]))
+    }
+    return rows
+
+
+def cross_node_floor(load_RE: np.ndarray, topology: Topology, slots_per_rank: int) -> float:
+    """Assignments per step that must cross nodes whatever the placement: a relaxation that gives
+    each expert one node (the one that sends it most) and then the spare slots, one (node, expert)
+    membership each, to the largest demands still crossing; node capacity and balance are ignored."""
+    node_load_NE = load_RE.reshape(topology.num_nodes, topology.ranks_per_node, -1).sum(axis=1)
+    first_choice_NE = np.arange(topology.num_nodes)[:, None] == node_load_NE.argmax(axis=0)[None, :]
+    crossing_NE = np.where(first_choice_NE, 0.0, node_load_NE)
+    spare = topology.num_ranks * slots_per_rank - load_RE.shape[1]
+    return max(float(crossing_NE.sum() - np.sort(crossing_NE.ravel())[::-1][:spare].sum()), 0.0)
+
+
+def print_table(title: str, rows: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title} (cosine similarity of consecutive windows' expert loads: {rows['drift']['cosine']:.4f})\n")
+    print("| policy | layer ms | vs static | max/mean | cross-node GB/step | moved GB/re-plan | plan s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    static_ms = rows["static"]["layer_ms"]
+    for policy in POLICIES:
+        row = rows[policy]
+        plan_s = f"{row['plan_s']:.2f}" if not math.isnan(row["plan_s"]) else "-"
+        print(
+            f"| {policy} | {row['layer_ms']:.2f} | {static_ms / row['layer_ms']:.2f}x | {row['max_over_mean']:.3f} | "
+            f"{row['cross_gb']:.3f} | {row['moved_gb']:.2f} | {plan_s} |"
+        )
+    print(f"| floor (no placement crosses less) | | | | {rows['floor']['cross_gb']:.3f} | | |")
+    sys.stdout.flush()
+
+
+def check_goals(key, rows) -> list[str]:
+    """The issue's goals at 2x8, 160/50 GB/s, one spare slot, Zipf s=1."""
+    ours, static, eplb = rows["ours"], rows["static"], rows["eplb"]
+    cross = eplb["cross_gb"] / ours["cross_gb"] if ours["cross_gb"] > 0 else math.inf
+    moved = eplb["moved_gb"] / ours["moved_gb"] if ours["moved_gb"] > 0 else math.inf
+    checks = [
+        ("ours vs static, layer time", static["layer_ms"] / ours["layer_ms"], 1.3, "x"),
+        ("ours vs EPLB, layer time", eplb["layer_ms"] / ours["layer_ms"], 1.1, "x"),
+        ("EPLB / ours, cross-node bytes", cross, 3.0, "x"),
+        ("EPLB / ours, bytes moved per re-plan", moved, 5.0, "x"),
+    ]
+    lines = [f"{key}: {name} {value:.2f}{unit} (goal >= {goal}{unit}) {'met' if value >= goal else 'NOT MET'}" for name, value, goal, unit in checks]
+    balance = "met" if ours["max_over_mean"] <= eplb["max_over_mean"] + 1e-9 else "NOT MET"
+    lines.append(f"{key}: balance, max/mean ours {ours['max_over_mean']:.3f} vs EPLB {eplb['max_over_mean']:.3f} (goal: equal or better) {balance}")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clusters", default="2x8,4x8", help="nodes x GPUs per node, comma-separated")
+    parser.add_argument("--bandwidths", default="160/50,450/50,450/12.5", help="intra/inter GB/s, comma-separated")
+    parser.add_argument("--models", default="mixtral,deepseek", help="mixtral, deepseek or ExKxDxF, comma-separated")
+    parser.add_argument("--workloads", default="zipf0.5,zipf1,zipf1.5,rotating,hot_source")
+    parser.add_argument("--windows", type=int, default=7, help="windows drawn; a plan made from each is judged on the next")
+    parser.add_argument("--warmup-replans", type=int, default=1, help="first re-plans (leaving static) not judged")
+    parser.add_argument("--steps-per-window", type=int, default=500, help="steps between re-plans (the horizon)")
+    parser.add_argument("--tokens-per-rank", type=int, default=4096, help="tokens per rank per step")
+    parser.add_argument("--spare-slots", type=int, default=1, help="slots per rank beyond ceil(E / R)")
+    parser.add_argument("--tflops", type=float, default=400.0, help="TFLOP/s the expert GEMMs reach")
+    parser.add_argument("--mc-samples", type=int, default=16384, help="Monte Carlo tokens per routing distribution")
+    parser.add_argument("--drift", type=float, default=0.05, help="chance that two neighbours in a Zipf order swap per window")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.clusters = [tuple(int(v) for v in pair) for pair in parse_pairs(args.clusters, "x", "--clusters")]
+    args.bandwidths = parse_pairs(args.bandwidths, "/", "--bandwidths")
+    args.models = [Layer.parse(text) for text in args.models.split(",")]
+    args.workloads = args.workloads.split(",")
+    if args.windows < 2 + args.warmup_replans:
+        parser.error("--windows must exceed --warmup-replans + 1 (the first window is only measured)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    print(
+        f"# Expert placement on a simulated cluster: {args.windows} windows of {args.steps_per_window} steps, "
+        f"{args.tokens_per_rank} tokens per rank per step, {args.spare_slots} spare slot(s) per rank, "
+        f"expert GEMMs at {args.tflops:g} TFLOP/s, seed {args.seed}.\n"
+        "Layer time: one MoE layer, forward + backward, per step; bytes per step count all four all-to-alls."
+    )
+    results, goals = {}, []
+    for layer in args.models:
+        for num_nodes, gpus in args.clusters:
+            for intra, inter in args.bandwidths:
+                for workload in args.workloads:
+                    key = f"{layer.name} {num_nodes}x{gpus} {intra:g}/{inter:g} GB/s {workload}"
+                    rows = simulate(layer, num_nodes, gpus, intra, inter, workload, args)
+                    results[key] = rows
+                    print_table(key, rows)
+                    if (num_nodes, gpus, intra, inter, workload, args.spare_slots) == (2, 8, 160, 50, "zipf1", 1):
+                        goals += check_goals(key, rows)
+    if goals:
+        print("\n## Goals (2x8, 160/50 GB/s, one spare slot per rank, Zipf s=1)\n")
+        print("\n".join(goals))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Measure the links of a :class:`~lightning_moe.planning.topology.Topology` with timed transfers.
+
+Method: EP rank 0 of the first EP group ping-pongs a message with EP rank 1 (same node) and with EP
+rank ``ranks_per_node`` (the first rank of the next node): it sends ``message_bytes``, the peer
+sends them back, and half the round trip is one one-way transfer. The same with an 8-byte message
+gives the latency; the bandwidth is ``message_bytes / (one_way_time - latency)``. Each figure is the
+median of ``repetitions`` round trips after one warm-up. EP rank 0 then broadcasts the figures so
+every rank returns the same topology (plans computed from it stay identical on every rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from lightning_moe.planning.topology import Topology
+
+_LATENCY_BYTES = 8
+
+
+def measure_links(
+    topology: Topology,
+    *,
+    group: dist.ProcessGroup | None = None,
+    message_bytes: int = 1 << 26,
+    repetitions: int = 5,
+    device: torch.device | str | None = None,
+) -> Topology:
+    """Time point-to-point transfers inside a node and across nodes; return the measured topology.
+
+    A collective: every rank of ``group`` must call it (ranks outside the probed pairs only wait
+    for the result). Levels the topology does not have (no second node, one rank per node) keep
+    their declared figures.
+
+    Args:
+        topology: the declared topology; its shape (nodes, ranks per node) is kept.
+        group: the process group whose first ``topology.num_ranks`` ranks form the EP group to
+            probe (default: the world).
+        message_bytes: bytes of the bandwidth message (64 MiB by default; a few MiB is enough on CPU).
+        repetitions: timed round trips per figure; the median is taken.
+        device: where the messages live (default: the current CUDA device under NCCL, else CPU).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("Topology.measure: torch.distributed is not initialized; call it inside a running job.")
+    if message_bytes < 1024 or repetitions < 1:
+        raise ValueError(
+            f"Topology.measure: message_bytes={message_bytes} must be at least 1024 and repetitions={repetitions} at "
+            f"least 1."
+        )
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    if len(ranks) < topology.num_ranks:
+        raise ValueError(
+            f"Topology.measure: the process group has {len(ranks)} ranks, fewer than the {topology.num_ranks} of the "
+            f"topology ({topology.num_nodes} nodes x {topology.ranks_per_node})."
+        )
+    if device is None:
+        on_nccl = dist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_nccl else torch.device("cpu")
+    device = torch.device(device)
+    me = dist.get_rank()
+
+    figures = {}
+    probes = []
+    if topology.ranks_per_node > 1:
+        probes.append(("intra_node", ranks[0], ranks[1]))
+    if topology.num_nodes > 1:
+        probes.append(("inter_node", ranks[0], ranks[topology.ranks_per_node]))
+    for level, first, peer in probes:
+        latency = _one_way_seconds(first, peer, me, _LATENCY_BYTES, repetitions, device, group)
+        one_way = _one_way_seconds(first, peer, me, message_bytes, repetitions, device, group)
+        figures[level] = (message_bytes / max(one_way - latency, 1e-9), latency)
+
+    # Every rank returns what EP rank 0 measured.
+    result = torch.zeros(4, dtype=torch.float64, device=device)
+    if me == ranks[0]:
+        for index, level in enumerate(("intra_node", "inter_node")):
+            if level in figures:
+                result[2 * index : 2 * index + 2] = torch.tensor(figures[level], dtype=torch.float64)
+    dist.broadcast(result, src=ranks[0], group=group)
+    intra_bandwidth, intra_latency, inter_bandwidth, inter_latency = result.tolist()
+    measured = {}
+    if topology.ranks_per_node > 1:
+        measured.update(intra_node_bandwidth=intra_bandwidth, intra_node_latency=intra_latency)
+    if topology.num_nodes > 1:
+        measured.update(inter_node_bandwidth=inter_bandwidth, inter_node_latency=inter_latency)
+    return dataclasses.replace(topology, **measured)
+
+
+def _one_way_seconds(
+    first: int, peer: int, me: int, num_bytes: int, repetitions: int, device: torch.device, group
+) -> float:
+    """Median half round trip of ``num_bytes`` between global ranks ``first`` and ``peer``; every rank
+    of the group enters the barriers, only the two ends transfer (others return 0)."""
+    buffer = torch.zeros(max(num_bytes // 4, 1), dtype=torch.float32, device=device)
+    samples = []
+    for repetition in range(repetitions + 1):
+        dist.barrier(group=group)
+        if me not in (first, peer):
+            continue
+        _synchronize(device)
+        start = time.perf_counter()
+        if me == first:
+            dist.send(buffer, dst=peer, group=group)
+            dist.recv(buffer, src=peer, group=group)
+        else:
+            dist.recv(buffer, src=first, group=group)
+            dist.send(buffer, dst=first, group=group)
+        _synchronize(device)
+        if repetition > 0:  # the first round trip warms up the connection
+            samples.append((time.perf_counter() - start) / 2)
+    dist.barrier(group=group)
+    return statistics.median(samples) if samples else 0.0
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

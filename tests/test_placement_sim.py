@@ -1,0 +1,67 @@
+"""benchmarks/placement_sim.py: workloads, the cross-node floor and an end-to-end tiny run."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_moe.planning import Topology
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "placement_sim.py"
+_spec = importlib.util.spec_from_file_location("placement_sim_benchmark", _PATH)
+sim = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = sim  # dataclasses look their module up there
+_spec.loader.exec_module(sim)
+
+
+def test_inclusion_probabilities_sum_to_k_and_follow_the_logits():
+    rng = np.random.default_rng(0)
+    probabilities = sim.inclusion_probabilities(np.log(np.array([8.0, 4.0, 2.0, 1.0])), 2, 20000, rng)
+    assert probabilities.sum() == pytest.approx(2.0)
+    assert np.all(np.diff(probabilities) < 0) and probabilities[0] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["zipf1", "rotating", "hot_source"])
+def test_workloads_give_per_source_logits(name):
+    workload = sim.Workload(name, 16, 4, 0.05, np.random.default_rng(0))
+    first, second = workload.logits(0), workload.logits(1)
+    assert first.shape == second.shape == (4, 16)
+    if name == "hot_source":
+        assert not np.allclose(first[0], first[1]) and np.allclose(first[1], first[2])
+    if name == "rotating":
+        assert first[0].argmax() != second[0].argmax()
+
+
+def test_cross_node_floor_counts_what_no_placement_avoids():
+    topology = Topology(2, 1)
+    # Node 0 sends expert 0 100 tokens and expert 1 10; node 1 sends expert 0 50 and expert 1 40.
+    load = np.array([[100.0, 10.0], [50.0, 40.0]])
+    # No spare slot: expert 0 on node 0 and expert 1 on node 1 at best; node 1's 50 and node 0's 10 cross.
+    assert sim.cross_node_floor(load, topology, slots_per_rank=1) == 60.0
+    assert sim.cross_node_floor(load, topology, slots_per_rank=2) == 0.0  # a spare slot on each node covers the rest
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="--models"):
+        sim.Layer.parse("8x2x64")
+    with pytest.raises(ValueError, match="--bandwidths"):
+        sim.parse_args(["--bandwidths", "160-50"])
+    with pytest.raises(ValueError, match="--workloads"):
+        sim.Workload("uniform", 8, 4, 0.05, np.random.default_rng(0))
+
+
+def test_main_prints_a_table_per_configuration_and_the_goals(capsys):
+    results = sim.main(
+        ["--clusters", "2x2", "--bandwidths", "160/50", "--models", "8x2x256x512", "--workloads", "zipf1,hot_source",
+         "--windows", "3", "--steps-per-window", "50", "--tokens-per-rank", "256", "--mc-samples", "512"]
+    )  # fmt: skip
+    output = capsys.readouterr().out
+    assert len(results) == 2
+    for rows in results.values():
+        assert rows["ours"]["layer_ms"] <= rows["static"]["layer_ms"] * (1 + 1e-9)
+        assert rows["oracle"]["moved_gb"] >= 0 and rows["floor"]["cross_gb"] <= rows["ours"]["cross_gb"] + 1e-12
+    tables = [line for line in output.splitlines() if line.startswith("| ")]
+    assert len(tables) == 2 * (1 + len(sim.POLICIES) + 1)  # header, policies, floor
+    assert "## Goals" not in output  # the goals belong to 2x8 at 160/50 GB/s

@@ -1,0 +1,241 @@
+"""Topology, placement plans, the cost model, the routing LP and calibration (lightning_moe.planning)."""
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_moe.planning import LayerCost, PlacementPlan, Topology, estimate_plan
+from lightning_moe.planning.calibration import calibrate
+from lightning_moe.planning.routing_lp import planner_objective, solve_routing
+
+# --------------------------------------------------------------------------------------- topology
+
+
+class _Trainer:
+    def __init__(self, num_nodes, num_devices):
+        self.num_nodes, self.num_devices = num_nodes, num_devices
+
+
+@pytest.mark.parametrize(
+    ("nodes", "devices", "ep", "shape"),
+    [(1, 8, 8, (1, 8)), (1, 8, 4, (1, 4)), (2, 8, 16, (2, 8)), (4, 8, 16, (2, 8)), (2, 2, 4, (2, 2))],
+)
+def test_topology_from_trainer(nodes, devices, ep, shape):
+    topology = Topology.from_trainer(_Trainer(nodes, devices), expert_parallel_size=ep, inter_node_bandwidth=12.5e9)
+    assert (topology.num_nodes, topology.ranks_per_node) == shape
+    assert topology.inter_node_bandwidth == 12.5e9
+    assert topology.node_of_rank().tolist() == [r // shape[1] for r in range(ep)]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "devices", "ep", "match"),
+    [(1, 8, 3, "divisor of the world"), (2, 6, 4, "straddle"), (4, 4, 24, "divisor"), (3, 4, 6, "whole nodes")],
+)
+def test_topology_from_trainer_rejects_groups_that_straddle_nodes(nodes, devices, ep, match):
+    with pytest.raises(ValueError, match=match):
+        Topology.from_trainer(_Trainer(nodes, devices), expert_parallel_size=ep)
+
+
+def test_topology_from_environment_torchrun_and_slurm():
+    torchrun = {"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "16"}
+    assert Topology.from_environment(8, torchrun).num_nodes == 2
+    slurm = {"SLURM_NTASKS_PER_NODE": "8", "SLURM_NTASKS": "32"}
+    assert (Topology.from_environment(32, slurm).num_nodes, Topology.from_environment(32, slurm).ranks_per_node) == (4, 8)
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE"):
+        Topology.from_environment(8, {})
+    with pytest.raises(ValueError, match="integers"):
+        Topology.from_environment(8, {"LOCAL_WORLD_SIZE": "x", "WORLD_SIZE": "8"})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_nodes": 0, "ranks_per_node": 2}, "num_nodes"),
+        ({"num_nodes": 1, "ranks_per_node": 2.5}, "ranks_per_node"),
+        ({"num_nodes": 1, "ranks_per_node": 2, "intra_node_bandwidth": 0}, "intra_node_bandwidth"),
+        ({"num_nodes": 2, "ranks_per_node": 2, "inter_node_bandwidth": float("inf")}, "inter_node_bandwidth"),
+        ({"num_nodes": 2, "ranks_per_node": 2, "inter_node_latency": -1e-6}, "inter_node_latency"),
+    ],
+)
+def test_topology_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        Topology(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ plans
+
+
+def test_default_plan_is_the_identity_block_and_spreads_spare_slots():
+    plan = PlacementPlan.default(8, 4, 2).validate()
+    assert plan.experts_per_rank == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert torch.equal(plan.routing_fractions_RER[0, 3], torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    spare = PlacementPlan.default(8, 4, 3).validate()
+    assert spare.experts_per_rank == [[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 0]]
+    assert spare.routing_fractions_RER[1, 2].tolist() == [0.5, 0.5, 0.0, 0.0]
+    fewer_experts = PlacementPlan.default(8, 16, 1).validate()  # E < R: consecutive ranks share experts
+    assert fewer_experts.replica_counts().tolist() == [2] * 8
+
+
+def _valid_plan():
+    return PlacementPlan.default(4, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda p: p.experts_per_rank[0].__setitem__(1, 0), "two replicas of one expert"),
+        (lambda p: p.experts_per_rank[1].__setitem__(0, 9), r"integers in \[0, 4\)"),
+        (lambda p: p.experts_per_rank[1].append(3), "same number of slots"),
+        (lambda p: p.experts_per_rank.__setitem__(1, [0, 1]), "held by no rank"),
+        (lambda p: p.routing_fractions_RER.__setitem__((0, 0, 1), 0.5), "does not hold it"),
+        (lambda p: p.routing_fractions_RER.__setitem__((0, 0, 0), 0.5), "sums to 0.5"),
+        (lambda p: p.routing_fractions_RER.__setitem__((1, 2, 1), -1.0), "non-negative"),
+    ],
+)
+def test_plan_validation_errors_are_clear(mutate, match):
+    plan = _valid_plan()
+    mutate(plan)
+    with pytest.raises(ValueError, match=match):
+        plan.validate()
+
+
+def test_plan_validation_shape_and_dtype():
+    plan = _valid_plan()
+    with pytest.raises(ValueError, match="float64"):
+        PlacementPlan(plan.experts_per_rank, plan.routing_fractions_RER.float()).validate()
+    with pytest.raises(ValueError, match="same R ranks"):
+        PlacementPlan(plan.experts_per_rank + [[0, 1]], plan.routing_fractions_RER).validate()
+    colocated = PlacementPlan.even_split([[0, 0], [1, 2], [3, 1]], 4)
+    with pytest.raises(ValueError, match="distinct ranks"):
+        colocated.validate()
+    colocated.validate(allow_colocated_replicas=True)
+    assert colocated.routing_fractions_RER[0, 0].tolist() == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(("experts", "ranks", "slots", "match"), [(9, 4, 2, "at least 3"), (2, 2, 3, "at most 2")])
+def test_default_plan_rejects_impossible_shapes(experts, ranks, slots, match):
+    with pytest.raises(ValueError, match=match):
+        PlacementPlan.default(experts, ranks, slots)
+
+
+# ------------------------------------------------------------------------------------- cost model
+
+
+def test_cost_model_formulas_on_a_hand_computed_case():
+    # Two nodes of two ranks; each rank holds one expert; every source sends 100 assignments to
+    # expert 0 (on rank 0) and 50 to expert 3 (on rank 3).
+    topology = Topology(2, 2, intra_node_bandwidth=100.0, inter_node_bandwidth=10.0, inter_node_latency=0.5)
+    cost = LayerCost(token_bytes=1.0, seconds_per_token=0.01, per_expert_overhead=0.25, expert_bytes=40.0)
+    plan = PlacementPlan.even_split([[0], [1], [2], [3]], 4)
+    load = np.zeros((4, 4))
+    load[:, 0], load[:, 3] = 100, 50
+    estimate = estimate_plan(plan, load, topology, cost)
+    # Rank 0 computes 400 assignments (+ one non-empty slot); ranks 1 and 2 none; rank 3 200.
+    assert estimate.compute_seconds == pytest.approx(400 * 0.01 + 0.25)
+    assert estimate.max_compute_load == 400 and estimate.mean_compute_load == 150
+    # Rank 0 receives 200 rows from node 1 over 10 B/s: 20 s; its intra-node in-link 100 / 100 = 1 s.
+    assert estimate.all_to_all_seconds == pytest.approx(20 + 0.5)
+    assert estimate.layer_seconds == pytest.approx(4.25 + 4 * 20.5)
+    # Cross-node: sources 2, 3 -> rank 0 (200) and sources 0, 1 -> rank 3 (100), of 600.
+    assert estimate.cross_node_share == pytest.approx(300 / 600)
+    assert estimate.cross_node_bytes == pytest.approx(300 * 4)
+    # Migration: ranks 1 and 2 (on different nodes) trade experts 1 and 2: two copies across nodes,
+    # in parallel, each 40 bytes over 10 B/s.
+    moved = PlacementPlan.even_split([[0], [2], [1], [3]], 4)
+    estimate = estimate_plan(moved, load, topology, cost, current=plan)
+    assert estimate.migration_bytes == 80.0
+    assert estimate.migration_seconds == pytest.approx(40 / 10 + 0.5)
+
+
+def test_routing_lp_matches_an_independent_linear_program():
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(3)
+    for _ in range(15):
+        topology = Topology(int(rng.integers(1, 3)), int(rng.integers(2, 4)), rng.uniform(50, 500) * 1e9, rng.uniform(5, 100) * 1e9)
+        num_ranks, num_experts = topology.num_ranks, int(rng.integers(2, 7))
+        cost = LayerCost(token_bytes=8192.0, seconds_per_token=float(rng.uniform(0.2, 3)) * 1e-6)
+        load = rng.gamma(0.5, 1000, size=(num_ranks, num_experts)) * (rng.random((num_ranks, num_experts)) > 0.2)
+        holds = np.zeros((num_experts, num_ranks), dtype=bool)
+        for rank in range(num_ranks):
+            holds[rng.choice(num_experts, size=min(2, num_experts), replace=False), rank] = True
+        holds[~holds.any(axis=1), 0] = True
+        solution = solve_routing(load, holds, topology, cost, locality_weight=1e-3)
+        reference = _reference_routing_objective(scipy_optimize, load, holds, topology, cost, 1e-3)
+        assert solution.objective == pytest.approx(reference, rel=1e-6)
+        assert planner_objective(load, solution.fractions_RER, topology, cost, 1e-3) == pytest.approx(solution.objective)
+        np.testing.assert_allclose(solution.fractions_RER.sum(axis=2), 1.0)
+        assert not ((solution.fractions_RER > 0) & ~holds[None]).any()
+
+
+def _reference_routing_objective(scipy_optimize, load, holds, topology, cost, locality_weight):
+    """The routing LP written out densely, one row per constraint, solved by HiGHS."""
+    num_ranks, num_experts = load.shape
+    same = topology.same_node()
+    flows = [(r, e, d) for r in range(num_ranks) for e in range(num_experts) if load[r, e] > 0 for d in range(num_ranks) if holds[e, d]]
+    n = len(flows)
+    passes = cost.all_to_all_passes
+    objective = np.zeros(n + 2)
+    objective[n], objective[n + 1] = 1.0, passes
+    upper_rows = []
+    for d in range(num_ranks):
+        row = np.zeros(n + 2)
+        for j, flow in enumerate(flows):
+            row[j] = cost.seconds_per_token if flow[2] == d else 0.0
+        row[n] = -1
+        upper_rows.append(row)
+    for q in range(num_ranks):
+        for intra in (True, False):
+            bandwidth = topology.intra_node_bandwidth if intra else topology.inter_node_bandwidth
+            out_row, in_row = np.zeros(n + 2), np.zeros(n + 2)
+            for j, (r, e, d) in enumerate(flows):
+                if r != d and same[r, d] == intra:
+                    out_row[j] += cost.token_bytes / bandwidth if r == q else 0.0
+                    in_row[j] += cost.token_bytes / bandwidth if d == q else 0.0
+            for row in (out_row, in_row):
+                row[n + 1] = -1
+                upper_rows.append(row)
+    for j, (r, e, d) in enumerate(flows):
+        if r != d:
+            bandwidth = topology.intra_node_bandwidth if same[r, d] else topology.inter_node_bandwidth
+            objective[j] = locality_weight * passes / num_ranks * 2 * cost.token_bytes / bandwidth
+    equal_rows, equal_values = [], []
+    for r in range(num_ranks):
+        for e in range(num_experts):
+            if load[r, e] > 0:
+                equal_rows.append([1.0 if (flow[0], flow[1]) == (r, e) else 0.0 for flow in flows] + [0.0, 0.0])
+                equal_values.append(load[r, e])
+    result = scipy_optimize.linprog(
+        objective, A_ub=np.array(upper_rows), b_ub=np.zeros(len(upper_rows)), A_eq=np.array(equal_rows), b_eq=equal_values
+    )
+    assert result.success
+    return result.fun
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+
+def _random_plan(rng, *, num_experts, num_ranks, slots_per_rank):
+    """A random valid plan: every expert once, spare slots random replicas, distinct per rank."""
+    while True:
+        extra = rng.integers(num_experts, size=num_ranks * slots_per_rank - num_experts)
+        slots = rng.permutation(np.concatenate([np.arange(num_experts), extra])).reshape(num_ranks, slots_per_rank)
+        if all(len(set(rank)) == slots_per_rank for rank in slots.tolist()):
+            return PlacementPlan.even_split(slots.tolist(), num_experts).validate()
+
+
+def test_calibrate_recovers_the_per_token_cost_and_overhead():
+    rng = np.random.default_rng(0)
+    topology = Topology(2, 2, 100e9, 25e9)
+    truth = LayerCost(token_bytes=4096.0, seconds_per_token=2e-6, per_expert_overhead=3e-5)
+    samples = []
+    for _ in range(12):
+        plan = _random_plan(rng, num_experts=6, num_ranks=4, slots_per_rank=2)
+        load = rng.gamma(0.7, 2000, size=(4, 6)) * (rng.random((4, 6)) > 0.3)
+        samples.append((load, plan, estimate_plan(plan, load, topology, truth).layer_seconds))
+    start = LayerCost(token_bytes=4096.0, seconds_per_token=1e-5)
+    fitted = calibrate(samples, topology, start)
+    assert fitted.cost.seconds_per_token == pytest.approx(2e-6, rel=1e-6)
+    assert fitted.cost.per_expert_overhead == pytest.approx(3e-5, rel=1e-4)
+    assert fitted.max_relative_error < 1e-6
+    with pytest.raises(ValueError, match="positive"):
+        calibrate([(samples[0][0], samples[0][1], 0.0)], topology, start)
