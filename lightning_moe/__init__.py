@@ -1,6 +1,6 @@
 """lightning-moe: Mixture-of-Experts training for PyTorch Lightning."""
 
-from lightning_moe.callbacks import ExpertLoadMonitor
+from lightning_moe.callbacks import ExpertLoadMonitor, ExpertMigration
 from lightning_moe.checkpoint import load_from_checkpoint
 from lightning_moe.layers import (
     Gate,
@@ -32,6 +32,7 @@ __all__ = [
     "TokenizedDataModule",
     "Topology",
     "ExpertLoadMonitor",
+    "ExpertMigration",
     "Gate",
     "MoELayer",
     "collect_aux_loss",

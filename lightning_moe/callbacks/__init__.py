@@ -2,5 +2,6 @@
 
 from lightning_moe.callbacks.expert_load import ExpertLoadMonitor
 from lightning_moe.callbacks.load_metrics import ExpertLoadMetric, LoadWindow
+from lightning_moe.callbacks.migration import ExpertMigration
 
-__all__ = ["ExpertLoadMetric", "ExpertLoadMonitor", "LoadWindow"]
+__all__ = ["ExpertLoadMetric", "ExpertLoadMonitor", "ExpertMigration", "LoadWindow"]

@@ -123,3 +123,51 @@ def render_traffic(traffic_PP: torch.Tensor, *, step: int | None = None, title: 
     axes.set_title(f"{title}{suffix}", fontsize=10)
     figure.colorbar(image, cax=colorbar_axes)
     return figure_to_array(figure)
+
+
+def render_placement(
+    processed_RE: np.ndarray, holders_RE: np.ndarray, *, step: int | None = None, title: str = "Expert placement"
+) -> np.ndarray:
+    """Which EP rank holds which expert and how many tokens each copy processes, as RGB.
+
+    Rows are EP ranks, columns logical experts; a held cell is coloured by the tokens per step that
+    rank's copy processes (a blank cell: the rank does not hold the expert; two coloured cells in a
+    column: replicas). Each rank's total load is printed at the end of its row, so balance reads off
+    the right margin.
+
+    Args:
+        processed_RE: ``[R, E]`` tokens per step each rank's copy of each expert processes.
+        holders_RE: ``[R, E]`` booleans: which ranks hold which experts.
+        step: the training step, shown in the title.
+        title: the figure title.
+    """
+    processed = np.asarray(processed_RE, dtype=np.float64)
+    held = np.asarray(holders_RE, dtype=bool)
+    num_ranks, num_experts = processed.shape
+    figure, axes, colorbar_axes = _figure_with_colorbar(
+        min(16.0, 2.4 + 0.42 * num_experts), 1.3 + 0.42 * num_ranks, right=1.6
+    )
+    image = axes.imshow(np.ma.masked_where(~held, processed), cmap="viridis", vmin=0.0, aspect="auto",
+                        interpolation="nearest")
+    if processed.size <= _MAX_ANNOTATED_CELLS:
+        peak = processed.max() if processed.size else 0.0
+        for rank in range(num_ranks):
+            for expert in range(num_experts):
+                if held[rank, expert]:
+                    colour = "black" if peak > 0 and processed[rank, expert] > 0.6 * peak else "white"
+                    axes.text(expert, rank, f"{processed[rank, expert]:.0f}", ha="center", va="center", fontsize=7,
+                              color=colour)
+    rank_load = processed.sum(axis=1)
+    mean = rank_load.mean() if rank_load.size else 0.0
+    for rank, load in enumerate(rank_load):
+        axes.text(num_experts - 0.3, rank, f"  {load:.0f}", ha="left", va="center", fontsize=8, clip_on=False)
+    axes.set_yticks(range(num_ranks))
+    if num_experts <= 32:
+        axes.set_xticks(range(num_experts))
+    axes.set_xlabel("expert")
+    axes.set_ylabel("EP rank")
+    balance = f", max/mean {rank_load.max() / mean:.2f}" if mean > 0 else ""
+    suffix = "" if step is None else f", step {step}"
+    axes.set_title(f"{title}{suffix}{balance}", fontsize=10)
+    figure.colorbar(image, cax=colorbar_axes)
+    return figure_to_array(figure)

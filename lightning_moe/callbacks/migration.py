@@ -1,0 +1,351 @@
+"""ExpertMigration: re-place experts from the measured load, topology-aware, while training runs.
+
+Every ``every_n_steps`` optimizer steps the callback takes the load of the window (tokens from each
+source EP rank to each logical expert, ``[R, E]`` per layer: from an :class:`ExpertLoadMonitor` when
+there is one, otherwise counted here), asks a :class:`~lightning_moe.planning.PlacementPlanner` per
+MoE layer for a plan (slots with replicas and routing fractions) that lowers the modelled layer time
+on the cluster's :class:`~lightning_moe.planning.Topology`, and moves only the layers whose predicted
+gain pays for the move:
+
+    gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)          (hysteresis)
+    gain * horizon_steps                        >  migration_margin * migration_time  (cost of moving)
+
+The move is :meth:`~lightning_moe.MoEStrategy.apply_placement`, between an optimizer step and the
+next forward. The cost model's compute constant is fitted to the measured step times as windows go by
+(``step ~ other + seconds_per_token * sum over layers of the busiest rank's tokens + all-to-alls``).
+
+Every rank computes the same plans: the loads are summed over the world, the step times reduced to
+their maximum over the world, and the planner is deterministic. See docs/migration.md.
+
+Shape legend: ``R`` EP ranks, ``E`` logical experts, ``S`` slots per rank.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_moe.callbacks.expert_load import ExpertLoadMonitor, _tensorboard_writers
+from lightning_moe.callbacks.load_metrics import ExpertLoadMetric
+from lightning_moe.callbacks.plots import render_placement
+from lightning_moe.layers import MoELayer
+from lightning_moe.parallel.migration import slot_tensors
+from lightning_moe.parallel.placement import ExpertPlacement
+from lightning_moe.planning import PlacementPlanner, Topology
+from lightning_moe.planning.plan import PlacementPlan
+
+#: Expert GEMM throughput assumed before the first measured windows (FLOP/s), per device type.
+_DEFAULT_FLOPS = {"cuda": 4e14, "cpu": 5e10}
+
+
+class ExpertMigration(Callback):
+    """Move experts between expert-parallel ranks when the measured load makes it pay.
+
+    Needs :class:`~lightning_moe.MoEStrategy` with ``expert_parallel_size > 1``; give it
+    ``spare_expert_slots`` so that hot experts can be replicated (a permutation alone rarely
+    balances a skewed load).
+
+    Logs, at each re-plan, ``moe/migration/...``: ``layers_moved``, ``experts_moved`` (slots that
+    changed, over all layers), ``bytes`` (sent over the world), ``seconds`` (the move),
+    ``predicted_layer_seconds_before`` / ``_after`` (sum over layers, cost model),
+    ``predicted_max_over_mean_before`` / ``_after`` (mean over layers), ``cross_node_share_before`` /
+    ``_after``, ``measured_step_seconds`` (the window's mean step time, the slowest rank's) and, at
+    the first re-plan after a move, ``measured_step_seconds_after`` next to the ``_before`` logged
+    with the move; and a placement image per layer (``moe/layer{i}/placement``) to TensorBoard.
+
+    Args:
+        every_n_steps: optimizer steps between re-plans (the window of load each plan reads).
+        topology: the cluster as the planner sees one EP group; ``None`` builds it from the trainer's
+            nodes and devices (:meth:`Topology.from_trainer`, default link bandwidths).
+        horizon_steps: steps a new plan is expected to stay in force, over which its gain is
+            counted; ``None`` is ``every_n_steps``.
+        migration_margin: the gain over the horizon must exceed this many times the move's time.
+        min_gain: the predicted layer time must drop by at least this share before a layer moves,
+            so that noise in the load does not make placements oscillate.
+        flops_per_second: expert GEMM throughput assumed before the step times calibrate it;
+            ``None`` picks a default for the device type.
+        calibrate: fit the cost model's compute constant to the measured step times.
+        log_images: write a placement image per layer to TensorBoard at each move.
+        planner_options: further :class:`PlacementPlanner` arguments (``search_rounds``, ...).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        *,
+        topology: Topology | None = None,
+        horizon_steps: int | None = None,
+        migration_margin: float = 2.0,
+        min_gain: float = 0.05,
+        flops_per_second: float | None = None,
+        calibrate: bool = True,
+        log_images: bool = True,
+        planner_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("every_n_steps", every_n_steps), ("horizon_steps", horizon_steps or 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ExpertMigration: `{name}` must be a positive integer, got {value!r}.")
+        for name, value in (("migration_margin", migration_margin), ("min_gain", min_gain)):
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+                raise ValueError(f"ExpertMigration: `{name}` must be a finite number >= 0, got {value!r}.")
+        if flops_per_second is not None and not flops_per_second > 0:
+            raise ValueError(f"ExpertMigration: `flops_per_second` must be > 0, got {flops_per_second!r}.")
+        self.every_n_steps = every_n_steps
+        self.topology = topology
+        self.horizon_steps = horizon_steps or every_n_steps
+        self.migration_margin = float(migration_margin)
+        self.min_gain = float(min_gain)
+        self.flops_per_second = flops_per_second
+        self.calibrate = calibrate
+        self.log_images = log_images
+        self.planner_options = dict(planner_options or {})
+
+        #: One dict per re-plan: step, layers and slots moved, bytes, seconds, predicted and measured times.
+        self.history: list[dict[str, Any]] = []
+        self.seconds_per_token: float | None = None
+        self._samples: list[tuple[float, float, float]] = []  # (busiest tokens, all-to-all s, step s)
+        self._last_plan_step = 0
+        self._layers: list[tuple[str, MoELayer]] = []
+        self._metric: ExpertLoadMetric | None = None
+        self._monitor: ExpertLoadMonitor | None = None
+        self._due = False
+        self._step_started: float | None = None
+        self._step_seconds: list[float] = []
+        self._moved_at: int | None = None
+
+    # ------------------------------------------------------------------------------ Lightning hooks
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        layers = [
+            (name, module) for name, module in pl_module.named_modules()
+            if isinstance(module, MoELayer) and getattr(module.dispatcher, "ep_size", 1) > 1
+        ]
+        if not hasattr(strategy, "apply_placement") or not layers:
+            rank_zero_warn(
+                "ExpertMigration: no MoE layer is sharded over more than one EP rank (use MoEStrategy with "
+                "expert_parallel_size > 1); there is nothing to migrate."
+            )
+            self._layers = []
+            return
+        self._layers = layers
+        ep_size = layers[0][1].dispatcher.ep_size
+        if self.topology is None:
+            self.topology = Topology.from_trainer(trainer, ep_size)
+        elif self.topology.num_ranks != ep_size:
+            raise ValueError(
+                f"ExpertMigration: `topology` has {self.topology.num_ranks} ranks but the EP groups have {ep_size}. "
+                f"Describe one EP group: num_nodes * ranks_per_node = expert_parallel_size."
+            )
+        monitors = [c for c in trainer.callbacks if isinstance(c, ExpertLoadMonitor)]
+        self._monitor = next((m for m in monitors if self.every_n_steps % m.every_n_steps == 0), None)
+        if self._monitor is None:
+            self._metric = ExpertLoadMetric(
+                num_experts=[layer.num_experts for _, layer in layers], ep_size=ep_size
+            ).to(pl_module.device)
+        self._last_plan_step = trainer.global_step
+        self._step_started = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._layers:
+            return
+        if self._metric is not None:
+            self._metric.update([layer for _, layer in self._layers])
+        stepped = trainer.global_step > self._last_plan_step + len(self._step_seconds)
+        if stepped:
+            now = time.perf_counter()
+            self._step_seconds.append(now - (self._step_started or now))
+            self._step_started = now
+        if trainer.global_step - self._last_plan_step >= self.every_n_steps:
+            # NOTE: re-planned at the next batch's start: after every hook of this batch (the monitor
+            # closes its window here too) and before the next forward, where slots may move.
+            self._due = True
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._due:
+            self._due = False
+            self.replan(trainer, pl_module)
+            self._step_started = time.perf_counter()  # the re-plan is not part of a step's time
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": [dict(entry) for entry in self.history],
+            "seconds_per_token": self.seconds_per_token,
+            "samples": [list(sample) for sample in self._samples],
+            "last_plan_step": self._last_plan_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(entry) for entry in state_dict["history"]]
+        self.seconds_per_token = state_dict["seconds_per_token"]
+        self._samples = [tuple(sample) for sample in state_dict["samples"]]
+        self._last_plan_step = int(state_dict["last_plan_step"])
+
+    # ------------------------------------------------------------------------------ re-planning
+
+    def replan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Plan every layer from the window's load and move those whose gain pays (a collective: every
+        rank calls it, between an optimizer step and the next forward). Returns the history entry."""
+        step = trainer.global_step
+        window_steps = max(step - self._last_plan_step, 1)
+        loads = self._window_loads(step, window_steps)
+        device = pl_module.device  # collectives on the process group's device (NCCL: the GPU)
+        step_seconds = _world_max(float(np.mean(self._step_seconds)) if self._step_seconds else 0.0, device)
+        self._step_seconds = []
+        self._last_plan_step = step
+        strategy = trainer.strategy
+        current = strategy.placements()
+        planners = {name: self._planner(layer, trainer) for name, layer in self._layers}
+        if self.calibrate and step_seconds > 0:
+            self._add_sample(loads, current, planners, step_seconds)
+
+        moves, entry = {}, {"step": step, "measured_step_seconds": step_seconds}
+        before, after, balance_before, balance_after, cross_before, cross_after = 0.0, 0.0, [], [], [], []
+        plans = {}
+        for name, layer in self._layers:
+            planner, load_RE = planners[name], loads[name]
+            now = _as_plan(current[name])
+            plan = planner.plan(load_RE, now)
+            estimate_now = planner.estimate(now, load_RE)
+            estimate_new = planner.estimate(plan, load_RE, now)
+            gain = estimate_now.layer_seconds - estimate_new.layer_seconds
+            changed = plan.experts_per_rank != now.experts_per_rank or not torch.allclose(
+                plan.routing_fractions_RER, now.routing_fractions_RER, atol=1e-9
+            )
+            pays = gain * self.horizon_steps > self.migration_margin * estimate_new.migration_seconds
+            if changed and gain > self.min_gain * estimate_now.layer_seconds and pays:
+                moves[name] = ExpertPlacement(plan.experts_per_rank, plan.routing_fractions_RER)
+                plans[name] = (plan, load_RE)
+                chosen = estimate_new
+            else:
+                chosen = estimate_now
+            before += estimate_now.layer_seconds
+            after += chosen.layer_seconds
+            balance_before.append(estimate_now.max_over_mean)
+            balance_after.append(chosen.max_over_mean)
+            cross_before.append(estimate_now.cross_node_share)
+            cross_after.append(chosen.cross_node_share)
+        entry.update(
+            predicted_layer_seconds_before=before, predicted_layer_seconds_after=after,
+            predicted_max_over_mean_before=float(np.mean(balance_before)),
+            predicted_max_over_mean_after=float(np.mean(balance_after)),
+            cross_node_share_before=float(np.mean(cross_before)), cross_node_share_after=float(np.mean(cross_after)),
+            layers_moved=len(moves), experts_moved=0, bytes=0, seconds=0.0,
+        )
+        if self._moved_at is not None:
+            entry["measured_step_seconds_after"] = step_seconds
+            self._moved_at = None
+        if moves:
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            start = time.perf_counter()
+            report = strategy.apply_placement(moves)
+            sent = torch.tensor([float(report.bytes_sent)], dtype=torch.float64, device=device)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(sent)
+            entry.update(experts_moved=report.slots_moved, bytes=int(sent.item()),
+                         seconds=_world_max(time.perf_counter() - start, device),
+                         measured_step_seconds_before=step_seconds)
+            self._moved_at = step
+        self.history.append(entry)
+        self._log(trainer, entry, plans, step)
+        return entry
+
+    def _window_loads(self, step: int, window_steps: int) -> dict[str, np.ndarray]:
+        """Per layer, the window's ``[R, E]`` assignments per step and per EP group (the world's
+        counts divided by the steps and by the expert-data-parallel replicas)."""
+        edp_size = max(1, (dist.get_world_size() if dist.is_initialized() else 1) // self._layers[0][1].dispatcher.ep_size)
+        if self._metric is not None:
+            window = self._metric.compute_window(step)  # a collective
+            self._metric.reset()
+            source = window.source_load
+        else:
+            assert self._monitor is not None
+            windows = [w for w in self._monitor.history if self._last_plan_step < w.step <= step and w.source_load]
+            source = [sum(w.source_load[index] for w in windows) if windows else None for index in range(len(self._layers))]
+            if any(s is None for s in source):
+                source = [torch.zeros(l.dispatcher.ep_size, l.num_experts) for _, l in self._layers]
+        return {
+            name: load.double().numpy() / window_steps / edp_size for (name, _), load in zip(self._layers, source)
+        }
+
+    def _planner(self, layer: MoELayer, trainer: pl.Trainer) -> PlacementPlanner:
+        placement = layer.dispatcher.placement
+        experts = layer.experts
+        parameter = experts.w_in
+        autocast_bytes = 2 if str(trainer.precision).startswith(("bf16", "16")) else parameter.element_size()
+        # Bytes a slot moves: each tensor whose first dimension is the slot (weights, optimizer state).
+        expert_bytes = sum(t[0].numel() * t.element_size() for t in slot_tensors(layer, trainer.optimizers))
+        if self.seconds_per_token is None:
+            flops = self.flops_per_second or _DEFAULT_FLOPS.get(parameter.device.type, _DEFAULT_FLOPS["cpu"])
+            # SwiGLU: 3 matrices of d_model x d_ff, 2 FLOPs per multiply-add, backward twice the forward.
+            self.seconds_per_token = 3 * 2 * (3 * experts.d_model * experts.d_ff) / flops
+        return PlacementPlanner(
+            self.topology, placement.num_experts, placement.slots_per_rank,
+            token_bytes=float(experts.d_model * autocast_bytes), seconds_per_token=self.seconds_per_token,
+            expert_bytes=float(expert_bytes), horizon_steps=self.horizon_steps,
+            migration_margin=self.migration_margin, **self.planner_options,
+        )
+
+    def _add_sample(self, loads, current, planners, step_seconds: float) -> None:
+        """Fit ``seconds_per_token`` to the measured step times: each window gives
+        ``step = other + a * sum_layers busiest_tokens + sum_layers all_to_all`` (least squares over
+        windows, ``a`` and ``other`` non-negative; kept at its prior until the windows differ)."""
+        busiest, all_to_all = 0.0, 0.0
+        for name, _ in self._layers:
+            estimate = planners[name].estimate(_as_plan(current[name]), loads[name])
+            busiest += estimate.max_compute_load
+            all_to_all += estimate.layer_seconds - estimate.compute_seconds
+        self._samples.append((busiest, all_to_all, step_seconds))
+        samples = np.array(self._samples[-32:])
+        if len(samples) < 2 or np.ptp(samples[:, 0]) <= 1e-9 * max(samples[:, 0].max(), 1.0):
+            return
+        columns = np.stack([samples[:, 0], np.ones(len(samples))], axis=1)
+        (per_token, _other), *_ = np.linalg.lstsq(columns, samples[:, 2] - samples[:, 1], rcond=None)
+        if per_token > 0:
+            self.seconds_per_token = float(per_token)
+
+    def _log(self, trainer: pl.Trainer, entry: dict[str, Any], plans: dict, step: int) -> None:
+        metrics = {f"moe/migration/{key}": float(value) for key, value in entry.items() if key != "step"}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if not (self.log_images and plans and trainer.is_global_zero):
+            return
+        names = [name for name, _ in self._layers]
+        for experiment in _tensorboard_writers(trainer):
+            for name, (plan, load_RE) in plans.items():
+                processed_RE = np.einsum("re,red->de", load_RE, plan.routing_fractions_RER.numpy())
+                holders_RE = plan.slot_counts_ER().T > 0
+                index = names.index(name)
+                image = render_placement(processed_RE, holders_RE, step=step, title=f"MoE layer {index} placement")
+                experiment.add_image(f"moe/layer{index}/placement", image, global_step=step, dataformats="HWC")
+
+
+def _as_plan(placement: ExpertPlacement) -> PlacementPlan:
+    return PlacementPlan(placement.experts_per_rank(), placement.routing_fractions_RER.clone())
+
+
+def _world_max(value: float, device: torch.device) -> float:
+    """The maximum of ``value`` over every rank (the same float on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+

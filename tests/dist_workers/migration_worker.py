@@ -1,0 +1,80 @@
+"""One rank of the ExpertMigration tests: training on a skewed load (the sigmoid gate's selection bias
+sends most tokens to EP rank 0's experts) with and without the callback. Writes what the rank saw to
+``OUT/<scenario>/rank<r>.json``.
+
+Usage: ``python migration_worker.py SCENARIOS.json OUT_DIR`` (started by tests/dist_workers/launch.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(1)
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from models import TwoMoELayers, dataloader  # noqa: E402
+
+from lightning_moe import ExpertLoadMonitor, ExpertMigration, MoEStrategy  # noqa: E402
+
+GLOBAL_BATCH, SAMPLES = 8, 80
+SKEW = [0.2, 0.6, -0.3, 0.0]  # selection bias: expert 1 (EP rank 0, no replica elsewhere) takes most tokens
+
+
+def skewed_model() -> TwoMoELayers:
+    model = TwoMoELayers(num_experts=4, gate="sigmoid", top_k=1,
+                         gate_kwargs={"bias_update_rate": 0.0, "load_balance_coef": 0.0})
+    with torch.no_grad():
+        for block in model.blocks.values():
+            block.gate.expert_bias.copy_(torch.tensor(SKEW))
+    return model
+
+
+def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
+    torch.manual_seed(0)
+    model = skewed_model()
+    callbacks = []
+    migration = None
+    if scenario.get("monitor"):
+        callbacks.append(ExpertLoadMonitor(every_n_steps=2, log_histograms=False, image_every_n_steps=2))
+    if scenario.get("migrate"):
+        migration = ExpertMigration(every_n_steps=scenario.get("every", 4))
+        callbacks.append(migration)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world_size, max_steps=scenario.get("steps", 12), accumulate_grad_batches=2,
+        gradient_clip_val=0.05, strategy=MoEStrategy(expert_parallel_size=2, spare_expert_slots=1),
+        callbacks=callbacks, logger=TensorBoardLogger(out_dir, name="tb", version=0), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+    )
+    trainer.fit(model, dataloader(SAMPLES, GLOBAL_BATCH // world_size, rank=rank, world_size=world_size))
+    return {
+        "losses": model.micro_batch_losses,
+        "history": migration.history if migration is not None else [],
+        "placements": {name: p.experts_per_rank() for name, p in trainer.strategy.placements().items()},
+    }
+
+
+def main() -> None:
+    scenarios = json.loads(Path(sys.argv[1]).read_text())
+    out_root = Path(sys.argv[2])
+    world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    for scenario in scenarios:
+        out_dir = out_root / scenario["name"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            result = run(scenario, out_dir, world_size, rank)
+        except Exception:
+            (out_dir / f"rank{rank}.json").write_text(json.dumps({"crash": traceback.format_exc()}))
+            raise
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
