@@ -4,6 +4,8 @@ For people who will not open TensorBoard: reads what :class:`~lightning_moe.Expe
 wrote (with tensorboard's ``EventAccumulator``) and renders, with matplotlib, MaxVio over time per
 layer, drops and dead experts, the load of every expert over time per layer (from the
 ``tokens_per_expert`` histograms), and the latest layers x experts heatmap and EP traffic images.
+The steps at which :class:`~lightning_moe.ExpertMigration` moved experts are marked with dashed
+lines; the HTML page also lists the migrations and shows the latest placement of each layer.
 ``.png`` gives one image; ``.html`` a self-contained page with the images embedded in base64 and
 a table of the latest values.
 
@@ -30,6 +32,8 @@ from matplotlib.image import imread
 _EVENT_FILE = "events.out.tfevents.*"
 _LAYER_TAG = re.compile(r"^moe/layer(\d+)/(.+)$")
 _IMAGE_TAGS = ("moe/load_heatmap", "moe/ep_traffic")
+_PLACEMENT_TAG = re.compile(r"^moe/layer(\d+)/placement$")
+_MIGRATION = "moe/migration/"
 
 
 @dataclass
@@ -47,6 +51,11 @@ class RunLog:
     scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     expert_load: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     images: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+
+    def migration_steps(self) -> np.ndarray:
+        """Steps at which :class:`~lightning_moe.ExpertMigration` moved at least one layer."""
+        steps, values = self.scalars.get(f"{_MIGRATION}layers_moved", (np.array([]), np.array([])))
+        return steps[values > 0]
 
     def layer_scalars(self, name: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """``moe/layer{i}/{name}`` by layer index."""
@@ -88,7 +97,7 @@ def read_run(run_dir: Path) -> RunLog:
                 load_SE[row, : len(counts)] = counts
             run.expert_load[int(match.group(1))] = (np.array([e.step for e in events]), load_SE)
     for tag in tags.get("images", []):
-        if tag in _IMAGE_TAGS:
+        if tag in _IMAGE_TAGS or _PLACEMENT_TAG.match(tag):
             latest = accumulator.Images(tag)[-1]
             run.images[tag] = (latest.step, latest.encoded_image_string)
     return run
@@ -104,9 +113,19 @@ def _plot_layer_lines(axes, series: dict[int, tuple[np.ndarray, np.ndarray]], ti
         axes.legend(fontsize=7, ncol=2)
 
 
+def _mark_migrations(axes, positions: Sequence[float]) -> None:
+    """Dashed vertical lines where experts were migrated."""
+    for number, position in enumerate(positions):
+        axes.axvline(position, color="black", linestyle="--", linewidth=0.8, alpha=0.6,
+                     label="expert migration" if number == 0 else None)
+
+
 def _plot_overview(axes_vio, axes_vio_run, axes_waste, run: RunLog) -> None:
+    migrations = run.migration_steps()
+    _mark_migrations(axes_vio, migrations)
     _plot_layer_lines(axes_vio, run.layer_scalars("max_vio"), "MaxVio per window ((max - mean) / mean)")
     _plot_layer_lines(axes_vio_run, run.layer_scalars("max_vio_run"), "MaxVio since the start of training")
+    _mark_migrations(axes_waste, migrations)
     for tag, label in (("moe/dead_experts", "dead experts (all layers)"), ("moe/dropped_fraction", "dropped fraction")):
         if tag in run.scalars:
             steps, values = run.scalars[tag]
@@ -117,8 +136,9 @@ def _plot_overview(axes_vio, axes_vio_run, axes_waste, run: RunLog) -> None:
     axes_waste.legend(fontsize=7)
 
 
-def _plot_expert_load(axes, index: int, steps_S: np.ndarray, load_SE: np.ndarray):
-    """Load of each expert over time relative to the mean of its step (1.0 = balanced)."""
+def _plot_expert_load(axes, index: int, steps_S: np.ndarray, load_SE: np.ndarray, migrations: np.ndarray = ()):
+    """Load of each expert over time relative to the mean of its step (1.0 = balanced); dashed lines
+    between the columns before and after each expert migration."""
     mean_S = load_SE.mean(axis=1, keepdims=True)
     relative_ES = np.divide(load_SE, mean_S, out=np.zeros_like(load_SE), where=mean_S > 0).T
     image = axes.imshow(
@@ -135,6 +155,7 @@ def _plot_expert_load(axes, index: int, steps_S: np.ndarray, load_SE: np.ndarray
     axes.set_xticklabels([str(steps_S[t]) for t in ticks], fontsize=7)
     axes.set_ylabel("expert", fontsize=8)
     axes.set_title(f"layer {index}: tokens per expert / mean over time", fontsize=9)
+    _mark_migrations(axes, [np.searchsorted(steps_S, step, side="right") - 0.5 for step in migrations])
     return image
 
 
@@ -161,7 +182,7 @@ def _expert_load_figure(run: RunLog) -> Figure | None:
     figure = Figure(figsize=(15, 2.4 * rows), dpi=90)
     for position, index in enumerate(layers):
         axes = figure.add_subplot(rows, columns, position + 1)
-        image = _plot_expert_load(axes, index, *run.expert_load[index])
+        image = _plot_expert_load(axes, index, *run.expert_load[index], run.migration_steps())
         figure.colorbar(image, ax=axes, fraction=0.03, pad=0.01)
     figure.tight_layout()
     return figure
@@ -208,6 +229,7 @@ def render_html(run: RunLog, out: Path) -> None:
     load_figure = _expert_load_figure(run)
     if load_figure is not None:
         body += ["<h2>Tokens per expert over time</h2>", img(_figure_png(load_figure), "load per expert over time")]
+    body += _migration_section(run, img)
     if run.images:
         body.append("<h2>Latest heatmaps</h2>")
         for tag in (tag for tag in _IMAGE_TAGS if tag in run.images):
@@ -222,6 +244,36 @@ def render_html(run: RunLog, out: Path) -> None:
     style = "body{font-family:sans-serif;margin:2em}img{max-width:100%}td,th{padding:2px 12px;text-align:left}"
     page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lightning-moe report</title><style>{style}</style></head><body>"
     out.write_text(page + "\n".join(body) + "</body></html>\n", encoding="utf-8")
+
+
+def _migration_section(run: RunLog, img) -> list[str]:
+    """HTML: one row per re-plan of ExpertMigration that moved something, and the latest placements."""
+    steps = run.migration_steps()
+    if not len(steps):
+        return []
+
+    def value(name: str, step: int) -> float:
+        tag_steps, values = run.scalars.get(f"{_MIGRATION}{name}", (np.array([]), np.array([])))
+        hits = values[tag_steps == step]
+        return float(hits[-1]) if len(hits) else float("nan")
+
+    rows = [
+        f"<tr><td>{int(step)}</td><td>{value('layers_moved', step):.0f}</td><td>{value('experts_moved', step):.0f}</td>"
+        f"<td>{value('bytes', step) / 2**20:.2f}</td><td>{value('predicted_max_over_mean_before', step):.2f} &rarr; "
+        f"{value('predicted_max_over_mean_after', step):.2f}</td><td>{value('measured_step_seconds_before', step) * 1e3:.1f}"
+        f"</td></tr>"
+        for step in steps
+    ]
+    section = [
+        "<h2>Expert migrations</h2>",
+        "<table><tr><th>step</th><th>layers moved</th><th>slots moved</th><th>MiB</th>"
+        "<th>predicted max/mean</th><th>step ms before</th></tr>", *rows, "</table>",
+    ]
+    placements = sorted((int(m.group(1)), tag) for tag in run.images if (m := _PLACEMENT_TAG.match(tag)))
+    for _, tag in placements:
+        step, png = run.images[tag]
+        section.append(f"<figure>{img(png, tag)}<figcaption>{html.escape(tag)}, step {step}</figcaption></figure>")
+    return section
 
 
 def build_report(logdir: str | Path, out: str | Path, *, run: str | None = None) -> Path:

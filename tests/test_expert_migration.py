@@ -72,3 +72,40 @@ def test_tensorboard_holds_the_migration_scalars_and_placement_images(world4):
     assert [e.step for e in events.Scalars("moe/migration/experts_moved")] == [4, 8]
     images = [tag for tag in events.Tags()["images"] if tag.endswith("/placement")]
     assert images and events.Images(images[0])[0].step == 4
+
+
+def test_the_migration_recipe_runs_on_two_processes(tmp_path):
+    """`lightning-moe fit --config recipes/expert_migration.yaml`, shortened, with Lightning starting
+    the second process: the callback re-plans from YAML and logs to TensorBoard."""
+    import os
+    import subprocess
+
+    from launch import REPO_ROOT
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import yaml
+
+    logs = tmp_path / "logs"
+    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "expert_migration.yaml").read_text())
+    assert recipe["trainer"]["callbacks"][1]["class_path"] == "lightning_moe.ExpertMigration"
+    recipe["trainer"]["callbacks"][1]["init_args"]["every_n_steps"] = 5  # the recipe as written, shorter
+    recipe["trainer"]["callbacks"][0]["init_args"]["every_n_steps"] = 5
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    command = [
+        sys.executable, "-m", "lightning_moe", "fit", "--config", str(tmp_path / "recipe.yaml"),
+        "--trainer.max_steps", "12", "--trainer.val_check_interval", "12", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(logs),
+        "--trainer.logger.init_args.save_dir", str(logs),
+        "--model.init_args.n_layers", "2", "--model.init_args.d_model", "32", "--model.init_args.d_ff", "64",
+        "--model.init_args.n_heads", "2", "--model.init_args.max_seq_len", "32",
+        "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4",
+    ]
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (event_file,) = logs.rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file.parent), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("moe/migration/measured_step_seconds")] == [5, 10]

@@ -66,3 +66,36 @@ def test_report_errors_name_the_fix(logdir, tmp_path):
         build_report(tmp_path, tmp_path / "report.png")
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing"), "--out", str(tmp_path / "r.png")])
+
+
+def test_migrations_are_marked(tmp_path):
+    """Steps where ExpertMigration moved a layer get dashed lines in the plots; the HTML page lists
+    them with their figures and shows the latest placement image of each layer."""
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_moe.callbacks.plots import render_placement
+    from lightning_moe.report import _overview_figure
+
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    writer = SummaryWriter(run_dir)
+    for step in (2, 4, 6, 8):
+        writer.add_scalar("moe/layer0/max_vio", 1.0 if step <= 4 else 0.1, step)
+        writer.add_scalar("moe/migration/layers_moved", 1.0 if step == 4 else 0.0, step)
+        writer.add_scalar("moe/migration/experts_moved", 3.0 if step == 4 else 0.0, step)
+        writer.add_scalar("moe/migration/bytes", 3 * 2**20 if step == 4 else 0.0, step)
+        writer.add_scalar("moe/migration/predicted_max_over_mean_before", 1.8, step)
+        writer.add_scalar("moe/migration/predicted_max_over_mean_after", 1.1, step)
+    image = render_placement(np.array([[30.0, 10, 0], [30, 0, 20]]), np.array([[1, 1, 0], [1, 0, 1]], bool), step=4)
+    writer.add_image("moe/layer0/placement", image, global_step=4, dataformats="HWC")
+    writer.close()
+
+    run = read_run(run_dir)
+    assert run.migration_steps().tolist() == [4]
+    marked = [line for line in _overview_figure(run).axes[0].lines if line.get_label() == "expert migration"]
+    assert len(marked) == 1 and marked[0].get_xdata()[0] == 4
+    page = build_report(tmp_path / "lightning_logs", tmp_path / "report.html").read_text()
+    assert "<h2>Expert migrations</h2>" in page
+    assert "<tr><td>4</td><td>1</td><td>3</td><td>3.00</td><td>1.80 &rarr; 1.10</td>" in page
+    assert "moe/layer0/placement, step 4" in page
+    assert main([str(tmp_path / "lightning_logs"), "--out", str(tmp_path / "report.png")]) == 0

@@ -57,7 +57,7 @@ class ExpertMigration(Callback):
     changed, over all layers), ``bytes`` (sent over the world), ``seconds`` (the move),
     ``predicted_layer_seconds_before`` / ``_after`` (sum over layers, cost model),
     ``predicted_max_over_mean_before`` / ``_after`` (mean over layers), ``cross_node_share_before`` /
-    ``_after``, ``measured_step_seconds`` (the window's mean step time, the slowest rank's) and, at
+    ``_after``, ``plan_seconds`` (counting, planning and deciding), ``measured_step_seconds`` (the window's mean step time, the slowest rank's) and, at
     the first re-plan after a move, ``measured_step_seconds_after`` next to the ``_before`` logged
     with the move; and a placement image per layer (``moe/layer{i}/placement``) to TensorBoard.
 
@@ -203,6 +203,7 @@ class ExpertMigration(Callback):
         """Plan every layer from the window's load and move those whose gain pays (a collective: every
         rank calls it, between an optimizer step and the next forward). Returns the history entry."""
         step = trainer.global_step
+        planning_started = time.perf_counter()
         window_steps = max(step - self._last_plan_step, 1)
         loads = self._window_loads(step, window_steps)
         device = pl_module.device  # collectives on the process group's device (NCCL: the GPU)
@@ -251,6 +252,7 @@ class ExpertMigration(Callback):
         if self._moved_at is not None:
             entry["measured_step_seconds_after"] = step_seconds
             self._moved_at = None
+        entry["plan_seconds"] = _world_max(time.perf_counter() - planning_started, device)
         if moves:
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
