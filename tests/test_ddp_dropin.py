@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
 
-from launch import launch  # noqa: E402
+from launch import launch, read_results  # noqa: E402
 
 from lightning_moe.checkpoint import is_sharded_checkpoint  # noqa: E402
 
@@ -56,11 +56,7 @@ def world2(tmp_path_factory) -> Path:
 
 
 def read(out: Path, name: str, world_size: int = 2) -> list[dict]:
-    results = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(world_size)]
-    for result in results:
-        assert "crash" not in result, result["crash"]
-    return results
-
+    return read_results(out, name, world_size)
 
 def states(out: Path, name: str) -> list[dict[str, torch.Tensor]]:
     return [torch.load(out / name / f"rank{r}.pt", weights_only=True) for r in range(2)]

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
 
-from launch import launch  # noqa: E402
+from launch import launch, read_results, step_losses as per_step_losses  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "dist_workers" / "migration_worker.py"
 ACCUMULATE = 2
@@ -32,15 +32,11 @@ def world4(tmp_path_factory) -> Path:
     return out
 
 
-def read(out: Path, name: str) -> list[dict]:
-    results = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(4)]
-    for result in results:
-        assert "crash" not in result, result["crash"]
-    return results
-
+def read(out: Path, name: str, world_size: int = 4) -> list[dict]:
+    return read_results(out, name, world_size)
 
 def step_losses(results: list[dict]) -> np.ndarray:
-    return np.array([r["losses"] for r in results]).reshape(4, -1, ACCUMULATE).mean(axis=(0, 2))
+    return per_step_losses(results, ACCUMULATE)
 
 
 @pytest.mark.parametrize("name", ["migrate", "migrate_with_monitor"])
@@ -77,10 +73,9 @@ def test_tensorboard_holds_the_migration_scalars_and_placement_images(world4):
 def test_the_migration_recipe_runs_on_two_processes(tmp_path):
     """`lightning-moe fit --config recipes/expert_migration.yaml`, shortened, with Lightning starting
     the second process: the callback re-plans from YAML and logs to TensorBoard."""
-    import os
     import subprocess
 
-    from launch import REPO_ROOT
+    from launch import REPO_ROOT, clean_env
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import yaml
@@ -100,9 +95,7 @@ def test_the_migration_recipe_runs_on_two_processes(tmp_path):
         "--model.init_args.n_heads", "2", "--model.init_args.max_seq_len", "32",
         "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4",
     ]
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    env = clean_env()
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     (event_file,) = logs.rglob("events.out.tfevents.*")

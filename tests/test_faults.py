@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
 
-from launch import launch, rank_logs, start_ranks  # noqa: E402
+from launch import launch, rank_logs, read_results, start_ranks  # noqa: E402
 
 from lightning_moe.checkpoint import read_full_checkpoint  # noqa: E402
 
@@ -25,11 +25,7 @@ ACCUMULATE = 2
 
 
 def read(out: Path, name: str, world_size: int = 2) -> list[dict]:
-    results = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(world_size)]
-    for result in results:
-        assert "crash" not in result, result["crash"]
-    return results
-
+    return read_results(out, name, world_size)
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> Path:

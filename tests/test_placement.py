@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
 
-from launch import launch  # noqa: E402
+from launch import launch, read_results, step_losses as per_step_losses  # noqa: E402
 
 from lightning_moe.checkpoint import read_full_checkpoint  # noqa: E402
 from lightning_moe.parallel.placement import ExpertPlacement  # noqa: E402
@@ -74,15 +74,10 @@ def world2(world4) -> Path:
 
 
 def read(out: Path, name: str, world_size: int) -> list[dict]:
-    results = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(world_size)]
-    for result in results:
-        assert "crash" not in result, result["crash"]
-    return results
-
+    return read_results(out, name, world_size)
 
 def step_losses(results: list[dict]) -> np.ndarray:
-    losses = np.array([r["losses"] for r in results])  # (ranks, micro-batches)
-    return losses.reshape(len(results), -1, ACCUMULATE).mean(axis=(0, 2))
+    return per_step_losses(results, ACCUMULATE)
 
 
 def assert_same_final_state(out: Path, name: str, reference: str, rtol: float) -> None:

@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
 
-from launch import REPO_ROOT, free_port, launch  # noqa: E402
+from launch import REPO_ROOT, clean_env, free_port, launch, read_results  # noqa: E402
+from launch import step_losses as per_step_losses  # noqa: E402
 from models import LateExperts, TwoMoELayers, dataset, reference_run  # noqa: E402
 
 from lightning_moe.checkpoint import (  # noqa: E402
@@ -91,17 +92,11 @@ def world4_scenarios(out: Path) -> list[dict]:
     ]
 
 
-def read(out: Path, name: str, world_size: int) -> list[dict]:
-    results = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(world_size)]
-    for result in results:
-        assert "crash" not in result, result["crash"]
-    return results
-
+def read(out: Path, name: str, world_size: int = 4) -> list[dict]:
+    return read_results(out, name, world_size)
 
 def step_losses(results: list[dict]) -> np.ndarray:
-    """Per optimizer step: the mean over ranks and micro-batches of the training loss."""
-    losses = np.array([r["losses"] for r in results])  # (ranks, steps * accumulate)
-    return losses.reshape(len(results), -1, ACCUMULATE).mean(axis=(0, 2))
+    return per_step_losses(results, ACCUMULATE)
 
 
 def final_state(out: Path, name: str, tmp: Path) -> dict[str, torch.Tensor]:
@@ -346,9 +341,7 @@ def test_cli_fit_on_two_processes_then_consolidate(tmp_path, launcher):
         *[arg for key, value in model.items() for arg in (f"--model.init_args.{key}", str(value))],
         "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4",
     ]
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    env = clean_env()
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     if launcher == "lightning":

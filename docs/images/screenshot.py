@@ -9,6 +9,14 @@ the page, waits in real time, closes the settings pane, and captures the page. U
     tensorboard --logdir lightning_logs --host 127.0.0.1 --port 6006 &
     python docs/images/screenshot.py --out docs/images/tensorboard_expert_load.png
 
+The expert-migration picture (docs/images/tensorboard_migration.png)::
+
+    lightning-moe fit --config recipes/expert_migration.yaml
+    tensorboard --logdir lightning_logs --host 127.0.0.1 --port 6006 &
+    python docs/images/screenshot.py --out docs/images/tensorboard_migration.png --width 1500 --height 1050 \
+        --tags '^moe/(migration/(experts_moved|predicted_max_over_mean_before|predicted_max_over_mean_after)|layer0/placement)$' \
+        --smoothing 0 --show-outliers --card-width 560 --wait 20
+
 Needs ``chromium`` (Debian: ``apt-get install chromium``) and ``aiohttp``.
 """
 
@@ -28,9 +36,13 @@ import aiohttp
 
 TAGS = r"^moe/(max_vio|max_vio_run|load_heatmap|layer1/tokens_per_expert|router_entropy)$"
 CLOSE_SETTINGS = 'document.querySelector("button[aria-label=\\"Close side pane\\"]")?.click()'
+#: TensorBoard keeps its display settings in the page's local storage under this key.
+SETTINGS_KEY = "_tb_global_settings"
 
 
-async def capture(websocket_url: str, url: str, out: str, width: int, height: int, wait: float) -> None:
+async def capture(
+    websocket_url: str, url: str, out: str, width: int, height: int, wait: float, settings: dict | None = None
+) -> None:
     async with aiohttp.ClientSession() as session, session.ws_connect(websocket_url, max_msg_size=0) as socket:
         message_id = 0
 
@@ -45,6 +57,13 @@ async def capture(websocket_url: str, url: str, out: str, width: int, height: in
 
         await call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
         await call("Page.navigate", url=url)
+        if settings:
+            # Settings live in the page's storage: write them on the page, then reload it (navigating
+            # to the same address again would only change the fragment, not reload).
+            await asyncio.sleep(3)
+            await call("Runtime.evaluate", expression=f"localStorage.setItem({json.dumps(SETTINGS_KEY)}, "
+                                                      f"{json.dumps(json.dumps(settings))})")
+            await call("Page.reload", ignoreCache=True)
         await asyncio.sleep(wait)
         await call("Runtime.evaluate", expression=CLOSE_SETTINGS)
         await asyncio.sleep(3)
@@ -62,6 +81,9 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=1000)
     parser.add_argument("--wait", type=float, default=15.0, help="seconds to let the cards render")
     parser.add_argument("--port", type=int, default=9229, help="Chromium's DevTools port")
+    parser.add_argument("--smoothing", type=float, default=None, help="scalar smoothing (TensorBoard's default: 0.6)")
+    parser.add_argument("--show-outliers", action="store_true", help="do not clip the y axes to ignore outliers")
+    parser.add_argument("--card-width", type=int, default=None, help="minimum width of a card, in pixels")
     args = parser.parse_args()
 
     url = f"{args.tensorboard}/?tagFilter={urllib.parse.quote(args.tags, safe='')}#timeseries"
@@ -85,7 +107,14 @@ def main() -> None:
         else:
             raise RuntimeError(f"Chromium's DevTools did not answer on port {args.port}.")
         websocket_url = next(target["webSocketDebuggerUrl"] for target in targets if target["type"] == "page")
-        asyncio.run(capture(websocket_url, url, args.out, args.width, args.height, args.wait))
+        settings = {}
+        if args.smoothing is not None:
+            settings["scalarSmoothing"] = args.smoothing
+        if args.show_outliers:
+            settings["ignoreOutliers"] = False
+        if args.card_width is not None:
+            settings["timeSeriesCardMinWidth"] = args.card_width
+        asyncio.run(capture(websocket_url, url, args.out, args.width, args.height, args.wait, settings))
     finally:
         chromium.terminate()
         chromium.wait()

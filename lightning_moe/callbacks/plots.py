@@ -132,8 +132,8 @@ def render_placement(
 
     Rows are EP ranks, columns logical experts; a held cell is coloured by the tokens per step that
     rank's copy processes (a blank cell: the rank does not hold the expert; two coloured cells in a
-    column: replicas). Each rank's total load is printed at the end of its row, so balance reads off
-    the right margin.
+    column: replicas). Each rank's total load is in its row label, so balance reads off the left
+    margin.
 
     Args:
         processed_RE: ``[R, E]`` tokens per step each rank's copy of each expert processes.
@@ -145,7 +145,7 @@ def render_placement(
     held = np.asarray(holders_RE, dtype=bool)
     num_ranks, num_experts = processed.shape
     figure, axes, colorbar_axes = _figure_with_colorbar(
-        min(16.0, 2.4 + 0.42 * num_experts), 1.3 + 0.42 * num_ranks, right=1.6
+        min(16.0, 2.8 + 0.42 * num_experts), 1.3 + 0.42 * num_ranks, left=1.2
     )
     image = axes.imshow(np.ma.masked_where(~held, processed), cmap="viridis", vmin=0.0, aspect="auto",
                         interpolation="nearest")
@@ -159,13 +159,12 @@ def render_placement(
                               color=colour)
     rank_load = processed.sum(axis=1)
     mean = rank_load.mean() if rank_load.size else 0.0
-    for rank, load in enumerate(rank_load):
-        axes.text(num_experts - 0.3, rank, f"  {load:.0f}", ha="left", va="center", fontsize=8, clip_on=False)
     axes.set_yticks(range(num_ranks))
+    axes.set_yticklabels([f"{rank}: {load:.0f}" for rank, load in enumerate(rank_load)], fontsize=8)
     if num_experts <= 32:
         axes.set_xticks(range(num_experts))
     axes.set_xlabel("expert")
-    axes.set_ylabel("EP rank")
+    axes.set_ylabel("EP rank: tokens")
     balance = f", max/mean {rank_load.max() / mean:.2f}" if mean > 0 else ""
     suffix = "" if step is None else f", step {step}"
     axes.set_title(f"{title}{suffix}{balance}", fontsize=10)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 
 from lightning_moe.layers.gates.base import Routing
-from lightning_moe.ops.counting import count_per_expert, count_routed_tokens
+from lightning_moe.ops.counting import count_per_expert, count_routed_tokens, positions_in_groups
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
@@ -34,25 +34,11 @@ def drop_over_capacity(routing: Routing, num_experts: int, capacity_factor: floa
     """
     num_assignments = routing.expert_index_N.numel()
     capacity = expert_capacity(num_assignments, num_experts, capacity_factor)
-    # Position of each assignment within its expert's queue, in priority order: a stable sort by
-    # expert keeps the priority order inside each expert.
-    order_N = torch.argsort(routing.expert_index_N, stable=True)
-    counts_E = count_per_expert(routing.expert_index_N, num_experts)
-    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
-    position_sorted_N = torch.arange(num_assignments, device=order_N.device) - starts_E[routing.expert_index_N[order_N]]
-    position_N = torch.empty_like(position_sorted_N)
-    position_N[order_N] = position_sorted_N
-    keep_N = position_N < capacity
-    kept = Routing(
-        token_index_N=routing.token_index_N[keep_N],
-        expert_index_N=routing.expert_index_N[keep_N],
-        weight_N=routing.weight_N[keep_N],
-        num_tokens=routing.num_tokens,
-        aux_losses=routing.aux_losses,
-        stats=routing.stats,
-        device_index_N=None if routing.device_index_N is None else routing.device_index_N[keep_N],
-    )
-    return kept, int(num_assignments - kept.expert_index_N.numel())
+    # The routing is in priority order: each expert keeps its first `capacity` assignments.
+    priority_N = torch.arange(num_assignments, device=routing.expert_index_N.device)
+    keep_N = positions_in_groups(routing.expert_index_N, priority_N, num_experts) < capacity
+    kept = routing.subset(keep_N)
+    return kept, kept.num_dropped - routing.num_dropped
 
 
 def weighted_sum_rows(rows_ND: torch.Tensor, weight_N: torch.Tensor | None, target_N: torch.Tensor, num_targets: int) -> torch.Tensor:

@@ -20,3 +20,20 @@ def count_routed_tokens(token_index_N: torch.Tensor, num_tokens: int) -> torch.T
     assignments' device (no synchronisation)."""
     routed_T = torch.zeros(num_tokens, dtype=torch.bool, device=token_index_N.device)
     return routed_T.index_fill_(0, token_index_N, True).sum().reshape(1)
+
+
+def positions_in_groups(group_N: torch.Tensor, priority_N: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Each element's position ``[N]`` inside its group when the elements are taken in the order
+    ``priority_N`` (a permutation: first the most important); what a capacity keeps the first of.
+
+    Args:
+        group_N: the group of each element (an expert, a device).
+        priority_N: the element indices, most important first.
+        num_groups: the number of groups.
+    """
+    order_N = priority_N[torch.argsort(group_N[priority_N], stable=True)]  # by group, priority inside
+    counts_G = count_per_expert(group_N, num_groups)
+    starts_G = torch.cumsum(counts_G, dim=0) - counts_G
+    position_N = torch.empty_like(order_N)
+    position_N[order_N] = torch.arange(order_N.numel(), device=order_N.device) - starts_G[group_N[order_N]]
+    return position_N

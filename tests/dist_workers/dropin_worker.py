@@ -7,10 +7,7 @@ Usage: ``python dropin_worker.py SCENARIOS.json OUT_DIR`` (started by tests/dist
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from lightning.fabric.plugins import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+from launch import run_scenarios  # noqa: E402
 from models import D_MODEL, TwoMoELayers, dataloader  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -245,20 +243,9 @@ def val_ppl_check(out_dir: Path, world_size: int, rank: int) -> dict:
 
 
 def main() -> None:
-    scenarios = json.loads(Path(sys.argv[1]).read_text())
-    out_root = Path(sys.argv[2])
-    world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     # Joined before Lightning, which then uses this group: PostLocalSGDState needs a group at construction.
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    for scenario in scenarios:
-        out_dir = out_root / scenario["name"]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            result = run(scenario, out_dir, world_size, rank)
-        except Exception:
-            (out_dir / f"rank{rank}.json").write_text(json.dumps({"crash": traceback.format_exc()}))
-            raise
-        (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    run_scenarios(run)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,7 @@ world 1, where Lightning starts the process group itself. Usage::
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ torch.set_num_threads(1)
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from launch import run_scenarios  # noqa: E402
 from models import LateExperts, TwoMoELayers, dataloader  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -127,19 +125,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
 
 
 def main() -> None:
-    scenarios = json.loads(Path(sys.argv[1]).read_text())
-    out_root = Path(sys.argv[2])
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    for scenario in scenarios:
-        out_dir = out_root / scenario["name"]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            result = run(scenario, out_dir, world_size, rank)
-        except Exception:
-            result = {"crash": traceback.format_exc()}
-            (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
-            raise
-        (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    run_scenarios(run)
 
 
 if __name__ == "__main__":

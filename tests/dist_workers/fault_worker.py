@@ -7,12 +7,10 @@ Usage: ``python fault_worker.py SCENARIOS.json OUT_DIR`` (started by tests/dist_
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import sys
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import lightning as L  # noqa: E402
 from lightning.fabric.plugins import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+from launch import run_scenarios  # noqa: E402
 from models import TwoMoELayers, dataset  # noqa: E402
 from torch.amp import GradScaler  # noqa: E402
 
@@ -244,18 +243,7 @@ def killed_rank(scenario: dict, out_dir: Path, world_size: int, rank: int) -> di
 
 
 def main() -> None:
-    scenarios = json.loads(Path(sys.argv[1]).read_text())
-    out_root = Path(sys.argv[2])
-    world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    for scenario in scenarios:
-        out_dir = out_root / scenario["name"]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            result = run(scenario, out_dir, world_size, rank)
-        except Exception:
-            (out_dir / f"rank{rank}.json").write_text(json.dumps({"crash": traceback.format_exc()}))
-            raise
-        (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    run_scenarios(run)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,3 +78,47 @@ def launch(script: str | Path, args: Sequence[str], *, world_size: int, timeout:
     outcomes = start_ranks(script, args, world_size=world_size, timeout=timeout, log_dir=log_dir)
     if any(code != 0 for code, _ in outcomes):
         raise RuntimeError(f"distributed run of {script} failed or timed out:\n{rank_logs(log_dir, world_size)}")
+
+
+# ------------------------------------------------------------------------------ scenario workers
+
+
+def run_scenarios(run: Callable[[dict, Path, int, int], dict]) -> None:
+    """The ``main`` of a scenario worker (``python worker.py SCENARIOS.json OUT_DIR``): run each scenario
+    of the JSON list in turn, in this process group, and write what this rank saw to
+    ``OUT_DIR/<scenario name>/rank<r>.json`` (a traceback as ``{"crash": ...}`` if it raised)."""
+    scenarios = json.loads(Path(sys.argv[1]).read_text())
+    out_root = Path(sys.argv[2])
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    for scenario in scenarios:
+        out_dir = out_root / scenario["name"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            result = run(scenario, out_dir, world_size, rank)
+        except Exception:
+            (out_dir / f"rank{rank}.json").write_text(json.dumps({"crash": traceback.format_exc()}))
+            raise
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def read_results(out: Path, name: str, world_size: int) -> list[dict]:
+    """What every rank wrote for scenario ``name`` (failing with the traceback of a rank that crashed)."""
+    results = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(world_size)]
+    for result in results:
+        assert "crash" not in result, result["crash"]
+    return results
+
+
+def step_losses(results: list[dict], accumulate: int) -> np.ndarray:
+    """Per optimizer step: the mean over ranks and micro-batches of the training loss."""
+    losses = np.array([r["losses"] for r in results])  # (ranks, steps * accumulate)
+    return losses.reshape(len(results), -1, accumulate).mean(axis=(0, 2))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the variables of a running process group (so that a launcher
+    started from a test begins its own), with the repository on the path and one thread per process."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **extra)
+    return env

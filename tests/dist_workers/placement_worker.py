@@ -8,10 +8,7 @@ Usage: ``python placement_worker.py SCENARIOS.json OUT_DIR`` (started by tests/d
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ torch.set_num_threads(1)
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from launch import run_scenarios  # noqa: E402
 from models import TwoMoELayers, dataloader  # noqa: E402
 
 from lightning_moe import MoEStrategy  # noqa: E402
@@ -148,18 +146,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
 
 
 def main() -> None:
-    scenarios = json.loads(Path(sys.argv[1]).read_text())
-    out_root = Path(sys.argv[2])
-    world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    for scenario in scenarios:
-        out_dir = out_root / scenario["name"]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            result = run(scenario, out_dir, world_size, rank)
-        except Exception:
-            (out_dir / f"rank{rank}.json").write_text(json.dumps({"crash": traceback.format_exc()}))
-            raise
-        (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    run_scenarios(run)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,21 @@ class Routing:
     device_index_N: torch.Tensor | None = None
     num_dropped: int = 0
 
+    def subset(self, keep_N: torch.Tensor, *, device_index_N: torch.Tensor | None = None) -> Routing:
+        """The assignments where ``keep_N`` is true (priority order kept), the others counted as dropped;
+        ``device_index_N`` (for every assignment) replaces the chosen devices."""
+        devices_N = self.device_index_N if device_index_N is None else device_index_N
+        return Routing(
+            token_index_N=self.token_index_N[keep_N],
+            expert_index_N=self.expert_index_N[keep_N],
+            weight_N=self.weight_N[keep_N],
+            num_tokens=self.num_tokens,
+            aux_losses=self.aux_losses,
+            stats=self.stats,
+            device_index_N=None if devices_N is None else devices_N[keep_N],
+            num_dropped=self.num_dropped + int(keep_N.numel() - keep_N.sum()),
+        )
+
 
 def routing_from_topk(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> Routing:
     """Flatten token-choice ``[T, K]`` routing into assignments in k-major (priority) order."""

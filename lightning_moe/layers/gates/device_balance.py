@@ -32,7 +32,7 @@ import torch
 
 from lightning_moe.layers.gates.base import AuxLoss, Routing
 from lightning_moe.layers.replicas import choose_replica_ranks
-from lightning_moe.ops.counting import count_per_expert
+from lightning_moe.ops.counting import count_per_expert, positions_in_groups
 from lightning_moe.validation import check_non_negative
 
 
@@ -159,25 +159,9 @@ class DeviceBalance:
         num_assignments, num_devices = device_N.numel(), self.devices.num_devices
         budget = max(1, math.ceil(self.device_capacity_factor * num_assignments / num_devices))
         affinity_N = affinity_TE.detach()[routing.token_index_N, routing.expert_index_N]
-        by_affinity_N = torch.argsort(-affinity_N, stable=True)
-        order_N = by_affinity_N[torch.argsort(device_N[by_affinity_N], stable=True)]  # by device, best first
-        per_device_G = count_per_expert(device_N, num_devices)
-        starts_G = torch.cumsum(per_device_G, 0) - per_device_G
-        position_sorted_N = torch.arange(num_assignments, device=device_N.device) - starts_G[device_N[order_N]]
-        keep_N = torch.empty_like(device_N, dtype=torch.bool)
-        keep_N[order_N] = position_sorted_N < budget
-        dropped = int(num_assignments - keep_N.sum())
-        return Routing(
-            token_index_N=routing.token_index_N[keep_N],
-            expert_index_N=routing.expert_index_N[keep_N],
-            weight_N=routing.weight_N[keep_N],
-            num_tokens=routing.num_tokens,
-            aux_losses=routing.aux_losses,
-            stats=routing.stats,
-            device_index_N=device_N[keep_N],
-            num_dropped=routing.num_dropped + dropped,
-        )
-
+        by_affinity_N = torch.argsort(-affinity_N, stable=True)  # highest affinity first
+        keep_N = positions_in_groups(device_N, by_affinity_N, num_devices) < budget
+        return routing.subset(keep_N, device_index_N=device_N)
 
 class DeviceBalanceOptions:
     """The device-level options of a gate as attributes named like its constructor arguments (what a
