@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--d-ff", type=int, default=1024)
     parser.add_argument("--num-experts", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank per step")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per rank per step")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--hot", type=int, nargs="+", default=[2, 3], help="experts the gate's bias favours")
     parser.add_argument("--skew", type=float, default=0.07, help="their selection bias")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_moe.checkpoint import is_sharded_checkpoint, load_from_checkpoint
 from lightning_moe.layers.aux_loss import collect_aux_loss, collect_aux_losses
 from lightning_moe.layers.balancing import register_bias_update
 from lightning_moe.layers.experts import FeedForward
 from lightning_moe.layers.gates import Gate
 from lightning_moe.layers.moe import MoELayer
 from lightning_moe.modeling.block import NORM_EPS, DecoderBlock, moe_layer_layout
+from lightning_moe.modeling.pretrained_io import PretrainedIO, init_defaults
 from lightning_moe.modeling.build import build_attention, override_gate_coefficients
 from lightning_moe.modeling.checkpointing import checkpointed_call
 from lightning_moe.modeling.config import OWNER, check_transformer_config, gate_from_hparam, gate_to_hparam
@@ -36,7 +34,7 @@ from lightning_moe.modeling.options import check_architecture_options, check_fin
 from lightning_moe.modeling.rope import rotary_cos_sin
 
 
-class MoETransformer(L.LightningModule):
+class MoETransformer(PretrainedIO, L.LightningModule):
     """A decoder-only language model whose feed-forward layers are Mixtures of Experts.
 
     Token embedding, ``n_layers`` pre-norm blocks (RMSNorm, causal attention with RoPE and optional
@@ -183,7 +181,7 @@ class MoETransformer(L.LightningModule):
             from lightning_moe.interop.hf_model import pretrained_arguments
 
             given = {name: value for name, value in arguments.items() if name != "pretrained"}
-            resolved = pretrained_arguments(pretrained, given, _init_defaults())
+            resolved = pretrained_arguments(pretrained, given, init_defaults(MoETransformer))
             with torch.device("meta"):
                 MoETransformer.__init__(self, **resolved)
             self._pretrained_source = self.hparams.hf_source
@@ -302,72 +300,6 @@ class MoETransformer(L.LightningModule):
         self._eval_tokens = 0
         #: The checkpoint directory whose weights are still to be read (a model built with `pretrained`).
         self._pretrained_source: str | None = None
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # A model built with `pretrained` holds meta tensors until its weights are read. A dtype cast
-        # works on them; a device move cannot (no data to move) and is skipped: the weights are read
-        # onto the CPU and moved with the model afterwards. Without this, Lightning's teardown after an
-        # early error (`model.cpu()`) would hide that error behind "Cannot copy out of meta tensor".
-        if getattr(self, "_pretrained_source", None) is None:
-            return super()._apply(fn, recurse)
-        try:
-            return super()._apply(fn, recurse)
-        except NotImplementedError:
-            return self
-
-    def configure_model(self) -> None:
-        """Read the weights of a model built with ``pretrained`` (on the meta device), unless the
-        strategy reads each rank's share itself (:class:`~lightning_moe.MoEStrategy` reads only a rank's
-        own experts, after sharding)."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if self._pretrained_source is not None and not getattr(strategy, "reads_local_experts", False):
-            self.load_pretrained_weights()
-
-    def load_pretrained_weights(self, local_experts: dict[str, list[int]] | None = None) -> Any:
-        """Fill a model built with ``pretrained`` from its checkpoint directory: dense weights, and the
-        listed logical experts of each MoE layer (all when ``None``). Returns the load report (bytes
-        read). See :func:`lightning_moe.interop.load_pretrained_weights`."""
-        from lightning_moe.interop.hf_load import load_pretrained_weights
-
-        if self._pretrained_source is None:
-            raise RuntimeError(
-                f"{OWNER}.load_pretrained_weights: this model was not built with `pretrained` (or its weights were "
-                f"read already)."
-            )
-        report = load_pretrained_weights(self, self._pretrained_source, local_experts=local_experts)
-        self._pretrained_source = None
-        return report
-
-    @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None, strict: bool | None = None,
-        **kwargs: Any,
-    ) -> MoETransformer:
-        """Lightning's ``load_from_checkpoint``, which also takes a checkpoint *directory* written by
-        :class:`~lightning_moe.MoEStrategy` at any expert-parallel layout (read whole, every expert, in
-        this process; see :func:`lightning_moe.load_from_checkpoint`)."""
-        if isinstance(checkpoint_path, (str, os.PathLike)) and is_sharded_checkpoint(checkpoint_path):
-            return load_from_checkpoint(cls, checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                        strict=strict, **kwargs)
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, **kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, *, load_weights: bool = True, dtype: torch.dtype | str | None = None, **overrides: Any
-    ) -> MoETransformer:
-        """The model of a local transformers checkpoint directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-        DeepSeek-V3); see :func:`lightning_moe.interop.hf_model.from_pretrained`."""
-        from lightning_moe.interop.hf_model import from_pretrained
-
-        return from_pretrained(path, load_weights=load_weights, dtype=dtype, model_class=cls, **overrides)
-
-    def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
-        """Write a transformers checkpoint directory that ``AutoModelForCausalLM.from_pretrained`` loads;
-        see :func:`lightning_moe.interop.hf_export.save_pretrained`."""
-        from lightning_moe.interop.hf_export import save_pretrained
-
-        return save_pretrained(self, path, **kwargs)
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``[B, T, V]`` for token ids ``[B, T]``."""
@@ -495,13 +427,3 @@ class MoETransformer(L.LightningModule):
                 total -= per_expert * (experts.num_experts - min(used, experts.num_experts))
         return total
 
-
-def _init_defaults() -> dict[str, Any]:
-    """The defaults of ``MoETransformer.__init__`` (an argument equal to its default was not set)."""
-    import inspect
-
-    return {
-        name: parameter.default
-        for name, parameter in inspect.signature(MoETransformer.__init__).parameters.items()
-        if parameter.default is not inspect.Parameter.empty
-    }

@@ -46,8 +46,13 @@ from lightning_moe.parallel.amp import WorldSyncedGradScaler
 from lightning_moe.parallel.checks import check_loggers, check_optimizers, placement_problem
 from lightning_moe.parallel.averaging import ExpertAwareModelAverager
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
-from lightning_moe.parallel.finite import raise_if_nonfinite
-from lightning_moe.parallel.grad_sync import clip_grad_norm_global, reduce_expert_grads_on_arrival, sync_expert_grads
+from lightning_moe.parallel.finite import raise_if_nonfinite_in
+from lightning_moe.parallel.grad_sync import (
+    clip_grad_norm_global,
+    reduce_expert_grads_on_arrival,
+    replica_counts_of_slots,
+    sync_expert_grads,
+)
 from lightning_moe.parallel.mesh import ExpertParallelMesh, check_layout, expert_parallel_mesh
 from lightning_moe.parallel.migration import MigrationReport, migrate_layers
 from lightning_moe.parallel.placement import ExpertPlacement
@@ -392,31 +397,19 @@ class MoEStrategy(DDPStrategy):
         """One small all-reduce per optimizer step: stop every rank together on a NaN/Inf loss or router."""
         module = self.lightning_module
         assert module is not None and self._loss_nonfinite is not None
-        layers = named_moe_layers(module)
-        flags = torch.stack([self._loss_nonfinite] + [layer.nonfinite_router_logits for _, layer in layers])
-        names = ["the loss"] + [f"the router logits of MoE layer `{name}`" for name, _ in layers]
-        self._loss_nonfinite = None
-        for _, layer in layers:
-            layer.nonfinite_router_logits.zero_()
+        loss_nonfinite, self._loss_nonfinite = self._loss_nonfinite, None
         step = module.trainer.global_step if module._trainer is not None else 0
-        raise_if_nonfinite(flags, names, step=step)
+        raise_if_nonfinite_in(named_moe_layers(module), loss_nonfinite, step=step)
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         mesh = self.expert_mesh
         parameters = list(self.precision_plugin.main_params(optimizer))
-        replicas_of_slots = {}
-        for layer in _sharded_layers(self.lightning_module):
-            placement = layer.dispatcher.placement
-            if placement.has_replicas:
-                counts_S = placement.replicas_E[placement.expert_of_slot_RS[layer.dispatcher.ep_rank]]
-                for parameter in layer.experts.parameters(recurse=False):
-                    replicas_of_slots[id(parameter)] = counts_S
         clip_grad_norm_global(
             parameters,
             float(clip_val),
             ep_group=mesh.ep_group if mesh is not None else None,
             ep_size=mesh.ep_size if mesh is not None else 1,
-            replicas_of_slots=replicas_of_slots,
+            replicas_of_slots=replica_counts_of_slots(_sharded_layers(self.lightning_module)),
         )
 
     def _all_gather_object(self, obj: Any) -> list[Any]:

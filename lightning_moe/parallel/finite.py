@@ -47,3 +47,13 @@ def raise_if_nonfinite(flags_C: torch.Tensor, names: Sequence[str], *, step: int
         f"rank. Lower the learning rate, clip gradients (`gradient_clip_val`), check the input data, or use "
         f"`precision='bf16-mixed'` rather than fp16."
     )
+
+
+def raise_if_nonfinite_in(layers: Sequence[tuple[str, torch.nn.Module]], loss_nonfinite: torch.Tensor, *, step: int) -> None:
+    """:func:`raise_if_nonfinite` over a loss flag and each named MoE layer's router flag, which it
+    clears (a collective: every rank calls it)."""
+    flags_C = torch.stack([loss_nonfinite] + [layer.nonfinite_router_logits for _, layer in layers])
+    names = ["the loss"] + [f"the router logits of MoE layer `{name}`" for name, _ in layers]
+    for _, layer in layers:
+        layer.nonfinite_router_logits.zero_()
+    raise_if_nonfinite(flags_C, names, step=step)

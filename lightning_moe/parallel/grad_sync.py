@@ -104,6 +104,19 @@ def sync_expert_grads(parameters: Iterable[torch.nn.Parameter], *, edp_group: di
             offset += g.numel()
 
 
+def replica_counts_of_slots(layers: Iterable[MoELayer]) -> dict[int, torch.Tensor]:
+    """For each expert parameter (by ``id``) of the layers whose table has replicas, the replica count
+    of the expert in each of its slots ``[S]`` (what :func:`clip_grad_norm_global` weighs by)."""
+    counts = {}
+    for layer in layers:
+        placement = layer.dispatcher.placement
+        if placement.has_replicas:
+            counts_S = placement.replicas_E[placement.expert_of_slot_RS[layer.dispatcher.ep_rank]]
+            for parameter in layer.experts.parameters(recurse=False):
+                counts[id(parameter)] = counts_S
+    return counts
+
+
 def _norm_of_norms(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The 2-norm of ``grads`` computed as ``torch.nn.utils.clip_grad_norm_`` does: each tensor's norm
     (``_foreach_norm``), then the norm of those norms."""
