@@ -140,6 +140,20 @@ def test_plans_never_colocate_replicas_and_validate():
         assert all(len(set(experts)) == len(experts) for experts in plan.experts_per_rank)
 
 
+@pytest.mark.parametrize(
+    ("nodes", "local", "experts", "slots"),
+    [(2, 2, 10, 10), (4, 1, 14, 10), (3, 4, 10, 9), (1, 1, 4, 4), (2, 8, 8, 1), (4, 4, 19, 10)],
+)
+def test_edge_shapes_give_valid_plans(nodes, local, experts, slots):
+    """Every rank holding every expert, one rank per node, a single rank, fewer experts than ranks."""
+    rng = np.random.default_rng(experts)
+    load = rng.gamma(0.3, 100, size=(nodes * local, experts)) * (rng.random((nodes * local, experts)) > 0.5)
+    cost = LayerCost(token_bytes=4096.0, seconds_per_token=1e-6, expert_bytes=1e8)
+    planner = PlacementPlanner.from_cost(Topology(nodes, local, 1e11, 1e10), experts, slots, cost, max_solves=8)
+    planner.plan(load).validate()
+    planner.plan(load, current=PlacementPlan.default(experts, nodes * local, slots)).validate()
+
+
 EPLB_EXAMPLE = np.array([600, 560, 120, 120, 20, 10, 10, 10], dtype=np.float64)
 
 
