@@ -273,8 +273,10 @@ def check_goals(key, rows) -> list[str]:
     ]
     lines = [f"{key}: {name} {value:.2f}{unit} (goal >= {goal}{unit}) {'met' if value >= goal else 'NOT MET'}" for name, value, goal, unit in checks]
     floor = rows["floor"]["cross_gb"]
-    best = eplb["cross_gb"] / floor if floor > 0 else math.inf
-    lines.append(f"{key}: EPLB / floor, cross-node bytes {best:.2f}x (no placement can cross less than the floor)")
+    if floor > 1e-9:
+        lines.append(f"{key}: EPLB / floor, cross-node bytes {eplb['cross_gb'] / floor:.2f}x (no placement crosses less than the floor)")
+    else:
+        lines.append(f"{key}: the cross-node floor is 0 (every node can hold every expert it uses)")
     balance = "met" if ours["max_over_mean"] <= eplb["max_over_mean"] + 1e-9 else "NOT MET"
     lines.append(f"{key}: balance, max/mean ours {ours['max_over_mean']:.3f} vs EPLB {eplb['max_over_mean']:.3f} (goal: equal or better) {balance}")
     return lines
