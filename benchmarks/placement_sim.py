@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -271,9 +272,26 @@ def check_goals(key, rows) -> list[str]:
         ("EPLB / ours, bytes moved per re-plan", moved, 5.0, "x"),
     ]
     lines = [f"{key}: {name} {value:.2f}{unit} (goal >= {goal}{unit}) {'met' if value >= goal else 'NOT MET'}" for name, value, goal, unit in checks]
+    floor = rows["floor"]["cross_gb"]
+    if floor > 1e-9:
+        lines.append(f"{key}: EPLB / floor, cross-node bytes {eplb['cross_gb'] / floor:.2f}x (no placement crosses less than the floor)")
+    else:
+        lines.append(f"{key}: the cross-node floor is 0 (every node can hold every expert it uses)")
     balance = "met" if ours["max_over_mean"] <= eplb["max_over_mean"] + 1e-9 else "NOT MET"
     lines.append(f"{key}: balance, max/mean ours {ours['max_over_mean']:.3f} vs EPLB {eplb['max_over_mean']:.3f} (goal: equal or better) {balance}")
     return lines
+
+
+def cpu_name() -> str:
+    """The CPU's model name (as ``lscpu`` prints it) where Linux tells, else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -305,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
     print(
-        f"# Expert placement on a simulated cluster: {args.windows} windows of {args.steps_per_window} steps, "
+        f"# Expert placement on a simulated cluster ({cpu_name()}, one thread, "
+        f"torch {torch.__version__}, numpy {np.__version__}): {args.windows} windows of {args.steps_per_window} steps, "
         f"{args.tokens_per_rank} tokens per rank per step, {args.spare_slots} spare slot(s) per rank, "
         f"expert GEMMs at {args.tflops:g} TFLOP/s, seed {args.seed}.\n"
         "Layer time: one MoE layer, forward + backward, per step; bytes per step count all four all-to-alls."
@@ -321,10 +340,29 @@ def main(argv: list[str] | None = None) -> dict:
                     print_table(key, rows)
                     if (num_nodes, gpus, intra, inter, workload, args.spare_slots) == (2, 8, 160, 50, "zipf1", 1):
                         goals += check_goals(key, rows)
+    print_summary(results)
     if goals:
         print("\n## Goals (2x8, 160/50 GB/s, one spare slot per rank, Zipf s=1)\n")
         print("\n".join(goals))
     return results
+
+
+def print_summary(results: dict[str, dict[str, dict[str, float]]]) -> None:
+    """One line per configuration: ours against each policy, and the figures behind the goals."""
+    print("\n## Summary\n")
+    print(
+        "| configuration | ours vs static | ours vs EPLB | ours vs oracle | max/mean ours / EPLB | "
+        "cross-node GB ours / EPLB / floor | moved GB ours / EPLB | plan s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key, rows in results.items():
+        ours, eplb = rows["ours"], rows["eplb"]
+        print(
+            f"| {key} | {rows['static']['layer_ms'] / ours['layer_ms']:.2f}x | {eplb['layer_ms'] / ours['layer_ms']:.2f}x | "
+            f"{rows['oracle']['layer_ms'] / ours['layer_ms']:.2f}x | {ours['max_over_mean']:.3f} / {eplb['max_over_mean']:.3f} | "
+            f"{ours['cross_gb']:.2f} / {eplb['cross_gb']:.2f} / {rows['floor']['cross_gb']:.2f} | "
+            f"{ours['moved_gb']:.1f} / {eplb['moved_gb']:.1f} | {ours['plan_s']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -100,6 +100,10 @@ def test_planner_is_within_one_percent_of_the_exact_optimum_on_small_instances()
         plan = planner.plan(load)
         gaps.append(planner.estimate(plan, load).layer_seconds / exact - 1)
     gaps = np.array(gaps)
+    print(
+        f"\nplanner vs exact optimum on {len(gaps)} instances: within 1% on {(gaps <= 0.01).sum()}, within 1e-6 on "
+        f"{(gaps <= 1e-6).sum()}, median gap {np.median(gaps):.2e}, largest {gaps.max():.4f}"
+    )
     assert gaps.min() > -1e-6, "the planner beat the exact optimum: the exact model is wrong"
     assert (gaps <= 0.01).mean() >= 0.95, f"gaps: {np.sort(gaps)[-5:]}"
 
@@ -136,6 +140,20 @@ def test_plans_never_colocate_replicas_and_validate():
         assert all(len(set(experts)) == len(experts) for experts in plan.experts_per_rank)
 
 
+@pytest.mark.parametrize(
+    ("nodes", "local", "experts", "slots"),
+    [(2, 2, 10, 10), (4, 1, 14, 10), (3, 4, 10, 9), (1, 1, 4, 4), (2, 8, 8, 1), (4, 4, 19, 10)],
+)
+def test_edge_shapes_give_valid_plans(nodes, local, experts, slots):
+    """Every rank holding every expert, one rank per node, a single rank, fewer experts than ranks."""
+    rng = np.random.default_rng(experts)
+    load = rng.gamma(0.3, 100, size=(nodes * local, experts)) * (rng.random((nodes * local, experts)) > 0.5)
+    cost = LayerCost(token_bytes=4096.0, seconds_per_token=1e-6, expert_bytes=1e8)
+    planner = PlacementPlanner.from_cost(Topology(nodes, local, 1e11, 1e10), experts, slots, cost, max_solves=8)
+    planner.plan(load).validate()
+    planner.plan(load, current=PlacementPlan.default(experts, nodes * local, slots)).validate()
+
+
 EPLB_EXAMPLE = np.array([600, 560, 120, 120, 20, 10, 10, 10], dtype=np.float64)
 
 
@@ -152,6 +170,7 @@ def test_planner_beats_eplb_on_its_example():
     load_RE = np.tile(EPLB_EXAMPLE / 8, (8, 1))  # every GPU sends an eighth of each expert's tokens
     planner = PlacementPlanner.from_cost(Topology(1, 8), 8, 2, MIXTRAL_LIKE)
     estimate = planner.estimate(planner.plan(load_RE), load_RE)
+    print(f"\nEPLB example: planner's busiest rank {estimate.max_compute_load:.2f} (mean {EPLB_EXAMPLE.sum() / 8:.2f})")
     # The optimum with an even split over replicas is 196.7; uneven fractions can do better.
     assert estimate.max_compute_load <= 200.0
     assert estimate.max_compute_load >= EPLB_EXAMPLE.sum() / 8 - 1e-6

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lightning_moe.planning.plan import PlacementPlan
 from lightning_moe.planning.topology import Topology
 
 
@@ -56,20 +57,43 @@ def replicas_per_node(load_RE: np.ndarray, topology: Topology, slots_per_rank: i
         if replicas_E[expert] < num_nodes:
             continue
         for _ in range(replicas_E[expert]):
-            open_N = (m_NE[:, expert] < local) & (free_N > 0)
-            average_N = np.where(open_N, node_load_NE[:, expert] / (m_NE[:, expert] + 1), -np.inf)
-            node = int(np.argmax(average_N))
-            m_NE[node, expert] += 1
-            free_N[node] -= 1
+            # Highest average: the node sending the most tokens per replica it would hold.
+            average_N = node_load_NE[:, expert] / (m_NE[:, expert] + 1)
+            _add_replica(m_NE, free_N, expert, local, preference_N=-average_N)
         computed_N += node_load_NE[:, expert]
     for expert in heaviest_first:
         for _ in range(replicas_E[expert] if replicas_E[expert] < num_nodes else 0):
-            open_nodes = np.flatnonzero((m_NE[:, expert] < local) & (free_N > 0))
-            node = min(open_nodes, key=lambda v: (computed_N[v], -node_load_NE[v, expert], v))
-            m_NE[node, expert] += 1
-            free_N[node] -= 1
+            node = _add_replica(
+                m_NE, free_N, expert, local, preference_N=computed_N, second_N=-node_load_NE[:, expert]
+            )
             computed_N[node] += load_E[expert] / replicas_E[expert]
     return m_NE
+
+
+def _add_replica(m_NE, free_N, expert, local, *, preference_N, second_N=None) -> int:
+    """Add one replica of ``expert`` to the preferred node (lowest ``preference_N``, then
+    ``second_N``, then index) that has a free slot and fewer than ``local`` replicas of it.
+
+    When every node with a free slot already holds ``local`` replicas, a full node ``u`` that can
+    take one first hands one of its other experts to such a node ``v`` (one always exists: ``v``
+    has a free slot, so it cannot hold ``local`` replicas of everything ``u`` holds)."""
+    num_nodes = len(free_N)
+    second_N = np.zeros(num_nodes) if second_N is None else second_N
+    order = np.lexsort((np.arange(num_nodes), second_N, preference_N))
+    open_nodes = [v for v in order if free_N[v] > 0 and m_NE[v, expert] < local]
+    if open_nodes:
+        node = int(open_nodes[0])
+    else:
+        receiver = next(v for v in order if free_N[v] > 0)
+        node = int(next(u for u in order if m_NE[u, expert] < local))
+        handed = next(f for f in np.flatnonzero(m_NE[node]) if f != expert and m_NE[receiver, f] < local)
+        m_NE[node, handed] -= 1
+        m_NE[receiver, handed] += 1
+        free_N[node] += 1
+        free_N[receiver] -= 1
+    m_NE[node, expert] += 1
+    free_N[node] -= 1
+    return node
 
 
 def pack_node(
@@ -145,8 +169,9 @@ def balanced_placement(load_RE: np.ndarray, slots_per_rank: int) -> list[list[in
 
 
 def random_placements(num_experts: int, num_ranks: int, slots_per_rank: int, count: int) -> list[list[list[int]]]:
-    """``count`` random placements (every expert once, spare slots random, distinct on each rank)
-    from a generator with a fixed seed: the same on every call and every rank.
+    """``count`` random placements from a generator with a fixed seed (the same on every call and
+    every rank): the default block placement with its expert ids and its ranks shuffled, which
+    keeps every expert present and the replicas on distinct ranks.
 
     Args:
         num_experts: ``E``.
@@ -155,10 +180,9 @@ def random_placements(num_experts: int, num_ranks: int, slots_per_rank: int, cou
         count: how many.
     """
     rng = np.random.default_rng(0)
+    block = PlacementPlan.default(num_experts, num_ranks, slots_per_rank).experts_per_rank
     placements = []
-    while len(placements) < count:
-        spare = rng.integers(num_experts, size=num_ranks * slots_per_rank - num_experts)
-        slots = rng.permutation(np.concatenate([np.arange(num_experts), spare])).reshape(num_ranks, slots_per_rank)
-        if all(len(set(rank)) == slots_per_rank for rank in slots.tolist()):
-            placements.append(slots.tolist())
+    for _ in range(count):
+        relabel, ranks = rng.permutation(num_experts), rng.permutation(num_ranks)
+        placements.append([[int(relabel[e]) for e in block[rank]] for rank in ranks])
     return placements
