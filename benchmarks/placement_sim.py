@@ -9,7 +9,13 @@ the next window's load:
 - ``eplb``: DeepSeek's EPLB re-run from scratch (hierarchical by node when the layer has expert
   groups, as DeepSeek-V3's 8 do);
 - ``smartmoe``: the SmartMoE-style greedy, swapping slots of the current placement;
-- ``ours``: :class:`~lightning_moe.PlacementPlanner` with the current placement (migration-aware);
+- ``planner``: :class:`~lightning_moe.PlacementPlanner` with the current placement (migration-aware),
+  every plan taken;
+- ``ours``: what :class:`~lightning_moe.ExpertMigration` does: the planner's plan, taken only when
+  :class:`~lightning_moe.planning.trigger.MigrationTrigger` (the callback's rule, its defaults)
+  accepts it: a predicted gain of at least 5% that pays twice for the move over the window, on the
+  measured window and on the one before it (and a return to the static placement when that beats
+  the plan in force on the measured window);
 - ``oracle``: the planner on the window's own load, moving for free.
 
 The layers: ``mixtral`` (E=8, k=2, d=4096, f=14336) and ``deepseek`` (E=256, k=8, d=7168,
@@ -55,8 +61,9 @@ import torch
 from lightning_moe.planning import LayerCost, PlacementPlan, PlacementPlanner, Topology
 from lightning_moe.planning.baselines import eplb_plan, oracle_plan, smartmoe_greedy_plan, static_plan
 from lightning_moe.planning.cost_model import estimate_plan, migration_transfers
+from lightning_moe.planning.trigger import MigrationTrigger
 
-POLICIES = ("static", "eplb", "smartmoe", "ours", "oracle")
+POLICIES = ("static", "eplb", "smartmoe", "planner", "ours", "oracle")
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,7 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
     workload = Workload(workload_name, layer.num_experts, num_ranks, args.drift, rng)
     loads = window_loads(workload, layer, args.windows, args.tokens_per_rank, args.steps_per_window, args.mc_samples, rng)
     planner = PlacementPlanner.from_cost(topology, layer.num_experts, slots, cost, horizon_steps=args.steps_per_window)
+    trigger = MigrationTrigger(horizon_steps=args.steps_per_window)
     static = static_plan(layer.num_experts, num_ranks, slots)
     current = {policy: static for policy in POLICIES}
     tallies = {policy: Tally() for policy in POLICIES}
@@ -206,8 +214,12 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
                 plan = eplb_plan(measured, num_ranks, slots, num_nodes=num_nodes, num_groups=layer.num_groups)
             elif policy == "smartmoe":
                 plan = smartmoe_greedy_plan(measured, current[policy])
+            elif policy == "planner":
+                plan = planner.plan(measured, current=current[policy])
             elif policy == "ours":
                 plan = planner.plan(measured, current=current[policy])
+                weighed = loads[max(window - 2, 0) : window][::-1]  # the measured window, then the one before
+                plan = trigger.choose(current[policy], plan, weighed, planner.estimate)
             else:
                 plan = oracle_plan(planner, upcoming)
             elapsed = time.perf_counter() - start
@@ -221,7 +233,7 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
             tally.max_over_mean.append(estimate.max_over_mean)
             tally.cross_node_bytes.append(estimate.cross_node_bytes)
             tally.moved_bytes.append(len(moved) * cost.expert_bytes)
-            if policy in ("ours", "oracle"):
+            if policy in ("planner", "ours", "oracle"):
                 tally.plan_seconds.append(elapsed)
     rows = {policy: tally.row() for policy, tally in tallies.items()}
     floor = np.mean([cross_node_floor(load, topology, slots) for load in loads[1 + args.warmup_replans :]])

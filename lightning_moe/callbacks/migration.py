@@ -5,10 +5,14 @@ source EP rank to each logical expert, ``[R, E]`` per layer: from an :class:`Exp
 there is one, otherwise counted here), asks a :class:`~lightning_moe.planning.PlacementPlanner` per
 MoE layer for a plan (slots with replicas and routing fractions) that lowers the modelled layer time
 on the cluster's :class:`~lightning_moe.planning.Topology`, and moves only the layers whose predicted
-gain pays for the move:
+gain pays for the move (:class:`~lightning_moe.planning.trigger.MigrationTrigger`):
 
     gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)          (hysteresis)
     gain * horizon_steps                        >  migration_margin * migration_time  (cost of moving)
+
+on the window that ended and on the one before it (a plan fitted to one window's load must also gain
+on another, or the load does not hold still long enough to be worth following); a layer whose plan
+in force is beaten by the default placement on the window that ended goes back to the default.
 
 The move is :meth:`~lightning_moe.MoEStrategy.apply_placement`, between an optimizer step and the
 next forward. The cost model's compute constant is fitted to the measured step times as windows go by
@@ -41,6 +45,7 @@ from lightning_moe.parallel.migration import slot_tensors
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.planning import PlacementPlanner, Topology
 from lightning_moe.planning.plan import PlacementPlan
+from lightning_moe.planning.trigger import MigrationTrigger
 
 #: Expert GEMM throughput assumed before the first measured windows (FLOP/s), per device type.
 _DEFAULT_FLOPS = {"cuda": 4e14, "cpu": 5e10}
@@ -104,6 +109,7 @@ class ExpertMigration(Callback):
         self.horizon_steps = horizon_steps or every_n_steps
         self.migration_margin = float(migration_margin)
         self.min_gain = float(min_gain)
+        self.trigger = MigrationTrigger(self.horizon_steps, self.migration_margin, self.min_gain)
         self.flops_per_second = flops_per_second
         self.calibrate = calibrate
         self.log_images = log_images
@@ -113,6 +119,7 @@ class ExpertMigration(Callback):
         self.history: list[dict[str, Any]] = []
         self.seconds_per_token: float | None = None
         self._samples: list[tuple[float, float, float]] = []  # (busiest tokens, all-to-all s, step s)
+        self._previous_loads: dict[str, np.ndarray] = {}  # per layer, the window before the last one's [R, E]
         self._last_plan_step = 0
         self._layers: list[tuple[str, MoELayer]] = []
         self._metric: ExpertLoadMetric | None = None
@@ -188,6 +195,7 @@ class ExpertMigration(Callback):
             "seconds_per_token": self.seconds_per_token,
             "samples": [list(sample) for sample in self._samples],
             "last_plan_step": self._last_plan_step,
+            "previous_loads": {name: load.tolist() for name, load in self._previous_loads.items()},
         }
 
     @override
@@ -196,6 +204,8 @@ class ExpertMigration(Callback):
         self.seconds_per_token = state_dict["seconds_per_token"]
         self._samples = [tuple(sample) for sample in state_dict["samples"]]
         self._last_plan_step = int(state_dict["last_plan_step"])
+        previous = state_dict.get("previous_loads", {})  # absent in checkpoints from before it was kept
+        self._previous_loads = {name: np.asarray(load, dtype=np.float64) for name, load in previous.items()}
 
     # ------------------------------------------------------------------------------ re-planning
 
@@ -223,19 +233,13 @@ class ExpertMigration(Callback):
             planner, load_RE = planners[name], loads[name]
             now = _as_plan(current[name])
             plan = planner.plan(load_RE, now)
-            estimate_now = planner.estimate(now, load_RE)
-            estimate_new = planner.estimate(plan, load_RE, now)
-            gain = estimate_now.layer_seconds - estimate_new.layer_seconds
-            changed = plan.experts_per_rank != now.experts_per_rank or not torch.allclose(
-                plan.routing_fractions_RER, now.routing_fractions_RER, atol=1e-9
-            )
-            pays = gain * self.horizon_steps > self.migration_margin * estimate_new.migration_seconds
-            if changed and gain > self.min_gain * estimate_now.layer_seconds and pays:
+            previous_RE = self._previous_loads.get(name)
+            known = previous_RE is not None and previous_RE.shape == load_RE.shape and previous_RE.sum() > 0
+            plan = self.trigger.choose(now, plan, [load_RE, previous_RE] if known else [load_RE], planner.estimate)
+            estimate_now, chosen = planner.estimate(now, load_RE), planner.estimate(plan, load_RE, now)
+            if plan is not now:
                 moves[name] = ExpertPlacement(plan.experts_per_rank, plan.routing_fractions_RER)
                 plans[name] = (plan, load_RE)
-                chosen = estimate_new
-            else:
-                chosen = estimate_now
             before += estimate_now.layer_seconds
             after += chosen.layer_seconds
             balance_before.append(estimate_now.max_over_mean)
@@ -265,6 +269,7 @@ class ExpertMigration(Callback):
                          seconds=_world_max(time.perf_counter() - start, device),
                          measured_step_seconds_before=step_seconds)
             self._moved_at = step
+        self._previous_loads = loads
         self.history.append(entry)
         self._log(trainer, entry, plans, step)
         return entry
