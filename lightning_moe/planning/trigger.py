@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
 
 from lightning_moe.planning.cost_model import PlanEstimate
