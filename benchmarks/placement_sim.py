@@ -13,9 +13,9 @@ the next window's load:
   every plan taken;
 - ``ours``: what :class:`~lightning_moe.ExpertMigration` does: the planner's plan, taken only when
   :class:`~lightning_moe.planning.trigger.MigrationTrigger` (the callback's rule, its defaults)
-  accepts it: a predicted gain of at least 5% that pays twice for the move over the window, on the
-  measured window and on the one before it (and a return to the static placement when that beats
-  the plan in force on the measured window);
+  accepts it: a predicted gain of at least 5% that pays twice for the move over the window, and
+  the static placement in place of the plan when a plan made from the window before loses to it on
+  the measured window (a load that cannot be followed);
 - ``oracle``: the planner on the window's own load, moving for free.
 
 The layers: ``mixtral`` (E=8, k=2, d=4096, f=14336) and ``deepseek`` (E=256, k=8, d=7168,
@@ -217,9 +217,8 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
             elif policy == "planner":
                 plan = planner.plan(measured, current=current[policy])
             elif policy == "ours":
-                plan = planner.plan(measured, current=current[policy])
                 weighed = loads[max(window - 2, 0) : window][::-1]  # the measured window, then the one before
-                plan = trigger.choose(current[policy], plan, weighed, planner.estimate)
+                plan = trigger.choose(current[policy], weighed, planner)
             else:
                 plan = oracle_plan(planner, upcoming)
             elapsed = time.perf_counter() - start

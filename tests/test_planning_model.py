@@ -257,39 +257,25 @@ def test_trigger_needs_a_change_a_real_gain_and_a_move_that_pays():
     now = PlacementPlan.even_split([[0], [1]], 2)
     swapped = PlacementPlan.even_split([[1], [0]], 2)
     # 20% faster, move costs 1 s against 10 * 0.2 = 2 s saved: 2 > 2 * 1 fails, 2 > 2 * 0.9 holds.
-    assert not trigger.accepts(now, swapped, [(_estimate(1.0), _estimate(0.8, migration_seconds=1.0))])
-    assert trigger.accepts(now, swapped, [(_estimate(1.0), _estimate(0.8, migration_seconds=0.9))])
+    assert not trigger.accepts(now, swapped, _estimate(1.0), _estimate(0.8, migration_seconds=1.0))
+    assert trigger.accepts(now, swapped, _estimate(1.0), _estimate(0.8, migration_seconds=0.9))
     # A gain under min_gain (4% < 5%) is noise, even when moving is free.
-    assert not trigger.accepts(now, swapped, [(_estimate(1.0), _estimate(0.96))])
+    assert not trigger.accepts(now, swapped, _estimate(1.0), _estimate(0.96))
     # The same plan is never a move, whatever the estimates say.
-    assert not trigger.accepts(now, now, [(_estimate(1.0), _estimate(0.5))])
+    assert not trigger.accepts(now, now, _estimate(1.0), _estimate(0.5))
     # Routing fractions alone are a change (they cost nothing to move).
     replicated = PlacementPlan.even_split([[0, 1], [1, 0]], 2)
     fractions = replicated.routing_fractions_RER.clone()
     fractions[:, 0] = torch.tensor([0.75, 0.25], dtype=fractions.dtype)
     reweighted = PlacementPlan([[0, 1], [1, 0]], fractions)
-    assert trigger.accepts(replicated, reweighted, [(_estimate(1.0), _estimate(0.8))])
-    with pytest.raises(ValueError, match="at least the latest window"):
-        trigger.accepts(now, swapped, [])
-
-
-def test_trigger_wants_the_gain_on_every_window_weighed():
-    from lightning_moe.planning.trigger import MigrationTrigger
-
-    trigger = MigrationTrigger(horizon_steps=10)
-    now = PlacementPlan.even_split([[0], [1]], 2)
-    swapped = PlacementPlan.even_split([[1], [0]], 2)
-    latest = (_estimate(1.0), _estimate(0.5))
-    assert trigger.accepts(now, swapped, [latest, (_estimate(1.0), _estimate(0.7))])
-    # Fitted to the latest window, worse on the one before: the load moved on; stay.
-    assert not trigger.accepts(now, swapped, [latest, (_estimate(1.0), _estimate(1.2))])
+    assert trigger.accepts(replicated, reweighted, _estimate(1.0), _estimate(0.8))
 
 
 def test_trigger_does_not_follow_a_hot_expert_that_rotates():
-    # Four experts on two ranks of one node, one spare slot each. A plan fitted to one window's hot
-    # expert does not help the window before, whose hot expert differs: the trigger does not take it.
-    # A plan in force bet on an old hot expert loses to the default placement on the latest window:
-    # the trigger goes back to the default. With the hot expert staying put, the same rule moves.
+    # Four experts on two ranks of one node, one spare slot each. When a plan made from the window
+    # before (hot expert 3) loses to the default placement on the latest window (hot expert 1), the
+    # load cannot be followed: the trigger stays on the default, and a plan in force bet on an old
+    # hot expert goes back to it. With the hot expert staying put, the same rule moves.
     from lightning_moe.planning import PlacementPlanner
     from lightning_moe.planning.trigger import MigrationTrigger
 
@@ -304,7 +290,7 @@ def test_trigger_does_not_follow_a_hot_expert_that_rotates():
         return load
 
     def step(now, loads):
-        return trigger.choose(now, planner.plan(loads[0], now), loads, planner.estimate)
+        return trigger.choose(now, loads, planner)
 
     # The default holds experts 1 and 3 once each. From it: hot expert 1 now, 3 before: stay.
     assert step(default, [hot(1), hot(3)]) is default
@@ -317,4 +303,4 @@ def test_trigger_does_not_follow_a_hot_expert_that_rotates():
     # Still expert 1: keep the bet.
     assert step(bet_on_1, [hot(1), hot(1)]) is bet_on_1
     with pytest.raises(ValueError, match="at least the latest window"):
-        trigger.choose(default, default, [], planner.estimate)
+        trigger.choose(default, [], planner)

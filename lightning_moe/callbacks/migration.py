@@ -10,9 +10,9 @@ gain pays for the move (:class:`~lightning_moe.planning.trigger.MigrationTrigger
     gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)          (hysteresis)
     gain * horizon_steps                        >  migration_margin * migration_time  (cost of moving)
 
-on the window that ended and on the one before it (a plan fitted to one window's load must also gain
-on another, or the load does not hold still long enough to be worth following); a layer whose plan
-in force is beaten by the default placement on the window that ended goes back to the default.
+on the window that ended, as long as the load can be followed: when a plan made from the window
+before loses to the default placement on the window that ended (a hot spot that moves on every
+window), the default placement is weighed instead of the planner's plan.
 
 The move is :meth:`~lightning_moe.MoEStrategy.apply_placement`, between an optimizer step and the
 next forward. The cost model's compute constant is fitted to the measured step times as windows go by
@@ -232,10 +232,9 @@ class ExpertMigration(Callback):
         for name, layer in self._layers:
             planner, load_RE = planners[name], loads[name]
             now = _as_plan(current[name])
-            plan = planner.plan(load_RE, now)
             previous_RE = self._previous_loads.get(name)
             known = previous_RE is not None and previous_RE.shape == load_RE.shape and previous_RE.sum() > 0
-            plan = self.trigger.choose(now, plan, [load_RE, previous_RE] if known else [load_RE], planner.estimate)
+            plan = self.trigger.choose(now, [load_RE, previous_RE] if known else [load_RE], planner)
             estimate_now, chosen = planner.estimate(now, load_RE), planner.estimate(plan, load_RE, now)
             if plan is not now:
                 moves[name] = ExpertPlacement(plan.experts_per_rank, plan.routing_fractions_RER)

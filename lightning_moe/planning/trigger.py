@@ -5,17 +5,14 @@ A plan replaces the one in force only when both hold (``layer_time`` from the co
     gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)          (hysteresis)
     gain * horizon_steps                        >  migration_margin * migration_time  (cost of moving)
 
-The gain is the smallest over the windows weighed: the window the plan was made from and, when
-there is one, the window before it. The first alone flatters the plan: its routing fractions are
-fitted to that very load, so a plan made from the next window would always look a little better
-there and placements would follow noise. A gain that also holds on a window the plan was not
-fitted to is a gain of the load's lasting shape, one that a load which moves on from window to
-window (a hot spot that rotates) does not show.
-
-When the planner's plan is refused, the plan in force is checked in turn: if the default placement
-(:meth:`~lightning_moe.planning.PlacementPlan.default`, no bet on any load) beats it on the latest
-window by the same rule, the load it was made for has gone, and the layer goes back to the default
-rather than staying bet on a load that has moved on.
+Which plan is weighed depends on whether the load can be followed at all. Planning from the window
+that ended bets that the next window looks like it; the bet is checked against the two windows
+known: a plan made from the window before (the plan in force, or one planned for the check) must
+beat the default placement (:meth:`~lightning_moe.planning.PlacementPlan.default`, no bet on any
+load) on the window that ended, by at least ``min_gain``. When it does (a drifting popularity, a
+hot expert that stays), the planner's plan is weighed by the rule above. When it does not (a hot
+spot that moves on every window), the load is not one a placement can follow: the default placement
+is weighed instead, so a layer bet on an old load goes back to it and a layer on it stays.
 
 The first inequality keeps small predicted gains, within the noise of the measured load, from making
 placements oscillate; the second weighs the copy of weights and optimizer state against the time
@@ -28,14 +25,18 @@ policy is the one the callback runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lightning_moe.planning.cost_model import PlanEstimate
 from lightning_moe.planning.plan import PlacementPlan
+
+if TYPE_CHECKING:
+    from lightning_moe.planning.planner import PlacementPlanner
 
 
 @dataclass(frozen=True)
@@ -53,55 +54,45 @@ class MigrationTrigger:
     min_gain: float = 0.05
 
     def accepts(
-        self, now: PlacementPlan, plan: PlacementPlan, estimates: Sequence[tuple[PlanEstimate, PlanEstimate]]
+        self, now: PlacementPlan, plan: PlacementPlan, estimate_now: PlanEstimate, estimate_new: PlanEstimate
     ) -> bool:
-        """Whether to move from ``now`` to ``plan``.
-
-        Args:
-            estimates: per window weighed, ``(estimate of now, estimate of plan)`` on that window's
-                load, the window the plan was made from first; the plan's estimates must carry the
-                migration from ``now`` (``estimate_plan(plan, load, ..., current=now)``).
-        """
-        if not estimates:
-            raise ValueError("MigrationTrigger.accepts: estimates must hold at least the latest window's pair")
-        changed = plan.experts_per_rank != now.experts_per_rank or not torch.allclose(
-            plan.routing_fractions_RER, now.routing_fractions_RER, atol=1e-9
-        )
-        if not changed:
+        """Whether to move from ``now`` to ``plan``, by the two inequalities, on one window's load;
+        ``estimate_new`` must carry the migration from ``now`` (``estimate_plan(plan, load, ...,
+        current=now)``)."""
+        if not _differ(plan, now):
             return False
-        for estimate_now, estimate_new in estimates:
-            gain = estimate_now.layer_seconds - estimate_new.layer_seconds
-            if gain <= self.min_gain * estimate_now.layer_seconds:
-                return False
-            if gain * self.horizon_steps <= self.migration_margin * estimate_new.migration_seconds:
-                return False
-        return True
+        gain = estimate_now.layer_seconds - estimate_new.layer_seconds
+        pays = gain * self.horizon_steps > self.migration_margin * estimate_new.migration_seconds
+        return gain > self.min_gain * estimate_now.layer_seconds and pays
 
-    def choose(
-        self,
-        now: PlacementPlan,
-        plan: PlacementPlan,
-        loads: Sequence[np.ndarray],
-        estimate: Callable[..., PlanEstimate],
-    ) -> PlacementPlan:
-        """The plan to run next: ``plan`` when it gains on every load weighed; else the default
-        placement when it gains on the latest load (the plan in force has lapsed); else ``now``.
+    def choose(self, now: PlacementPlan, loads: Sequence[np.ndarray], planner: PlacementPlanner) -> PlacementPlan:
+        """The plan to run next: the planner's plan for ``loads[0]``, the default placement, or
+        ``now`` (see the module docstring).
 
         Args:
             now: the plan in force.
-            plan: the planner's plan, made from ``loads[0]``.
-            loads: ``[R, E]`` per-step loads, the window ``plan`` was made from first, then the
-                window before it when there is one.
-            estimate: the cost model, ``estimate(plan, load, current) -> PlanEstimate`` (as
-                :meth:`~lightning_moe.planning.PlacementPlanner.estimate`).
+            loads: ``[R, E]`` per-step loads: the window that ended, then the window before it when
+                there is one.
+            planner: the layer's planner (it plans and prices).
         """
         if not len(loads):
             raise ValueError("MigrationTrigger.choose: loads must hold at least the latest window's load")
-        estimates_now = [estimate(now, load, None) for load in loads]
-        if self.accepts(now, plan, [(e, estimate(plan, load, now)) for e, load in zip(estimates_now, loads)]):
-            return plan
-        num_ranks, num_experts = loads[0].shape
+        latest = loads[0]
+        num_ranks, num_experts = latest.shape
         default = PlacementPlan.default(num_experts, num_ranks, len(now.experts_per_rank[0]))
-        if self.accepts(now, default, [(estimates_now[0], estimate(default, loads[0], now))]):
-            return default
-        return now
+        follow = True
+        if len(loads) > 1:
+            made_before = now if _differ(now, default) else planner.plan(loads[1], now)
+            followed = planner.estimate(made_before, latest).layer_seconds
+            follow = followed < (1 - self.min_gain) * planner.estimate(default, latest).layer_seconds
+        # Following the load does not pay when a plan from the window before loses to the default on
+        # the window that ended: weigh the default, not a new bet.
+        candidate = planner.plan(latest, now) if follow else default
+        accepted = self.accepts(now, candidate, planner.estimate(now, latest), planner.estimate(candidate, latest, now))
+        return candidate if accepted else now
+
+
+def _differ(a: PlacementPlan, b: PlacementPlan) -> bool:
+    return a.experts_per_rank != b.experts_per_rank or not torch.allclose(
+        a.routing_fractions_RER, b.routing_fractions_RER, atol=1e-9
+    )
