@@ -87,6 +87,8 @@ def run_scenarios(run: Callable[[dict, Path, int, int], dict]) -> None:
     """The ``main`` of a scenario worker (``python worker.py SCENARIOS.json OUT_DIR``): run each scenario
     of the JSON list in turn, in this process group, and write what this rank saw to
     ``OUT_DIR/<scenario name>/rank<r>.json`` (a traceback as ``{"crash": ...}`` if it raised)."""
+    import torch.distributed as dist
+
     scenarios = json.loads(Path(sys.argv[1]).read_text())
     out_root = Path(sys.argv[2])
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -99,6 +101,11 @@ def run_scenarios(run: Callable[[dict, Path, int, int], dict]) -> None:
             (out_dir / f"rank{rank}.json").write_text(json.dumps({"crash": traceback.format_exc()}))
             raise
         (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    if dist.is_available() and dist.is_initialized():
+        # NOTE: left to the interpreter's exit, the process group's threads (rank 0 also hosts the
+        # TCPStore) can be torn down while still running: "terminate called without an active
+        # exception", and the rank exits with SIGABRT after its work is done. Local; no collective.
+        dist.destroy_process_group()
 
 
 def read_results(out: Path, name: str, world_size: int) -> list[dict]:
