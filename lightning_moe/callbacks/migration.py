@@ -43,7 +43,7 @@ from lightning_moe.callbacks.plots import render_placement
 from lightning_moe.layers import MoELayer
 from lightning_moe.parallel.migration import slot_tensors
 from lightning_moe.parallel.placement import ExpertPlacement
-from lightning_moe.planning import PlacementPlanner, Topology
+from lightning_moe.planning import LayerCost, PlacementPlanner, Topology
 from lightning_moe.planning.plan import PlacementPlan
 from lightning_moe.planning.trigger import MigrationTrigger
 
@@ -300,8 +300,8 @@ class ExpertMigration(Callback):
         expert_bytes = sum(t[0].numel() * t.element_size() for t in slot_tensors(layer, trainer.optimizers))
         if self.seconds_per_token is None:
             flops = self.flops_per_second or _DEFAULT_FLOPS.get(parameter.device.type, _DEFAULT_FLOPS["cpu"])
-            # SwiGLU: 3 matrices of d_model x d_ff, 2 FLOPs per multiply-add, backward twice the forward.
-            self.seconds_per_token = 3 * 2 * (3 * experts.d_model * experts.d_ff) / flops
+            prior = LayerCost.swiglu(d_model=experts.d_model, d_ff=experts.d_ff, flops_per_second=flops)
+            self.seconds_per_token = prior.seconds_per_token
         return PlacementPlanner(
             self.topology, placement.num_experts, placement.slots_per_rank,
             token_bytes=float(experts.d_model * autocast_bytes), seconds_per_token=self.seconds_per_token,

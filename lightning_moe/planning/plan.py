@@ -127,6 +127,13 @@ class PlacementPlan:
             )
         return self
 
+    def same_as(self, other: PlacementPlan, atol: float = 1e-9) -> bool:
+        """Whether ``other`` holds the same experts in the same slots and routes the same fractions
+        (within ``atol``): moving from one to the other would change nothing."""
+        return self.experts_per_rank == other.experts_per_rank and torch.allclose(
+            self.routing_fractions_RER, other.routing_fractions_RER, atol=atol
+        )
+
     @classmethod
     def even_split(cls, experts_per_rank: Sequence[Sequence[int]], num_experts: int) -> PlacementPlan:
         """A plan whose sources split each expert's tokens evenly over its slots (two slots of an

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lightning_moe.planning.cost_model import PlanEstimate
 from lightning_moe.planning.plan import PlacementPlan
@@ -59,7 +58,7 @@ class MigrationTrigger:
         """Whether to move from ``now`` to ``plan``, by the two inequalities, on one window's load;
         ``estimate_new`` must carry the migration from ``now`` (``estimate_plan(plan, load, ...,
         current=now)``)."""
-        if not _differ(plan, now):
+        if plan.same_as(now):
             return False
         gain = estimate_now.layer_seconds - estimate_new.layer_seconds
         pays = gain * self.horizon_steps > self.migration_margin * estimate_new.migration_seconds
@@ -82,7 +81,7 @@ class MigrationTrigger:
         default = PlacementPlan.default(num_experts, num_ranks, len(now.experts_per_rank[0]))
         follow = True
         if len(loads) > 1:
-            made_before = now if _differ(now, default) else planner.plan(loads[1], now)
+            made_before = planner.plan(loads[1], now) if now.same_as(default) else now
             followed = planner.estimate(made_before, latest).layer_seconds
             follow = followed < (1 - self.min_gain) * planner.estimate(default, latest).layer_seconds
         # Following the load does not pay when a plan from the window before loses to the default on
@@ -90,9 +89,3 @@ class MigrationTrigger:
         candidate = planner.plan(latest, now) if follow else default
         accepted = self.accepts(now, candidate, planner.estimate(now, latest), planner.estimate(candidate, latest, now))
         return candidate if accepted else now
-
-
-def _differ(a: PlacementPlan, b: PlacementPlan) -> bool:
-    return a.experts_per_rank != b.experts_per_rank or not torch.allclose(
-        a.routing_fractions_RER, b.routing_fractions_RER, atol=1e-9
-    )

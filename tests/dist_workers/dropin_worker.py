@@ -23,7 +23,7 @@ from lightning.fabric.plugins import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
-from launch import run_scenarios  # noqa: E402
+from launch import fit_scenario, run_scenarios  # noqa: E402
 from models import D_MODEL, TwoMoELayers, dataloader  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -158,12 +158,9 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     strategy = strategy_for(scenario, io)
     trainer = trainer_for(scenario, out_dir, world_size, logger=loggers, strategy=strategy)
     groups_before = len(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else None
-    try:
-        trainer.fit(model, loader, ckpt_path=scenario.get("resume_from"))
-    except ValueError as error:
-        if scenario.get("expect_error"):
-            return {"error": str(error)}
-        raise
+    error = fit_scenario(trainer, model, loader, scenario)
+    if error is not None:
+        return {"error": error}
     result = {
         "losses": model.micro_batch_losses,
         "global_step": trainer.global_step,

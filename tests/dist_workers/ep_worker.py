@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from launch import run_scenarios  # noqa: E402
+from launch import fit_scenario, run_scenarios  # noqa: E402
 from models import LateExperts, TwoMoELayers, dataloader  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -94,12 +94,9 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     )
     batch_size = scenario["global_batch"] // world_size
     loader = dataloader(scenario["samples"], batch_size, rank=rank, world_size=world_size)
-    try:
-        trainer.fit(model, loader, ckpt_path=scenario.get("resume_from"))
-    except ValueError as error:
-        if scenario.get("expect_error"):
-            return {"error": str(error)}
-        raise
+    error = fit_scenario(trainer, model, loader, scenario)
+    if error is not None:
+        return {"error": error}
     layers = moe_layers(model)
     dispatchers = [layer.dispatcher for layer in layers]
     extra = {"logged_loss": float(trainer.callback_metrics["train_loss"]), "backend": dist.get_backend()}

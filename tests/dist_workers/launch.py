@@ -108,6 +108,18 @@ def run_scenarios(run: Callable[[dict, Path, int, int], dict]) -> None:
         dist.destroy_process_group()
 
 
+def fit_scenario(trainer, model, loader, scenario: dict) -> str | None:
+    """``trainer.fit`` from ``scenario["resume_from"]`` (if any); with ``scenario["expect_error"]``, the
+    message of the ``ValueError`` it raises instead of raising it (``None`` when it trained)."""
+    try:
+        trainer.fit(model, loader, ckpt_path=scenario.get("resume_from"))
+    except ValueError as error:
+        if scenario.get("expect_error"):
+            return str(error)
+        raise
+    return None
+
+
 def read_results(out: Path, name: str, world_size: int) -> list[dict]:
     """What every rank wrote for scenario ``name`` (failing with the traceback of a rank that crashed)."""
     results = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(world_size)]
