@@ -11,11 +11,13 @@ the next window's load:
 - ``smartmoe``: the SmartMoE-style greedy, swapping slots of the current placement;
 - ``planner``: :class:`~lightning_moe.PlacementPlanner` with the current placement (migration-aware),
   every plan taken;
-- ``ours``: what :class:`~lightning_moe.ExpertMigration` does: the planner's plan, taken only when
+- ``ours``: what :class:`~lightning_moe.ExpertMigration` does: the planner's plan for the last
+  windows (up to four, when a backtest says the history helps), taken only when
   :class:`~lightning_moe.planning.trigger.MigrationTrigger` (the callback's rule, its defaults)
-  accepts it: a predicted gain of at least 5% that pays twice for the move over the window, and
-  the static placement in place of the plan when a plan made from the window before loses to it on
-  the measured window (a load that cannot be followed);
+  accepts it: a predicted gain of at least 5% that pays twice for the move over the window; fresh
+  routing fractions for the slots in force otherwise (they move nothing); and the static placement
+  in place of the plan when a plan made from the window before loses to it on the measured window
+  (a load that cannot be followed);
 - ``oracle``: the planner on the window's own load, moving for free.
 
 The layers: ``mixtral`` (E=8, k=2, d=4096, f=14336) and ``deepseek`` (E=256, k=8, d=7168,
@@ -217,7 +219,7 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
             elif policy == "planner":
                 plan = planner.plan(measured, current=current[policy])
             elif policy == "ours":
-                weighed = loads[max(window - 2, 0) : window][::-1]  # the measured window, then the one before
+                weighed = loads[max(window - trigger.history_windows - 1, 0) : window][::-1]  # the measured window first
                 plan = trigger.choose(current[policy], weighed, planner)
             else:
                 plan = oracle_plan(planner, upcoming)

@@ -105,19 +105,24 @@ def test_the_migration_recipe_runs_on_two_processes(tmp_path):
 
 
 def test_callback_state_survives_a_safe_checkpoint_round_trip(tmp_path):
-    """What the trigger weighs next (the window before the last) is part of the callback's state and
-    loads with ``weights_only=True``, as every checkpoint does."""
+    """What the trigger weighs next (the windows before the last) is part of the callback's state and
+    loads with ``weights_only=True``, as every checkpoint does; so does the single window that
+    checkpoints from before several were kept hold."""
     import torch
 
     from lightning_moe import ExpertMigration
 
     callback = ExpertMigration(every_n_steps=4)
     callback.history = [{"step": 4, "layers_moved": 1}]
-    callback._previous_loads = {"model.layers.0.moe": np.arange(6, dtype=np.float64).reshape(2, 3)}
+    windows = [np.arange(6, dtype=np.float64).reshape(2, 3), np.ones((2, 3))]
+    callback._previous_loads = {"model.layers.0.moe": windows}
     callback._samples, callback._last_plan_step, callback.seconds_per_token = [(1.0, 2.0, 3.0)], 4, 1e-6
     torch.save(callback.state_dict(), tmp_path / "state.pt")
     restored = ExpertMigration(every_n_steps=4)
     restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert restored.history == callback.history and restored._last_plan_step == 4
     assert restored._samples == [(1.0, 2.0, 3.0)] and restored.seconds_per_token == 1e-6
-    np.testing.assert_array_equal(restored._previous_loads["model.layers.0.moe"], np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(np.stack(restored._previous_loads["model.layers.0.moe"]), np.stack(windows))
+    old = dict(callback.state_dict(), previous_loads={"model.layers.0.moe": windows[0].tolist()})
+    restored.load_state_dict(old)
+    np.testing.assert_array_equal(np.stack(restored._previous_loads["model.layers.0.moe"]), windows[0][None])

@@ -167,45 +167,77 @@ def test_routing_lp_matches_an_independent_linear_program():
         assert not ((solution.fractions_RER > 0) & ~holds[None]).any()
 
 
+def test_routing_lp_over_several_windows_matches_an_independent_linear_program():
+    """One set of fractions for several windows of load: the mean objective over the windows."""
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        topology = Topology(int(rng.integers(1, 3)), int(rng.integers(2, 4)), rng.uniform(50, 500) * 1e9, rng.uniform(5, 100) * 1e9)
+        num_ranks, num_experts, num_windows = topology.num_ranks, int(rng.integers(2, 7)), int(rng.integers(2, 4))
+        cost = LayerCost(token_bytes=8192.0, seconds_per_token=float(rng.uniform(0.2, 3)) * 1e-6)
+        load = rng.gamma(0.5, 1000, size=(num_windows, num_ranks, num_experts))
+        load *= rng.random((num_windows, num_ranks, num_experts)) > 0.2
+        holds = np.zeros((num_experts, num_ranks), dtype=bool)
+        for rank in range(num_ranks):
+            holds[rng.choice(num_experts, size=min(2, num_experts), replace=False), rank] = True
+        holds[~holds.any(axis=1), 0] = True
+        solution = solve_routing(load, holds, topology, cost, locality_weight=1e-3)
+        reference = _reference_routing_objective(scipy_optimize, load, holds, topology, cost, 1e-3)
+        assert solution.objective == pytest.approx(reference, rel=1e-6)
+        each = [planner_objective(window, solution.fractions_RER, topology, cost, 1e-3) for window in load]
+        assert np.mean(each) == pytest.approx(solution.objective)
+        # Fitting the fractions to one window does no better on the mean (the LP's optimum is the
+        # optimum over all fractions).
+        alone = solve_routing(load[0], holds, topology, cost, locality_weight=1e-3)
+        assert planner_objective(load, alone.fractions_RER, topology, cost, 1e-3) >= solution.objective * (1 - 1e-6)
+
+
 def _reference_routing_objective(scipy_optimize, load, holds, topology, cost, locality_weight):
-    """The routing LP written out densely, one row per constraint, solved by HiGHS."""
-    num_ranks, num_experts = load.shape
+    """The routing LP written out densely in fraction variables, one row per constraint, solved by
+    HiGHS; ``load`` is one window ``[R, E]`` or several ``[W, R, E]`` (the mean objective)."""
+    windows = load[None] if load.ndim == 2 else load
+    num_windows, num_ranks, num_experts = windows.shape
+    mean = windows.mean(axis=0)
     same = topology.same_node()
-    flows = [(r, e, d) for r in range(num_ranks) for e in range(num_experts) if load[r, e] > 0 for d in range(num_ranks) if holds[e, d]]
-    n = len(flows)
-    passes = cost.all_to_all_passes
-    objective = np.zeros(n + 2)
-    objective[n], objective[n + 1] = 1.0, passes
-    upper_rows = []
-    for d in range(num_ranks):
-        row = np.zeros(n + 2)
-        for j, flow in enumerate(flows):
-            row[j] = cost.seconds_per_token if flow[2] == d else 0.0
-        row[n] = -1
-        upper_rows.append(row)
-    for q in range(num_ranks):
-        for intra in (True, False):
-            bandwidth = topology.intra_node_bandwidth if intra else topology.inter_node_bandwidth
-            out_row, in_row = np.zeros(n + 2), np.zeros(n + 2)
-            for j, (r, e, d) in enumerate(flows):
-                if r != d and same[r, d] == intra:
-                    out_row[j] += cost.token_bytes / bandwidth if r == q else 0.0
-                    in_row[j] += cost.token_bytes / bandwidth if d == q else 0.0
-            for row in (out_row, in_row):
-                row[n + 1] = -1
-                upper_rows.append(row)
-    for j, (r, e, d) in enumerate(flows):
+    shares = [(r, e, d) for r in range(num_ranks) for e in range(num_experts) if mean[r, e] > 0 for d in range(num_ranks) if holds[e, d]]
+    n, passes = len(shares), cost.all_to_all_passes
+    # Variables: the shares, then (c, a) of each window.
+    objective = np.zeros(n + 2 * num_windows)
+    objective[n::2], objective[n + 1 :: 2] = 1.0 / num_windows, passes / num_windows
+    for j, (r, e, d) in enumerate(shares):
         if r != d:
             bandwidth = topology.intra_node_bandwidth if same[r, d] else topology.inter_node_bandwidth
-            objective[j] = locality_weight * passes / num_ranks * 2 * cost.token_bytes / bandwidth
-    equal_rows, equal_values = [], []
+            objective[j] = locality_weight * passes / num_ranks * 2 * cost.token_bytes / bandwidth * mean[r, e]
+    upper_rows = []
+    for w, window in enumerate(windows):
+        for d in range(num_ranks):
+            row = np.zeros(n + 2 * num_windows)
+            for j, share in enumerate(shares):
+                row[j] = cost.seconds_per_token * window[share[0], share[1]] if share[2] == d else 0.0
+            row[n + 2 * w] = -1
+            upper_rows.append(row)
+        for q in range(num_ranks):
+            for intra in (True, False):
+                bandwidth = topology.intra_node_bandwidth if intra else topology.inter_node_bandwidth
+                out_row, in_row = np.zeros(n + 2 * num_windows), np.zeros(n + 2 * num_windows)
+                for j, (r, e, d) in enumerate(shares):
+                    if r != d and same[r, d] == intra:
+                        out_row[j] += cost.token_bytes / bandwidth * window[r, e] if r == q else 0.0
+                        in_row[j] += cost.token_bytes / bandwidth * window[r, e] if d == q else 0.0
+                for row in (out_row, in_row):
+                    row[n + 2 * w + 1] = -1
+                    upper_rows.append(row)
+    equal_rows = []
     for r in range(num_ranks):
         for e in range(num_experts):
-            if load[r, e] > 0:
-                equal_rows.append([1.0 if (flow[0], flow[1]) == (r, e) else 0.0 for flow in flows] + [0.0, 0.0])
-                equal_values.append(load[r, e])
+            if mean[r, e] > 0:
+                equal_rows.append([1.0 if (share[0], share[1]) == (r, e) else 0.0 for share in shares] + [0.0] * (2 * num_windows))
     result = scipy_optimize.linprog(
-        objective, A_ub=np.array(upper_rows), b_ub=np.zeros(len(upper_rows)), A_eq=np.array(equal_rows), b_eq=equal_values
+        objective,
+        A_ub=np.array(upper_rows),
+        b_ub=np.zeros(len(upper_rows)),
+        A_eq=np.array(equal_rows),
+        b_eq=np.ones(len(equal_rows)),
     )
     assert result.success
     return result.fun
@@ -244,31 +276,77 @@ def test_calibrate_recovers_the_per_token_cost_and_overhead():
 # ------------------------------------------------------------------------------------------ trigger
 
 
-def _estimate(layer_seconds, migration_seconds=0.0):
-    from lightning_moe.planning.cost_model import PlanEstimate
-
-    return PlanEstimate(layer_seconds, layer_seconds, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, migration_seconds)
-
-
-def test_trigger_needs_a_change_a_real_gain_and_a_move_that_pays():
+def test_trigger_needs_a_real_gain_and_a_move_that_pays():
     from lightning_moe.planning.trigger import MigrationTrigger
 
     trigger = MigrationTrigger(horizon_steps=10, migration_margin=2.0, min_gain=0.05)
-    now = PlacementPlan.even_split([[0], [1]], 2)
-    swapped = PlacementPlan.even_split([[1], [0]], 2)
     # 20% faster, move costs 1 s against 10 * 0.2 = 2 s saved: 2 > 2 * 1 fails, 2 > 2 * 0.9 holds.
-    assert not trigger.accepts(now, swapped, _estimate(1.0), _estimate(0.8, migration_seconds=1.0))
-    assert trigger.accepts(now, swapped, _estimate(1.0), _estimate(0.8, migration_seconds=0.9))
+    assert not trigger.accepts(1.0, 0.8, migration_seconds=1.0)
+    assert trigger.accepts(1.0, 0.8, migration_seconds=0.9)
     # A gain under min_gain (4% < 5%) is noise, even when moving is free.
-    assert not trigger.accepts(now, swapped, _estimate(1.0), _estimate(0.96))
-    # The same plan is never a move, whatever the estimates say.
-    assert not trigger.accepts(now, now, _estimate(1.0), _estimate(0.5))
-    # Routing fractions alone are a change (they cost nothing to move).
-    replicated = PlacementPlan.even_split([[0, 1], [1, 0]], 2)
-    fractions = replicated.routing_fractions_RER.clone()
-    fractions[:, 0] = torch.tensor([0.75, 0.25], dtype=fractions.dtype)
-    reweighted = PlacementPlan([[0, 1], [1, 0]], fractions)
-    assert trigger.accepts(replicated, reweighted, _estimate(1.0), _estimate(0.8))
+    assert not trigger.accepts(1.0, 0.96, migration_seconds=0.0)
+    assert trigger.accepts(1.0, 0.94, migration_seconds=0.0)
+    with pytest.raises(ValueError, match="history_windows"):
+        MigrationTrigger(horizon_steps=10, history_windows=0)
+
+
+def test_plans_for_a_load_that_steps_back_and_forth():
+    # Two states of one load: experts 2 and 3 trade 600 tokens back and forth. A plan made for
+    # both windows is balanced in both states; made for the last window alone, it is off balance as
+    # soon as the load steps back. The trigger plans for the windows it has seen.
+    from lightning_moe.planning import PlacementPlanner
+    from lightning_moe.planning.trigger import MigrationTrigger
+
+    topology = Topology(1, 4, intra_node_bandwidth=1e11, inter_node_bandwidth=1e10)
+    planner = PlacementPlanner(topology, 4, 2, token_bytes=1e3, seconds_per_token=1e-6, expert_bytes=1e3)
+    state_a = np.tile([4000.0, 2000.0, 1400.0, 600.0], (4, 1))
+    state_b = np.tile([4000.0, 2000.0, 800.0, 1200.0], (4, 1))
+    trigger = MigrationTrigger(horizon_steps=100)
+    first = trigger.choose(PlacementPlan.default(4, 4, 2), [state_a, state_a], planner)
+
+    def balance(plan):
+        return [planner.estimate(plan, state).max_over_mean for state in (state_a, state_b)]
+
+    alone = planner.plan(state_b, first)
+    assert balance(alone)[1] < 1.01 and balance(alone)[0] > 1.1
+    for plan in (planner.plan(np.stack([state_b, state_a]), first), trigger.choose(first, [state_b, state_a, state_a], planner)):
+        assert max(balance(plan)) < 1.01
+    both = trigger.choose(first, [state_b, state_a, state_a], planner)
+    # Same loads again: nothing changes, the plan in force is returned as it is.
+    assert trigger.choose(both, [state_b, state_a, state_a], planner) is both
+
+
+def test_route_gives_the_slots_in_force_the_best_fractions():
+    from lightning_moe.planning import PlacementPlanner
+    from lightning_moe.planning.local_search import lists_to_holds
+
+    topology = Topology(2, 2, intra_node_bandwidth=1e11, inter_node_bandwidth=1e10)
+    planner = PlacementPlanner(topology, 4, 2, token_bytes=1e3, seconds_per_token=1e-6)
+    plan = PlacementPlan.even_split([[0, 1], [2, 3], [0, 2], [1, 3]], 4)
+    windows = np.random.default_rng(0).gamma(1.0, 500.0, size=(3, 4, 4))
+    routed = planner.route(plan, windows)
+    assert routed.experts_per_rank == plan.experts_per_rank
+    best = solve_routing(windows, lists_to_holds(plan.experts_per_rank, 4), topology, planner.cost)
+    mean = np.mean([planner.estimate(routed, window).layer_seconds for window in windows])
+    even = np.mean([planner.estimate(plan, window).layer_seconds for window in windows])
+    assert planner_objective(windows, routed.routing_fractions_RER.numpy(), topology, planner.cost, 1e-3) == pytest.approx(best.objective)
+    assert mean < even
+    with pytest.raises(ValueError, match=r"\[W, R, E\]"):
+        planner.route(plan, np.ones((2, 2, 4, 4)))
+
+
+def test_trigger_refreshes_the_fractions_when_moving_does_not_pay():
+    # Copies so slow that no move pays: the trigger keeps the slots, but routes for the new load.
+    from lightning_moe.planning import PlacementPlanner
+    from lightning_moe.planning.trigger import MigrationTrigger
+
+    topology = Topology(1, 4, intra_node_bandwidth=1e11, inter_node_bandwidth=1e10)
+    planner = PlacementPlanner(topology, 4, 2, token_bytes=1e3, seconds_per_token=1e-6, expert_bytes=1e15)
+    now = PlacementPlan.default(4, 4, 2)
+    load = np.tile([4000.0, 2000.0, 1400.0, 600.0], (4, 1))
+    chosen = MigrationTrigger(horizon_steps=100).choose(now, [load, load], planner)
+    assert chosen.experts_per_rank == now.experts_per_rank
+    assert planner.estimate(chosen, load).layer_seconds < 0.95 * planner.estimate(now, load).layer_seconds
 
 
 def test_trigger_does_not_follow_a_hot_expert_that_rotates():

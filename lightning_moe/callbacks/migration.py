@@ -4,15 +4,18 @@ Every ``every_n_steps`` optimizer steps the callback takes the load of the windo
 source EP rank to each logical expert, ``[R, E]`` per layer: from an :class:`ExpertLoadMonitor` when
 there is one, otherwise counted here), asks a :class:`~lightning_moe.planning.PlacementPlanner` per
 MoE layer for a plan (slots with replicas and routing fractions) that lowers the modelled layer time
-on the cluster's :class:`~lightning_moe.planning.Topology`, and moves only the layers whose predicted
-gain pays for the move (:class:`~lightning_moe.planning.trigger.MigrationTrigger`):
+on the cluster's :class:`~lightning_moe.planning.Topology` over the last windows, and moves only the
+layers whose predicted gain pays for the move (:class:`~lightning_moe.planning.trigger.MigrationTrigger`):
 
-    gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)          (hysteresis)
-    gain * horizon_steps                        >  migration_margin * migration_time  (cost of moving)
+    gain = layer_time(kept) - layer_time(plan)  >  min_gain * layer_time(kept)         (hysteresis)
+    gain * horizon_steps                         >  migration_margin * migration_time  (cost of moving)
 
-on the window that ended, as long as the load can be followed: when a plan made from the window
+with ``kept`` the slots in force with fresh routing fractions (they cost nothing to change, so every
+re-plan updates them). The windows planned for are the last ``history_windows`` when fractions
+fitted to several windows predicted the last one better than fractions fitted to one (a load that
+steps back and forth), else the last alone (a load that drifts). When a plan made from the window
 before loses to the default placement on the window that ended (a hot spot that moves on every
-window), the default placement is weighed instead of the planner's plan.
+window), the load cannot be followed: the default placement is weighed instead.
 
 The move is :meth:`~lightning_moe.MoEStrategy.apply_placement`, between an optimizer step and the
 next forward. The cost model's compute constant is fitted to the measured step times as windows go by
@@ -75,6 +78,8 @@ class ExpertMigration(Callback):
         migration_margin: the gain over the horizon must exceed this many times the move's time.
         min_gain: the predicted layer time must drop by at least this share before a layer moves,
             so that noise in the load does not make placements oscillate.
+        history_windows: most windows of load a plan is made for (see above); 1 plans for the last
+            window alone.
         flops_per_second: expert GEMM throughput assumed before the step times calibrate it;
             ``None`` picks a default for the device type.
         calibrate: fit the cost model's compute constant to the measured step times.
@@ -90,13 +95,16 @@ class ExpertMigration(Callback):
         horizon_steps: int | None = None,
         migration_margin: float = 2.0,
         min_gain: float = 0.05,
+        history_windows: int = 4,
         flops_per_second: float | None = None,
         calibrate: bool = True,
         log_images: bool = True,
         planner_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("every_n_steps", every_n_steps), ("horizon_steps", horizon_steps or 1)):
+        for name, value in (
+            ("every_n_steps", every_n_steps), ("horizon_steps", horizon_steps or 1), ("history_windows", history_windows)
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ExpertMigration: `{name}` must be a positive integer, got {value!r}.")
         for name, value in (("migration_margin", migration_margin), ("min_gain", min_gain)):
@@ -109,7 +117,7 @@ class ExpertMigration(Callback):
         self.horizon_steps = horizon_steps or every_n_steps
         self.migration_margin = float(migration_margin)
         self.min_gain = float(min_gain)
-        self.trigger = MigrationTrigger(self.horizon_steps, self.migration_margin, self.min_gain)
+        self.trigger = MigrationTrigger(self.horizon_steps, self.migration_margin, self.min_gain, history_windows)
         self.flops_per_second = flops_per_second
         self.calibrate = calibrate
         self.log_images = log_images
@@ -119,7 +127,8 @@ class ExpertMigration(Callback):
         self.history: list[dict[str, Any]] = []
         self.seconds_per_token: float | None = None
         self._samples: list[tuple[float, float, float]] = []  # (busiest tokens, all-to-all s, step s)
-        self._previous_loads: dict[str, np.ndarray] = {}  # per layer, the window before the last one's [R, E]
+        # Per layer, the [R, E] loads of the windows before the last, newest first (the trigger's history).
+        self._previous_loads: dict[str, list[np.ndarray]] = {}
         self._last_plan_step = 0
         self._layers: list[tuple[str, MoELayer]] = []
         self._metric: ExpertLoadMetric | None = None
@@ -195,7 +204,7 @@ class ExpertMigration(Callback):
             "seconds_per_token": self.seconds_per_token,
             "samples": [list(sample) for sample in self._samples],
             "last_plan_step": self._last_plan_step,
-            "previous_loads": {name: load.tolist() for name, load in self._previous_loads.items()},
+            "previous_loads": {name: [load.tolist() for load in loads] for name, loads in self._previous_loads.items()},
         }
 
     @override
@@ -205,7 +214,11 @@ class ExpertMigration(Callback):
         self._samples = [tuple(sample) for sample in state_dict["samples"]]
         self._last_plan_step = int(state_dict["last_plan_step"])
         previous = state_dict.get("previous_loads", {})  # absent in checkpoints from before it was kept
-        self._previous_loads = {name: np.asarray(load, dtype=np.float64) for name, load in previous.items()}
+        # One [R, E] window per layer in checkpoints from before several were kept.
+        self._previous_loads = {
+            name: list(np.asarray(loads, dtype=np.float64).reshape(-1, *np.shape(loads)[-2:]))
+            for name, loads in previous.items()
+        }
 
     # ------------------------------------------------------------------------------ re-planning
 
@@ -226,19 +239,19 @@ class ExpertMigration(Callback):
         if self.calibrate and step_seconds > 0:
             self._add_sample(loads, current, planners, step_seconds)
 
-        moves, entry = {}, {"step": step, "measured_step_seconds": step_seconds}
+        tables, entry = {}, {"step": step, "measured_step_seconds": step_seconds}
         before, after, balance_before, balance_after, cross_before, cross_after = 0.0, 0.0, [], [], [], []
         plans = {}
         for name, layer in self._layers:
             planner, load_RE = planners[name], loads[name]
             now = _as_plan(current[name])
-            previous_RE = self._previous_loads.get(name)
-            known = previous_RE is not None and previous_RE.shape == load_RE.shape and previous_RE.sum() > 0
-            plan = self.trigger.choose(now, [load_RE, previous_RE] if known else [load_RE], planner)
+            known = [w for w in self._previous_loads.get(name, []) if w.shape == load_RE.shape and w.sum() > 0]
+            plan = self.trigger.choose(now, [load_RE, *known], planner)
             estimate_now, chosen = planner.estimate(now, load_RE), planner.estimate(plan, load_RE, now)
-            if plan is not now:
-                moves[name] = ExpertPlacement(plan.experts_per_rank, plan.routing_fractions_RER)
-                plans[name] = (plan, load_RE)
+            if plan is not now:  # new slots, or new fractions for the same slots (nothing moves then)
+                tables[name] = ExpertPlacement(plan.experts_per_rank, plan.routing_fractions_RER)
+                if plan.experts_per_rank != now.experts_per_rank:
+                    plans[name] = (plan, load_RE)
             before += estimate_now.layer_seconds
             after += chosen.layer_seconds
             balance_before.append(estimate_now.max_over_mean)
@@ -250,17 +263,17 @@ class ExpertMigration(Callback):
             predicted_max_over_mean_before=float(np.mean(balance_before)),
             predicted_max_over_mean_after=float(np.mean(balance_after)),
             cross_node_share_before=float(np.mean(cross_before)), cross_node_share_after=float(np.mean(cross_after)),
-            layers_moved=len(moves), experts_moved=0, bytes=0, seconds=0.0,
+            layers_moved=len(plans), layers_rerouted=len(tables) - len(plans), experts_moved=0, bytes=0, seconds=0.0,
         )
         if self._moved_at is not None:
             entry["measured_step_seconds_after"] = step_seconds
             self._moved_at = None
         entry["plan_seconds"] = _world_max(time.perf_counter() - planning_started, device)
-        if moves:
+        if tables:
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
             start = time.perf_counter()
-            report = strategy.apply_placement(moves)
+            report = strategy.apply_placement(tables)
             sent = torch.tensor([float(report.bytes_sent)], dtype=torch.float64, device=device)
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(sent)
@@ -268,7 +281,9 @@ class ExpertMigration(Callback):
                          seconds=_world_max(time.perf_counter() - start, device),
                          measured_step_seconds_before=step_seconds)
             self._moved_at = step
-        self._previous_loads = loads
+        # The trigger weighs the latest window and up to `history_windows` before it (its backtest).
+        keep = self.trigger.history_windows
+        self._previous_loads = {name: [load, *self._previous_loads.get(name, [])][:keep] for name, load in loads.items()}
         self.history.append(entry)
         self._log(trainer, entry, plans, step)
         return entry

@@ -159,6 +159,21 @@ def as_load_RE(load_RE: torch.Tensor | np.ndarray, num_ranks: int, num_experts: 
     return load_RE
 
 
+def as_windows_WRE(load: torch.Tensor | np.ndarray, num_ranks: int, num_experts: int, *, where: str) -> np.ndarray:
+    """One window ``[R, E]`` or several ``[W, R, E]`` (``W >= 1``), as a checked float64 ``[W, R, E]`` array."""
+    if isinstance(load, torch.Tensor):
+        load = load.detach().to("cpu", torch.float64).numpy()
+    load = np.asarray(load, dtype=np.float64)
+    if load.ndim == 2:
+        load = load[None]
+    if load.ndim != 3 or load.shape[0] < 1:
+        raise ValueError(
+            f"{where}: the load has shape {load.shape}; expected one window [R, E] = [{num_ranks}, {num_experts}] "
+            f"or several [W, R, E] = [W, {num_ranks}, {num_experts}]."
+        )
+    return np.stack([as_load_RE(window, num_ranks, num_experts, where=where) for window in load])
+
+
 def traffic_RR(load_RE: np.ndarray, fractions_RER: np.ndarray) -> np.ndarray:
     """``T[r, d] = sum_e load[r, e] * F[r, e, d]``: assignments rank ``r`` sends to rank ``d``."""
     return np.einsum("re,red->rd", load_RE, fractions_RER)

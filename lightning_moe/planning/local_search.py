@@ -80,7 +80,8 @@ class PlacementScorer:
     """Scores placements as the module docstring says.
 
     Args:
-        load_RE: assignments per step from each source rank to each expert.
+        load: assignments per step from each source rank to each expert: one window ``[R, E]`` or
+            several ``[W, R, E]`` (the routing then minimises the mean over them).
         topology: the EP group's nodes and links.
         cost: the layer's constants.
         locality_weight: tie-break weight (routing traffic and migration copies).
@@ -91,7 +92,7 @@ class PlacementScorer:
 
     def __init__(
         self,
-        load_RE: np.ndarray,
+        load: np.ndarray,
         topology: Topology,
         cost: LayerCost,
         *,
@@ -100,7 +101,8 @@ class PlacementScorer:
         horizon_steps: int,
         migration_margin: float = 1.0,
     ) -> None:
-        self.load_RE, self.topology, self.cost = load_RE, topology, cost
+        self.load, self.topology, self.cost = load, topology, cost
+        self.load_RE = load if load.ndim == 2 else load.mean(axis=0)  # what the move estimates use
         self.locality_weight = locality_weight
         self.current = current
         self.horizon = float(horizon_steps) if current is not None else 1.0
@@ -122,7 +124,7 @@ class PlacementScorer:
 
     def __call__(self, holds_ER: np.ndarray) -> Scored:
         self.solves += 1
-        solution = solve_routing(self.load_RE, holds_ER, self.topology, self.cost, locality_weight=self.locality_weight)
+        solution = solve_routing(self.load, holds_ER, self.topology, self.cost, locality_weight=self.locality_weight)
         return Scored(holds_ER, solution, self.horizon * solution.objective + self.migration(holds_ER))
 
     def copy_penalty_ER(self) -> np.ndarray:

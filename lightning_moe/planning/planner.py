@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from lightning_moe.planning.construct import balanced_placement, initial_placement, random_placements
-from lightning_moe.planning.cost_model import LayerCost, PlanEstimate, as_load_RE, estimate_plan
+from lightning_moe.planning.cost_model import LayerCost, PlanEstimate, as_windows_WRE, estimate_plan
 from lightning_moe.planning.local_search import PlacementScorer, Scored, holds_to_lists, lists_to_holds, local_search
 from lightning_moe.planning.plan import PlacementPlan, check_shape
-from lightning_moe.planning.routing_lp import program_size
+from lightning_moe.planning.routing_lp import program_size, solve_routing
 from lightning_moe.planning.topology import Topology
 
 # The automatic search budget: LP size x solves (an LP costs about 1.5 us per unit of size on one
@@ -156,18 +156,22 @@ class PlacementPlanner:
             )
         current.validate()
 
-    def plan(self, load_RE: torch.Tensor | np.ndarray, current: PlacementPlan | None = None) -> PlacementPlan:
-        """The placement and routing fractions for a window's load.
+    def plan(self, load: torch.Tensor | np.ndarray, current: PlacementPlan | None = None) -> PlacementPlan:
+        """The placement and routing fractions for a window's load, or for several windows'.
 
         Args:
-            load_RE: ``[R, E]`` assignments per step from each source EP rank to each logical expert
-                (a window's counts divided by its steps, summed over expert-data-parallel replicas).
+            load: ``[R, E]`` assignments per step from each source EP rank to each logical expert
+                (a window's counts divided by its steps, summed over expert-data-parallel replicas);
+                or ``[W, R, E]``, several windows: the plan then minimises the mean modelled layer
+                time over them with one set of routing fractions, a plan that holds for any of the
+                loads seen rather than one fitted to the last (see :mod:`~lightning_moe.planning.routing_lp`).
             current: the plan in force now; moves are then weighed against their migration cost.
         """
-        load_RE = as_load_RE(load_RE, self.topology.num_ranks, self.num_experts, where="PlacementPlanner.plan")
+        load_WRE = as_windows_WRE(load, self.topology.num_ranks, self.num_experts, where="PlacementPlanner.plan")
+        load_RE = load_WRE.mean(axis=0)
         self._check_current(current)
         scorer = PlacementScorer(
-            load_RE,
+            load_WRE if len(load_WRE) > 1 else load_RE,
             self.topology,
             self.cost,
             locality_weight=self.locality_weight,
@@ -190,7 +194,7 @@ class PlacementPlanner:
         scored = sorted((scorer(start) for start in starts), key=lambda state: state.score)
         budget = self.max_solves
         if budget is None:
-            size = program_size(load_RE, scored[0].holds_ER)
+            size = program_size(scorer.load, scored[0].holds_ER)
             budget = int(np.clip(_AUTO_SEARCH_WORK / max(size, 1), _AUTO_MIN_SOLVES, _AUTO_MAX_SOLVES))
         best: Scored | None = None
         for state in scored:
@@ -209,6 +213,18 @@ class PlacementPlanner:
         experts_per_rank = _keep_slots(holds_to_lists(best.holds_ER), current)
         fractions = torch.tensor(best.solution.fractions_RER, dtype=torch.float64)
         return PlacementPlan(experts_per_rank, fractions).validate()
+
+    def route(self, plan: PlacementPlan, load: torch.Tensor | np.ndarray) -> PlacementPlan:
+        """``plan``'s slots with the routing fractions that suit ``load`` best (one window ``[R, E]``
+        or several ``[W, R, E]``, as in :meth:`plan`): nothing moves, only the tables change."""
+        load_WRE = as_windows_WRE(load, self.topology.num_ranks, self.num_experts, where="PlacementPlanner.route")
+        self._check_current(plan)
+        if (plan.slot_counts_ER() > 1).any():
+            return plan  # an expert twice on one rank (a baseline's plan): the LP does not model it
+        holds_ER = lists_to_holds(plan.experts_per_rank, self.num_experts)
+        solution = solve_routing(load_WRE if len(load_WRE) > 1 else load_WRE[0], holds_ER, self.topology, self.cost,
+                                 locality_weight=self.locality_weight)
+        return PlacementPlan(plan.experts_per_rank, torch.tensor(solution.fractions_RER, dtype=torch.float64)).validate()
 
     def estimate(
         self, plan: PlacementPlan, load_RE: torch.Tensor | np.ndarray, current: PlacementPlan | None = None

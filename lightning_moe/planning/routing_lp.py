@@ -8,7 +8,13 @@ source ``r`` for expert ``e`` computed on holder ``d``) that minimise the planne
 
 with ``compute`` and ``link`` the linear functions of ``x`` defined in
 :mod:`lightning_moe.planning.cost_model` (per-slot overhead and latency are constants here and left
-out). The first two terms are the modelled layer time; the last breaks its ties: where the slowest
+out).
+
+Given several windows of load (``[W, R, E]``), one set of fractions is chosen for all of them and
+the objective is the mean over the windows of the objective above: the fractions must hold for the
+next window, which is not known, so they are fitted to the loads seen rather than to the last one
+alone (a scenario average, as in stochastic programming). The flows are then those of the mean
+load, and window ``w`` sees ``x[r, e, d] * load_w[r, e] / mean load[r, e]``. The first two terms are the modelled layer time; the last breaks its ties: where the slowest
 rank hides the rest, it keeps every other rank's traffic as local as it can, at a cost of at most
 ``locality_weight`` of the layer time (the mean link load is at most the largest).
 
@@ -16,20 +22,22 @@ As a linear program in standard form (all variables non-negative): ``sum_d x[r, 
 for every source and expert with load (the block rows ``B``), and for every rank ``d`` and link
 load ``(q, k)`` a coupling row ``compute[d] - c + s = 0`` or ``link[q, k] - a + s = 0`` (the rows
 ``G``, ``K`` of them, with slacks ``s``); the objective is ``c + passes * a`` plus the tie-break.
+With ``W`` windows every window has its own coupling rows and its own ``c`` and ``a``, and the
+objective is their mean.
 
 It is solved with Mehrotra's predictor-corrector interior-point method (Nocedal & Wright,
 *Numerical Optimization*, 2nd ed., algorithm 14.3) on the normal equations ``A D A^T dy = h``.
 Every flow variable sits in exactly one block row, so ``B D B^T`` is diagonal and the Schur
 complement ``G D G^T - G D B^T (B D B^T)^-1 B D G^T`` is a dense ``K x K`` matrix with
-``K <= 5 R`` whatever the number of experts. Each variable touches at most three coupling rows
-(the compute of its destination, the outgoing link of its source, the incoming link of its
-destination), so that matrix is assembled in ``O(sum over blocks of holders^2)``.
+``K <= 5 R W`` whatever the number of experts. Each variable touches at most three coupling rows
+per window (the compute of its destination, the outgoing link of its source, the incoming link of
+its destination), so that matrix is assembled in ``O(W^2 * sum over blocks of holders^2)``.
 
 The dual prices give the reduced cost ``price[r, d] - pi[r, e]`` of sending a token of ``(r, e)``
 to any rank ``d``, held or not; the local search uses them to guess which slot changes pay.
 
-Shape legend: ``R`` EP ranks, ``E`` experts, ``N`` flow variables, ``M`` block rows (sources and
-experts with load), ``K`` coupling rows.
+Shape legend: ``W`` windows of load, ``R`` EP ranks, ``E`` experts, ``N`` flow variables, ``M``
+block rows (sources and experts with load), ``K`` coupling rows, ``C`` coupling rows of one flow.
 """
 
 from __future__ import annotations
@@ -66,10 +74,13 @@ class RoutingSolution:
 
 
 def planner_objective(
-    load_RE: np.ndarray, fractions_RER: np.ndarray, topology: Topology, cost: LayerCost, locality_weight: float
+    load: np.ndarray, fractions_RER: np.ndarray, topology: Topology, cost: LayerCost, locality_weight: float
 ) -> float:
-    """The objective of the module docstring, in seconds, for any fractions."""
-    traffic = traffic_RR(load_RE, fractions_RER)
+    """The objective of the module docstring, in seconds, for any fractions: of one window's load
+    ``[R, E]``, or the mean over windows ``[W, R, E]``."""
+    if load.ndim == 3:
+        return float(np.mean([planner_objective(window, fractions_RER, topology, cost, locality_weight) for window in load]))
+    traffic = traffic_RR(load, fractions_RER)
     link_RK = link_seconds_RK(traffic, topology, cost.token_bytes)
     passes = cost.all_to_all_passes
     return float(
@@ -100,9 +111,10 @@ def nearest_holder_fractions(holds_ER: np.ndarray, topology: Topology, weight_ER
 class _RoutingProgram:
     """The standard-form program for one placement; see the module docstring."""
 
-    def __init__(self, load_RE, holds_ER, topology: Topology, cost: LayerCost, locality_weight: float) -> None:
-        num_ranks, num_experts = load_RE.shape
-        self.num_ranks, self.num_experts = num_ranks, num_experts
+    def __init__(self, load_WRE, holds_ER, topology: Topology, cost: LayerCost, locality_weight: float) -> None:
+        num_windows, num_ranks, num_experts = load_WRE.shape
+        self.num_ranks, self.num_experts, self.num_windows = num_ranks, num_experts, num_windows
+        load_RE = load_WRE.mean(axis=0)
         passes = cost.all_to_all_passes
         # Units: tokens in `unit` (the mean assignments per rank), time in `time_unit` (the larger
         # of a balanced rank's compute and of its traffic over the slowest link), so values are O(1).
@@ -118,9 +130,10 @@ class _RoutingProgram:
         link_row_RK = np.full((num_ranks, 4), -1, dtype=np.int64)
         for index, (rank, kind) in enumerate((r, k) for r in range(num_ranks) for k in sorted(classes)):
             link_row_RK[rank, kind] = num_ranks + index
-        self.num_rows = num_ranks + len(classes) * num_ranks  # K
+        self.rows_per_window = num_ranks + len(classes) * num_ranks
+        self.num_rows = num_windows * self.rows_per_window  # K
 
-        # Coefficients of one token sent r -> d, per coupling row (compute, out link, in link).
+        # Coefficients of one token sent r -> d, per coupling row of a window (compute, out link, in link).
         same_RR = topology.same_node()
         compute_coef = cost.seconds_per_token * self.unit / self.time_unit
         link_coef_RR = np.where(same_RR, 1 / topology.intra_node_bandwidth, 1 / topology.inter_node_bandwidth)
@@ -144,7 +157,8 @@ class _RoutingProgram:
         self.locality_RR = locality_weight * passes / num_ranks * 2 * link_coef_RR
         self.passes = passes
 
-        # Flow variables: one per (source, expert with load, holder), ordered by source, expert, holder.
+        # Flow variables: one per (source, expert with load in some window, holder), ordered by
+        # source, expert, holder; in mean-load tokens.
         source_M, expert_M = np.nonzero(load_RE > 0)
         holders_M = holds_ER[expert_M]  # [M, R]
         block_N, destination_N = np.nonzero(holders_M)
@@ -154,8 +168,13 @@ class _RoutingProgram:
         self.num_flows = len(block_N)
         self.source_M, self.expert_M = source_M, expert_M
         self.demand_M = load_RE[source_M, expert_M] / self.unit
-        self.flow_rows_N3 = self.rows_RR3[self.source_N, self.destination_N]
-        self.flow_coefs_N3 = self.coefs_RR3[self.source_N, self.destination_N]
+        # Window w scales a block's flows by its load there over the mean; each window has its own rows.
+        ratio_WM = load_WRE[:, source_M, expert_M] / load_RE[source_M, expert_M]
+        rows_N3 = self.rows_RR3[self.source_N, self.destination_N]
+        coefs_N3 = self.coefs_RR3[self.source_N, self.destination_N]
+        self.flow_rows_NC = np.concatenate([rows_N3 + w * self.rows_per_window for w in range(num_windows)], axis=1)
+        self.flow_coefs_NC = np.concatenate([coefs_N3 * ratio_WM[w, block_N, None] for w in range(num_windows)], axis=1)
+        width = self.flow_rows_NC.shape[1]
 
         # Ordered pairs of flows inside one block: the support of the Schur complement.
         size_M = np.bincount(block_N, minlength=self.num_blocks)
@@ -166,39 +185,44 @@ class _RoutingProgram:
         pair_b = start_M[block_N[pair_a]] + within
         self.pair_a, self.pair_b, self.pair_block = pair_a, pair_b, block_N[pair_a]
         self.pair_diagonal = pair_a == pair_b
-        rows_a, rows_b = self.flow_rows_N3[pair_a], self.flow_rows_N3[pair_b]
-        self.pair_flat = (rows_a[:, :, None] * self.num_rows + rows_b[:, None, :]).reshape(len(pair_a), 9)
-        self.pair_coef = (self.flow_coefs_N3[pair_a][:, :, None] * self.flow_coefs_N3[pair_b][:, None, :]).reshape(
-            len(pair_a), 9
+        rows_a, rows_b = self.flow_rows_NC[pair_a], self.flow_rows_NC[pair_b]
+        self.pair_flat = (rows_a[:, :, None] * self.num_rows + rows_b[:, None, :]).reshape(len(pair_a), width**2)
+        self.pair_coef = (self.flow_coefs_NC[pair_a][:, :, None] * self.flow_coefs_NC[pair_b][:, None, :]).reshape(
+            len(pair_a), width**2
         )
-        self.is_compute_K = np.arange(self.num_rows) < num_ranks
 
-        # Variable layout: flows, then c, then a, then one slack per coupling row.
-        self.c_index, self.a_index = self.num_flows, self.num_flows + 1
-        self.num_variables = self.num_flows + 2 + self.num_rows
+        # Variable layout: flows, then c and a of each window, then one slack per coupling row.
+        # bound_K: the variable (c or a of its window) each coupling row is bounded by.
+        window_K = np.repeat(np.arange(num_windows), self.rows_per_window)
+        self.is_compute_K = np.tile(np.arange(self.rows_per_window) < num_ranks, num_windows)
+        self.bound_K = self.num_flows + 2 * window_K + np.where(self.is_compute_K, 0, 1)
+        self.num_bounds = 2 * num_windows
+        self.slack_start = self.num_flows + self.num_bounds
+        self.num_variables = self.slack_start + self.num_rows
         self.objective_V = np.zeros(self.num_variables)
         self.objective_V[: self.num_flows] = self.locality_RR[self.source_N, self.destination_N]
-        self.objective_V[self.c_index] = 1.0
-        self.objective_V[self.a_index] = passes
+        self.objective_V[self.num_flows : self.slack_start : 2] = 1.0 / num_windows
+        self.objective_V[self.num_flows + 1 : self.slack_start : 2] = passes / num_windows
 
     # A v, split into the block part and the coupling part.
     def multiply(self, v):
         flows = v[: self.num_flows]
         block_part = np.bincount(self.block_N, flows, minlength=self.num_blocks)
         coupling = np.bincount(
-            self.flow_rows_N3.ravel(), (self.flow_coefs_N3 * flows[:, None]).ravel(), minlength=self.num_rows
+            self.flow_rows_NC.ravel(), (self.flow_coefs_NC * flows[:, None]).ravel(), minlength=self.num_rows
         )
-        coupling -= np.where(self.is_compute_K, v[self.c_index], v[self.a_index])
-        coupling += v[self.num_flows + 2 :]
+        coupling -= v[self.bound_K]
+        coupling += v[self.slack_start :]
         return block_part, coupling
 
     # A^T (y_block, y_coupling).
     def transpose_multiply(self, y_block, y_coupling):
         out = np.empty(self.num_variables)
-        out[: self.num_flows] = y_block[self.block_N] + (self.flow_coefs_N3 * y_coupling[self.flow_rows_N3]).sum(axis=1)
-        out[self.c_index] = -y_coupling[self.is_compute_K].sum()
-        out[self.a_index] = -y_coupling[~self.is_compute_K].sum()
-        out[self.num_flows + 2 :] = y_coupling
+        out[: self.num_flows] = y_block[self.block_N] + (self.flow_coefs_NC * y_coupling[self.flow_rows_NC]).sum(axis=1)
+        out[self.num_flows : self.slack_start] = -np.bincount(
+            self.bound_K - self.num_flows, y_coupling, minlength=self.num_bounds
+        )
+        out[self.slack_start :] = y_coupling
         return out
 
     def normal_solver(self, d):
@@ -211,9 +235,8 @@ class _RoutingProgram:
         k = self.num_rows
         schur = np.bincount(self.pair_flat.ravel(), (self.pair_coef * pair_weight[:, None]).ravel(), minlength=k * k)
         schur = schur.reshape(k, k)
-        compute = self.is_compute_K.astype(np.float64)
-        schur += d[self.c_index] * np.outer(compute, compute) + d[self.a_index] * np.outer(1 - compute, 1 - compute)
-        schur[np.diag_indices(k)] += d[self.num_flows + 2 :] + 1e-13 * (1.0 + np.trace(schur) / k)
+        schur += np.where(self.bound_K[:, None] == self.bound_K[None, :], d[self.bound_K][:, None], 0.0)
+        schur[np.diag_indices(k)] += d[self.slack_start :] + 1e-13 * (1.0 + np.trace(schur) / k)
         # torch's LAPACK runs on torch's thread pool (``torch.set_num_threads``), which callers control.
         schur_t = torch.from_numpy(schur)
         factor, info = torch.linalg.cholesky_ex(schur_t)
@@ -225,10 +248,10 @@ class _RoutingProgram:
         def solve(h_block, h_coupling):
             scaled = d_flows * h_block[self.block_N] / block_weight[self.block_N]
             rhs = h_coupling - np.bincount(
-                self.flow_rows_N3.ravel(), (self.flow_coefs_N3 * scaled[:, None]).ravel(), minlength=k
+                self.flow_rows_NC.ravel(), (self.flow_coefs_NC * scaled[:, None]).ravel(), minlength=k
             )
             dy_coupling = solve_schur(rhs)
-            along = (self.flow_coefs_N3 * dy_coupling[self.flow_rows_N3]).sum(axis=1)
+            along = (self.flow_coefs_NC * dy_coupling[self.flow_rows_NC]).sum(axis=1)
             dy_block = (h_block - np.bincount(self.block_N, d_flows * along, minlength=self.num_blocks)) / block_weight
             return dy_block, dy_coupling
 
@@ -236,14 +259,24 @@ class _RoutingProgram:
 
     def initial_point(self):
         """A strictly feasible primal point (even split, slacks above the largest load) and unit duals."""
-        x = np.empty(self.num_variables)
+        x = np.zeros(self.num_variables)
         size_M = np.bincount(self.block_N, minlength=self.num_blocks)
         x[: self.num_flows] = self.demand_M[self.block_N] / size_M[self.block_N]
-        _, loads = self.multiply(np.concatenate([x[: self.num_flows], np.zeros(2 + self.num_rows)]))
-        x[self.c_index] = 1.1 * loads[self.is_compute_K].max() + 0.1
-        x[self.a_index] = 1.1 * loads[~self.is_compute_K].max() + 0.1
-        x[self.num_flows + 2 :] = np.where(self.is_compute_K, x[self.c_index], x[self.a_index]) - loads
+        _, loads_K = self.multiply(x)  # x holds only the flows yet: these are the rows' loads
+        largest = np.full(self.num_bounds, -np.inf)
+        np.maximum.at(largest, self.bound_K - self.num_flows, loads_K)
+        x[self.num_flows : self.slack_start] = 1.1 * largest + 0.1
+        x[self.slack_start :] = x[self.bound_K] - loads_K
         return x, np.zeros(self.num_blocks), np.zeros(self.num_rows), np.ones(self.num_variables)
+
+    def prices_RR(self, y_coupling):
+        """Seconds per token of sending from ``r`` to ``d`` at the duals ``y_coupling``, summed over
+        the windows (the windows' ratios taken as one, a first-order guess for the search)."""
+        price_RR = self.locality_RR.copy()
+        for window in range(self.num_windows):
+            rows_RR3 = self.rows_RR3 + window * self.rows_per_window
+            price_RR -= (self.coefs_RR3 * y_coupling[rows_RR3]).sum(axis=2)
+        return price_RR * self.time_unit / self.unit
 
     def solve(self):
         """Mehrotra predictor-corrector; returns the primal flows and the duals."""
@@ -293,23 +326,26 @@ def _max_step(v, dv):
 
 
 def solve_routing(
-    load_RE: np.ndarray, holds_ER: np.ndarray, topology: Topology, cost: LayerCost, *, locality_weight: float = 1e-3
+    load: np.ndarray, holds_ER: np.ndarray, topology: Topology, cost: LayerCost, *, locality_weight: float = 1e-3
 ) -> RoutingSolution:
     """The optimal routing fractions of the placement ``holds_ER`` (``[E, R]`` bool, every expert held).
 
     Args:
-        load_RE: assignments per step from each source rank to each expert.
+        load: assignments per step from each source rank to each expert: one window ``[R, E]``, or
+            several ``[W, R, E]`` (the fractions then minimise the mean objective over them).
         holds_ER: whether rank ``d`` holds expert ``e``.
         topology: the EP group's nodes and links.
         cost: the layer's constants.
         locality_weight: weight of the mean link load in the objective (see the module docstring).
     """
+    load_WRE = load[None] if load.ndim == 2 else load
+    load_RE = load_WRE.mean(axis=0)
     num_ranks, num_experts = load_RE.shape
     if num_ranks == 1 or load_RE.sum() == 0:
         fractions = nearest_holder_fractions(holds_ER, topology)
-        objective = planner_objective(load_RE, fractions, topology, cost, locality_weight)
+        objective = planner_objective(load_WRE, fractions, topology, cost, locality_weight)
         return RoutingSolution(fractions, objective, np.zeros((num_ranks, num_ranks)), np.zeros((num_ranks, num_experts)))
-    program = _RoutingProgram(load_RE, holds_ER, topology, cost, locality_weight)
+    program = _RoutingProgram(load_WRE, holds_ER, topology, cost, locality_weight)
     flows, _, y_coupling = program.solve()
 
     # Fractions from the flows; shares too small to matter are dropped so plans stay sparse.
@@ -329,15 +365,17 @@ def solve_routing(
         fractions[:, empty_experts] = np.where(empty, filler, fractions[:, empty_experts])
 
     # Prices: price[r, d] = tie-break cost - g(r, d)^T y (seconds per token); pi = cheapest holder.
-    price_RR = program.locality_RR - (program.coefs_RR3 * y_coupling[program.rows_RR3]).sum(axis=2)
-    price_RR *= program.time_unit / program.unit
+    price_RR = program.prices_RR(y_coupling)
     pi_RE = np.where(holds_ER[None, :, :], price_RR[:, None, :], np.inf).min(axis=2)
-    objective = planner_objective(load_RE, fractions, topology, cost, locality_weight)
+    objective = planner_objective(load_WRE, fractions, topology, cost, locality_weight)
     return RoutingSolution(fractions, objective, price_RR, pi_RE)
 
 
-def program_size(load_RE: np.ndarray, holds_ER: np.ndarray) -> int:
-    """Flow variables plus within-block pairs of the routing LP: its cost per iteration grows with this."""
+def program_size(load: np.ndarray, holds_ER: np.ndarray) -> int:
+    """Flow variables plus within-block pairs of the routing LP, each times the coupling rows it
+    touches per window: its cost per iteration grows with this (``load`` as in :func:`solve_routing`)."""
+    windows = 1 if load.ndim == 2 else load.shape[0]
+    load_RE = load if load.ndim == 2 else load.mean(axis=0)
     replicas_E = holds_ER.sum(axis=1)
     sources_E = (load_RE > 0).sum(axis=0)
-    return int((sources_E * (replicas_E + replicas_E**2)).sum())
+    return int((sources_E * (windows * replicas_E + windows**2 * replicas_E**2)).sum())

@@ -1,18 +1,34 @@
 """The trigger rule: when a layer's new plan is worth moving to.
 
-A plan replaces the one in force only when both hold (``layer_time`` from the cost model):
+The planner plans from the last ``history_windows`` windows of load (the mean modelled layer time
+over them, with one set of routing fractions: see :mod:`~lightning_moe.planning.routing_lp`). A
+load that wobbles between states (two experts trading places in popularity and back) then gets
+slots and fractions that hold in every state seen, where a plan fitted to the last window alone
+loses balance as soon as the load steps back.
 
-    gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)          (hysteresis)
-    gain * horizon_steps                        >  migration_margin * migration_time  (cost of moving)
+The planner's plan replaces the plan in force (``now``) only when both hold (``layer_time``: the
+cost model's, averaged over the windows planned for):
 
-Which plan is weighed depends on whether the load can be followed at all. Planning from the window
-that ended bets that the next window looks like it; the bet is checked against the two windows
-known: a plan made from the window before (the plan in force, or one planned for the check) must
-beat the default placement (:meth:`~lightning_moe.planning.PlacementPlan.default`, no bet on any
-load) on the window that ended, by at least ``min_gain``. When it does (a drifting popularity, a
-hot expert that stays), the planner's plan is weighed by the rule above. When it does not (a hot
-spot that moves on every window), the load is not one a placement can follow: the default placement
-is weighed instead, so a layer bet on an old load goes back to it and a layer on it stays.
+    gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)           (hysteresis)
+    gain * horizon_steps                        >  migration_margin * migration_time   (cost of moving)
+
+When it does not, the slots in force stay but get fresh routing fractions for the windows: changing
+fractions moves no data, so every re-plan takes them.
+
+Which windows are planned for is itself checked on the past (a backtest on the slots in force):
+fractions fitted to the windows before the last one are compared, on the last one, with fractions
+fitted to the window before it alone. History is dropped, and the plan made for the last window
+alone, when it cost more than half the hysteresis there: the load drifts away from its past (a
+favourite set that moves on) rather than stepping back and forth.
+
+Whether the load can be followed at all is checked first. Planning from the windows that ended
+bets that the next window looks like them; the bet is checked against the two windows known last: a
+plan made from the window before (the plan in force, or one planned for the check) must beat the
+default placement (:meth:`~lightning_moe.planning.PlacementPlan.default`, no bet on any load) on the
+window that ended, by at least ``min_gain``. When it does not (a hot spot that moves on every
+window), the load is not one a placement can follow: the default placement is weighed against the
+plan in force on the last window by the same two inequalities, so a layer bet on an old load goes
+back to it and a layer on it stays.
 
 The first inequality keeps small predicted gains, within the noise of the measured load, from making
 placements oscillate; the second weighs the copy of weights and optimizer state against the time
@@ -31,7 +47,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lightning_moe.planning.cost_model import PlanEstimate
 from lightning_moe.planning.plan import PlacementPlan
 
 if TYPE_CHECKING:
@@ -40,38 +55,38 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MigrationTrigger:
-    """Decides whether a new plan replaces the one in force (see the module docstring).
+    """Decides what a layer runs next (see the module docstring).
 
     Args:
         horizon_steps: steps the new plan is expected to stay in force.
         migration_margin: the gain over the horizon must exceed this many times the move's time.
         min_gain: the predicted layer time must drop by at least this share of the current one.
+        history_windows: windows of load the plans are made for (the latest and those before it).
     """
 
     horizon_steps: int
     migration_margin: float = 2.0
     min_gain: float = 0.05
+    history_windows: int = 4
 
-    def accepts(
-        self, now: PlacementPlan, plan: PlacementPlan, estimate_now: PlanEstimate, estimate_new: PlanEstimate
-    ) -> bool:
-        """Whether to move from ``now`` to ``plan``, by the two inequalities, on one window's load;
-        ``estimate_new`` must carry the migration from ``now`` (``estimate_plan(plan, load, ...,
-        current=now)``)."""
-        if plan.same_as(now):
-            return False
-        gain = estimate_now.layer_seconds - estimate_new.layer_seconds
-        pays = gain * self.horizon_steps > self.migration_margin * estimate_new.migration_seconds
-        return gain > self.min_gain * estimate_now.layer_seconds and pays
+    def __post_init__(self) -> None:
+        if isinstance(self.history_windows, bool) or not isinstance(self.history_windows, int) or self.history_windows < 1:
+            raise ValueError(f"MigrationTrigger: `history_windows` must be an integer >= 1, got {self.history_windows!r}.")
+
+    def accepts(self, seconds_now: float, seconds_new: float, migration_seconds: float) -> bool:
+        """Whether a move from a plan of modelled layer time ``seconds_now`` to one of ``seconds_new``
+        that takes ``migration_seconds`` pays, by the two inequalities."""
+        gain = seconds_now - seconds_new
+        return gain > self.min_gain * seconds_now and gain * self.horizon_steps > self.migration_margin * migration_seconds
 
     def choose(self, now: PlacementPlan, loads: Sequence[np.ndarray], planner: PlacementPlanner) -> PlacementPlan:
-        """The plan to run next: the planner's plan for ``loads[0]``, the default placement, or
-        ``now`` (see the module docstring).
+        """The plan to run next: the planner's plan, ``now``'s slots with fresh fractions, the
+        default placement, or ``now`` itself (see the module docstring).
 
         Args:
             now: the plan in force.
-            loads: ``[R, E]`` per-step loads: the window that ended, then the window before it when
-                there is one.
+            loads: ``[R, E]`` per-step loads, the window that ended first, then those before it: up
+                to ``history_windows`` are planned for, one more serves the backtest.
             planner: the layer's planner (it plans and prices).
         """
         if not len(loads):
@@ -79,13 +94,38 @@ class MigrationTrigger:
         latest = loads[0]
         num_ranks, num_experts = latest.shape
         default = PlacementPlan.default(num_experts, num_ranks, len(now.experts_per_rank[0]))
-        follow = True
         if len(loads) > 1:
             made_before = planner.plan(loads[1], now) if now.same_as(default) else now
             followed = planner.estimate(made_before, latest).layer_seconds
-            follow = followed < (1 - self.min_gain) * planner.estimate(default, latest).layer_seconds
-        # Following the load does not pay when a plan from the window before loses to the default on
-        # the window that ended: weigh the default, not a new bet.
-        candidate = planner.plan(latest, now) if follow else default
-        accepted = self.accepts(now, candidate, planner.estimate(now, latest), planner.estimate(candidate, latest, now))
-        return candidate if accepted else now
+            if followed >= (1 - self.min_gain) * planner.estimate(default, latest).layer_seconds:
+                # A plan from the window before loses to the default on the window that ended:
+                # following the load does not pay. Weigh the default, not a new bet.
+                back = planner.estimate(default, latest, now)
+                seconds_now = planner.estimate(now, latest).layer_seconds
+                moves = not default.same_as(now) and self.accepts(seconds_now, back.layer_seconds, back.migration_seconds)
+                return default if moves else now
+        windows = np.stack(loads[: self.history_windows if self._history_helps(now, loads, planner) else 1])
+        candidate = planner.plan(windows, now)
+        if candidate.experts_per_rank != now.experts_per_rank:
+            migration = planner.estimate(candidate, latest, now).migration_seconds
+            if self.accepts(_mean_seconds(planner, now, windows), _mean_seconds(planner, candidate, windows), migration):
+                return candidate
+        kept = planner.route(now, windows)  # the slots in force, fresh fractions: nothing moves
+        return now if kept.same_as(now) else kept
+
+    def _history_helps(self, now: PlacementPlan, loads: Sequence[np.ndarray], planner: PlacementPlanner) -> bool:
+        """Whether fractions fitted to the windows before the last predicted the last one within half
+        the hysteresis of fractions fitted to the window before it alone (a backtest on the slots in
+        force): true for a load that steps back and forth, false for one that drifts away from its
+        past. With fewer than three windows there is nothing to test: history is used."""
+        if self.history_windows < 2 or len(loads) < 3:
+            return self.history_windows > 1
+        latest, before = loads[0], np.stack(loads[1 : self.history_windows + 1])
+        with_history = planner.estimate(planner.route(now, before), latest).layer_seconds
+        alone = planner.estimate(planner.route(now, before[0]), latest).layer_seconds
+        return with_history <= (1 + self.min_gain / 2) * alone
+
+
+def _mean_seconds(planner: PlacementPlanner, plan: PlacementPlan, windows: np.ndarray) -> float:
+    """The modelled layer time of ``plan``, averaged over ``windows``."""
+    return float(np.mean([planner.estimate(plan, window).layer_seconds for window in windows]))
