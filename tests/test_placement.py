@@ -41,7 +41,7 @@ def world4_scenarios(out: Path) -> list[dict]:
     return [
         {"name": "static_ep2", "ep": 2, "model": MODEL},
         {"name": "migrate_ep2", "ep": 2, "model": MODEL, "migrate_at": MIGRATE_AT, "inverse_at": 4,
-         "mid_accumulation_at": 6},
+         "mid_accumulation_at": 6, "differing_at": 3},
         {"name": "static_ep4", "ep": 4, "model": MODEL},
         {"name": "migrate_ep4", "ep": 4, "model": MODEL, "migrate_at": MIGRATE_AT, "inverse_at": 4},
         {"name": "resume_ep2", "ep": 2, "model": MODEL, "migrate_at": [11, 14, 17], "resume_from": str(out / RESUME_FROM)},
@@ -133,6 +133,14 @@ def test_migration_sends_exactly_the_changed_slots(world4):
 def test_migration_mid_accumulation_is_refused(world4):
     for result in read(world4, "migrate_ep2", 4):
         assert "mid-accumulation" in result["mid_accumulation_error"]
+
+
+def test_tables_that_differ_across_ranks_are_refused_on_every_rank(world4):
+    # Only global rank 0's routing fractions differ (the slots agree): compared by digest, they
+    # must still be caught, on every rank, before anything moves.
+    for result in read(world4, "migrate_ep2", 4):
+        assert "different tables on different ranks" in result["differing_error"]
+        assert result["unchanged_after_refusal"] is True
 
 
 def test_resume_reinstates_the_saved_placement_at_the_same_layout(world4, world2):

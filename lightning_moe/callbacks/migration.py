@@ -61,8 +61,8 @@ class ExpertMigration(Callback):
     ``spare_expert_slots`` so that hot experts can be replicated (a permutation alone rarely
     balances a skewed load).
 
-    Logs, at each re-plan, ``moe/migration/...``: ``layers_moved``, ``experts_moved`` (slots that
-    changed, over all layers), ``bytes`` (sent over the world), ``seconds`` (the move),
+    Logs, at each re-plan, ``moe/migration/...``: ``layers_moved``, ``layers_rerouted`` (new routing
+    fractions, same slots), ``experts_moved`` (slots that changed, over all layers), ``bytes`` (sent over the world), ``seconds`` (the move),
     ``predicted_layer_seconds_before`` / ``_after`` (sum over layers, cost model),
     ``predicted_max_over_mean_before`` / ``_after`` (mean over layers), ``cross_node_share_before`` /
     ``_after``, ``plan_seconds`` (counting, planning and deciding), ``measured_step_seconds`` (the window's mean step time, the slowest rank's) and, at

@@ -23,6 +23,7 @@ copies the same way.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -207,7 +208,11 @@ def migrate_layers(
             )
             break
         new[name] = placement
-    signature = problem or [(name, p.experts_per_rank(), p.routing_fractions_RER.tolist()) for name, p in sorted(new.items())]
+    # The fractions are compared by digest: [R, E, R] per layer would make the all-gather heavy.
+    signature = problem or [
+        (name, p.experts_per_rank(), hashlib.sha256(p.routing_fractions_RER.contiguous().numpy().tobytes()).hexdigest())
+        for name, p in sorted(new.items())
+    ]
     gathered = all_gather(signature)
     if any(isinstance(entry, str) for entry in gathered):
         raise ValueError(next(entry for entry in gathered if isinstance(entry, str)))

@@ -66,11 +66,16 @@ class ForcedMigrations(Callback):
     """After the optimizer steps in ``steps``, every MoE layer gets its own random table (the same on
     every rank: a generator seeded by the step)."""
 
-    def __init__(self, steps: list[int], *, inverse_at: int | None, mid_accumulation_at: int | None) -> None:
+    def __init__(
+        self, steps: list[int], *, inverse_at: int | None, mid_accumulation_at: int | None, differing_at: int | None = None
+    ) -> None:
         self.steps, self.inverse_at, self.mid_accumulation_at = steps, inverse_at, mid_accumulation_at
+        self.differing_at = differing_at
         self.reports: list[dict] = []
         self.inverse_bitwise: bool | None = None
         self.mid_accumulation_error: str | None = None
+        self.differing_error: str | None = None
+        self.unchanged_after_refusal: bool | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         strategy = trainer.strategy
@@ -91,6 +96,20 @@ class ForcedMigrations(Callback):
             strategy.apply_placement(original)
             after = local_tensors(trainer, pl_module)
             self.inverse_bitwise = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+        if step == self.differing_at:
+            # Global rank 0 tilts the routing fractions of one layer (same slots): the tables differ
+            # across ranks only in their fractions, and every rank must refuse them.
+            before = strategy.placements()
+            table = before[LAYERS[0]]
+            fractions = table.routing_fractions_RER.clone()
+            if trainer.global_rank == 0:
+                fractions[..., 0] *= 3.0
+                fractions = fractions / fractions.sum(dim=-1, keepdim=True)
+            try:
+                strategy.apply_placement({LAYERS[0]: ExpertPlacement(table.experts_per_rank(), fractions)})
+            except ValueError as error:
+                self.differing_error = str(error)
+            self.unchanged_after_refusal = all(strategy.placements()[name] == before[name] for name in LAYERS)
         if step not in self.steps:
             return
         old = strategy.placements()
@@ -110,7 +129,8 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     torch.manual_seed(0)
     model = TwoMoELayers(**scenario.get("model", {"num_experts": 4}))
     migrations = ForcedMigrations(scenario.get("migrate_at", []), inverse_at=scenario.get("inverse_at"),
-                                  mid_accumulation_at=scenario.get("mid_accumulation_at"))
+                                  mid_accumulation_at=scenario.get("mid_accumulation_at"),
+                                  differing_at=scenario.get("differing_at"))
     strategy = MoEStrategy(expert_parallel_size=scenario["ep"], spare_expert_slots=scenario.get("spare", 1))
     trainer = L.Trainer(
         accelerator="cpu", devices=world_size, strategy=strategy, max_steps=scenario.get("steps", 20),
@@ -140,6 +160,8 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "reports": migrations.reports,
         "inverse_bitwise": migrations.inverse_bitwise,
         "mid_accumulation_error": migrations.mid_accumulation_error,
+        "differing_error": migrations.differing_error,
+        "unchanged_after_refusal": migrations.unchanged_after_refusal,
         "placements_at_start": reinstated,
         "placements_at_end": {name: p.experts_per_rank() for name, p in trainer.strategy.placements().items()},
     }
