@@ -101,10 +101,18 @@ def run_scenarios(run: Callable[[dict, Path, int, int], dict]) -> None:
             (out_dir / f"rank{rank}.json").write_text(json.dumps({"crash": traceback.format_exc()}))
             raise
         (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy this rank's process group, if any: the last call of every worker's ``main``.
+
+    Left to the interpreter's exit, the process group's threads (rank 0 also hosts the TCPStore) can
+    be torn down while still running: "terminate called without an active exception", and the rank
+    exits with SIGABRT after its work is done. Local; no collective."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
-        # NOTE: left to the interpreter's exit, the process group's threads (rank 0 also hosts the
-        # TCPStore) can be torn down while still running: "terminate called without an active
-        # exception", and the rank exits with SIGABRT after its work is done. Local; no collective.
         dist.destroy_process_group()
 
 

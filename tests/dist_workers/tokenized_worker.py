@@ -49,4 +49,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from launch import end_process_group
+
     main()
+    end_process_group()
