@@ -151,14 +151,7 @@ def test_routing_lp_matches_an_independent_linear_program():
     scipy_optimize = pytest.importorskip("scipy.optimize")
     rng = np.random.default_rng(3)
     for _ in range(15):
-        topology = Topology(int(rng.integers(1, 3)), int(rng.integers(2, 4)), rng.uniform(50, 500) * 1e9, rng.uniform(5, 100) * 1e9)
-        num_ranks, num_experts = topology.num_ranks, int(rng.integers(2, 7))
-        cost = LayerCost(token_bytes=8192.0, seconds_per_token=float(rng.uniform(0.2, 3)) * 1e-6)
-        load = rng.gamma(0.5, 1000, size=(num_ranks, num_experts)) * (rng.random((num_ranks, num_experts)) > 0.2)
-        holds = np.zeros((num_experts, num_ranks), dtype=bool)
-        for rank in range(num_ranks):
-            holds[rng.choice(num_experts, size=min(2, num_experts), replace=False), rank] = True
-        holds[~holds.any(axis=1), 0] = True
+        topology, cost, load, holds = _random_routing_instance(rng)
         solution = solve_routing(load, holds, topology, cost, locality_weight=1e-3)
         reference = _reference_routing_objective(scipy_optimize, load, holds, topology, cost, 1e-3)
         assert solution.objective == pytest.approx(reference, rel=1e-6)
@@ -172,15 +165,7 @@ def test_routing_lp_over_several_windows_matches_an_independent_linear_program()
     scipy_optimize = pytest.importorskip("scipy.optimize")
     rng = np.random.default_rng(5)
     for _ in range(10):
-        topology = Topology(int(rng.integers(1, 3)), int(rng.integers(2, 4)), rng.uniform(50, 500) * 1e9, rng.uniform(5, 100) * 1e9)
-        num_ranks, num_experts, num_windows = topology.num_ranks, int(rng.integers(2, 7)), int(rng.integers(2, 4))
-        cost = LayerCost(token_bytes=8192.0, seconds_per_token=float(rng.uniform(0.2, 3)) * 1e-6)
-        load = rng.gamma(0.5, 1000, size=(num_windows, num_ranks, num_experts))
-        load *= rng.random((num_windows, num_ranks, num_experts)) > 0.2
-        holds = np.zeros((num_experts, num_ranks), dtype=bool)
-        for rank in range(num_ranks):
-            holds[rng.choice(num_experts, size=min(2, num_experts), replace=False), rank] = True
-        holds[~holds.any(axis=1), 0] = True
+        topology, cost, load, holds = _random_routing_instance(rng, windows=True)
         solution = solve_routing(load, holds, topology, cost, locality_weight=1e-3)
         reference = _reference_routing_objective(scipy_optimize, load, holds, topology, cost, 1e-3)
         assert solution.objective == pytest.approx(reference, rel=1e-6)
@@ -190,6 +175,22 @@ def test_routing_lp_over_several_windows_matches_an_independent_linear_program()
         # optimum over all fractions).
         alone = solve_routing(load[0], holds, topology, cost, locality_weight=1e-3)
         assert planner_objective(load, alone.fractions_RER, topology, cost, 1e-3) >= solution.objective * (1 - 1e-6)
+
+
+def _random_routing_instance(rng, windows=False):
+    """A random topology, layer cost, load (``[R, E]``, or ``[W, R, E]`` with 2-3 windows when
+    ``windows``; about a fifth of the entries zero) and placement (two experts per rank, every
+    expert held)."""
+    topology = Topology(int(rng.integers(1, 3)), int(rng.integers(2, 4)), rng.uniform(50, 500) * 1e9, rng.uniform(5, 100) * 1e9)
+    num_ranks, num_experts = topology.num_ranks, int(rng.integers(2, 7))
+    shape = ((int(rng.integers(2, 4)),) if windows else ()) + (num_ranks, num_experts)
+    cost = LayerCost(token_bytes=8192.0, seconds_per_token=float(rng.uniform(0.2, 3)) * 1e-6)
+    load = rng.gamma(0.5, 1000, size=shape) * (rng.random(shape) > 0.2)
+    holds = np.zeros((num_experts, num_ranks), dtype=bool)
+    for rank in range(num_ranks):
+        holds[rng.choice(num_experts, size=min(2, num_experts), replace=False), rank] = True
+    holds[~holds.any(axis=1), 0] = True
+    return topology, cost, load, holds
 
 
 def _reference_routing_objective(scipy_optimize, load, holds, topology, cost, locality_weight):
