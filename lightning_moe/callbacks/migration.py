@@ -7,13 +7,14 @@ MoE layer for a plan (slots with replicas and routing fractions) that lowers the
 on the cluster's :class:`~lightning_moe.planning.Topology` over the last windows, and moves only the
 layers whose predicted gain pays for the move (:class:`~lightning_moe.planning.trigger.MigrationTrigger`):
 
-    gain = layer_time(kept) - layer_time(plan)  >  min_gain * layer_time(kept)         (hysteresis)
-    gain * horizon_steps                         >  migration_margin * migration_time  (cost of moving)
+    gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)          (hysteresis)
+    gain * horizon_steps                        >  migration_margin * migration_time  (cost of moving)
 
-with ``kept`` the slots in force with fresh routing fractions (they cost nothing to change, so every
-re-plan updates them). The windows planned for are the last ``history_windows`` when fractions
-fitted to several windows predicted the last one better than fractions fitted to one (a load that
-steps back and forth), else the last alone (a load that drifts). When a plan made from the window
+averaged over the windows planned for. A layer that does not move still gets fresh routing
+fractions for its slots (they cost nothing to change). The windows planned for are the last
+``history_windows`` unless fractions fitted to them predicted the last window worse, by more than
+half the hysteresis, than fractions fitted to one window (a load that drifts away from its past);
+then the last window alone. When a plan made from the window
 before loses to the default placement on the window that ended (a hot spot that moves on every
 window), the load cannot be followed: the default placement is weighed instead.
 

@@ -171,7 +171,7 @@ class PlacementPlanner:
         load_RE = load_WRE.mean(axis=0)
         self._check_current(current)
         scorer = PlacementScorer(
-            load_WRE if len(load_WRE) > 1 else load_RE,
+            load_WRE,
             self.topology,
             self.cost,
             locality_weight=self.locality_weight,
@@ -222,8 +222,7 @@ class PlacementPlanner:
         if (plan.slot_counts_ER() > 1).any():
             return plan  # an expert twice on one rank (a baseline's plan): the LP does not model it
         holds_ER = lists_to_holds(plan.experts_per_rank, self.num_experts)
-        solution = solve_routing(load_WRE if len(load_WRE) > 1 else load_WRE[0], holds_ER, self.topology, self.cost,
-                                 locality_weight=self.locality_weight)
+        solution = solve_routing(load_WRE, holds_ER, self.topology, self.cost, locality_weight=self.locality_weight)
         return PlacementPlan(plan.experts_per_rank, torch.tensor(solution.fractions_RER, dtype=torch.float64)).validate()
 
     def estimate(

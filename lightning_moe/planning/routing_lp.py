@@ -8,15 +8,15 @@ source ``r`` for expert ``e`` computed on holder ``d``) that minimise the planne
 
 with ``compute`` and ``link`` the linear functions of ``x`` defined in
 :mod:`lightning_moe.planning.cost_model` (per-slot overhead and latency are constants here and left
-out).
+out). The first two terms are the modelled layer time; the last breaks its ties: where the slowest
+rank hides the rest, it keeps every other rank's traffic as local as it can, at a cost of at most
+``locality_weight`` of the layer time (the mean link load is at most the largest).
 
 Given several windows of load (``[W, R, E]``), one set of fractions is chosen for all of them and
 the objective is the mean over the windows of the objective above: the fractions must hold for the
 next window, which is not known, so they are fitted to the loads seen rather than to the last one
 alone (a scenario average, as in stochastic programming). The flows are then those of the mean
-load, and window ``w`` sees ``x[r, e, d] * load_w[r, e] / mean load[r, e]``. The first two terms are the modelled layer time; the last breaks its ties: where the slowest
-rank hides the rest, it keeps every other rank's traffic as local as it can, at a cost of at most
-``locality_weight`` of the layer time (the mean link load is at most the largest).
+load, and window ``w`` sees ``x[r, e, d] * load_w[r, e] / mean load[r, e]``.
 
 As a linear program in standard form (all variables non-negative): ``sum_d x[r, e, d] = load[r, e]``
 for every source and expert with load (the block rows ``B``), and for every rank ``d`` and link

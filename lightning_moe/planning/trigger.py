@@ -100,17 +100,20 @@ class MigrationTrigger:
             if followed >= (1 - self.min_gain) * planner.estimate(default, latest).layer_seconds:
                 # A plan from the window before loses to the default on the window that ended:
                 # following the load does not pay. Weigh the default, not a new bet.
+                # (`followed` is the time of `now` here: the plan made before is `now` unless `now` is
+                # the default, and then there is nothing to move back to.)
                 back = planner.estimate(default, latest, now)
-                seconds_now = planner.estimate(now, latest).layer_seconds
-                moves = not default.same_as(now) and self.accepts(seconds_now, back.layer_seconds, back.migration_seconds)
+                moves = not default.same_as(now) and self.accepts(followed, back.layer_seconds, back.migration_seconds)
                 return default if moves else now
         windows = np.stack(loads[: self.history_windows if self._history_helps(now, loads, planner) else 1])
         candidate = planner.plan(windows, now)
-        if candidate.experts_per_rank != now.experts_per_rank:
+        if candidate.experts_per_rank == now.experts_per_rank:
+            kept = candidate  # the planner kept the slots: its fractions are the fresh ones
+        else:
             migration = planner.estimate(candidate, latest, now).migration_seconds
             if self.accepts(_mean_seconds(planner, now, windows), _mean_seconds(planner, candidate, windows), migration):
                 return candidate
-        kept = planner.route(now, windows)  # the slots in force, fresh fractions: nothing moves
+            kept = planner.route(now, windows)  # the slots in force, fresh fractions: nothing moves
         return now if kept.same_as(now) else kept
 
     def _history_helps(self, now: PlacementPlan, loads: Sequence[np.ndarray], planner: PlacementPlanner) -> bool:
