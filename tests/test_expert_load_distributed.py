@@ -148,7 +148,7 @@ def test_world4_ep2_logs_global_sums_once(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from dist_workers.launch import end_process_group
+    from dist_workers.launch import end_rank
 
     worker(Path(sys.argv[1]))
-    end_process_group()
+    end_rank()

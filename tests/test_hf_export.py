@@ -112,7 +112,7 @@ def test_export_an_expert_parallel_checkpoint_directory(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from dist_workers.launch import end_process_group
+    from dist_workers.launch import end_rank
 
     worker(Path(sys.argv[1]), Path(sys.argv[2]))
-    end_process_group()
+    end_rank()

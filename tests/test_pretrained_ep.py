@@ -76,7 +76,7 @@ def test_each_rank_reads_only_its_experts_and_computes_transformers_logits(tmp_p
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from dist_workers.launch import end_process_group
+    from dist_workers.launch import end_rank
 
     worker(Path(sys.argv[1]), Path(sys.argv[2]))
-    end_process_group()
+    end_rank()

@@ -101,19 +101,24 @@ def run_scenarios(run: Callable[[dict, Path, int, int], dict]) -> None:
             (out_dir / f"rank{rank}.json").write_text(json.dumps({"crash": traceback.format_exc()}))
             raise
         (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
-    end_process_group()
+    end_rank()
 
 
-def end_process_group() -> None:
-    """Destroy this rank's process group, if any: the last call of every worker's ``main``.
+def end_rank() -> None:
+    """End this rank after its work: destroy its process group, if any, flush the logs and leave at
+    once. The last call of every worker's ``main``; results are in their files by then.
 
-    Left to the interpreter's exit, the process group's threads (rank 0 also hosts the TCPStore) can
-    be torn down while still running: "terminate called without an active exception", and the rank
-    exits with SIGABRT after its work is done. Local; no collective."""
+    Left to the interpreter's exit, a thread of the process group or of its TCPStore can still be
+    joinable when C++ static destructors run: "terminate called without an active exception", and
+    the rank exits with SIGABRT after its work is done (seen with and without destroying the group
+    first). ``os._exit`` skips that teardown. Local; no collective."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def fit_scenario(trainer, model, loader, scenario: dict) -> str | None:

@@ -49,7 +49,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from launch import end_process_group
+    from launch import end_rank
 
     main()
-    end_process_group()
+    end_rank()

@@ -85,7 +85,7 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    from launch import end_process_group
+    from launch import end_rank
 
     main(sys.argv[1])
-    end_process_group()
+    end_rank()
