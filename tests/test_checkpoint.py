@@ -26,7 +26,7 @@ from lightning_moe.checkpoint import (
     read_full_checkpoint,
     save_sharded_checkpoint,
 )
-from lightning_moe.checkpoint.layout import META_FILE, POINTER_FILE, committed_directory
+from lightning_moe.checkpoint.layout import META_FILE, POINTER_FILE, committed_directory, save_beside_then_swap
 from lightning_moe.cli import main as cli_main
 from lightning_moe.parallel.expert_state import join_expert_states, split_expert_state
 from lightning_moe.parallel.placement import ExpertPlacement
@@ -129,6 +129,54 @@ def test_a_save_that_fails_half_way_keeps_the_previous_checkpoint(tmp_path):
     _save(sharded, optimizer, path, global_step=9)  # a save that succeeds replaces it, old version removed
     assert read_full_checkpoint(path)["global_step"] == 9
     assert len([p for p in path.iterdir() if p.is_dir()]) == 1
+
+
+def test_a_directory_replaces_a_single_file_checkpoint_only_once_it_is_complete(tmp_path):
+    """A run that switches to expert parallelism and saves over a single-file checkpoint: the file
+    survives a failed save untouched, and a save that succeeds replaces it with a directory."""
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "global_step": 3}, path)
+    good = path.read_bytes()
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        _save(sharded, optimizer, path, checkpoint_io=_FailingIO(writes_before_failure=1), global_step=9)
+    assert path.is_file() and path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no staging debris
+
+    _save(sharded, optimizer, path, global_step=9)
+    assert is_sharded_checkpoint(path) and read_full_checkpoint(path)["global_step"] == 9
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_single_file_replaces_a_checkpoint_directory_only_once_it_is_written(tmp_path):
+    """The other way round (a run back at EP 1 saves over an expert-parallel directory): the file is
+    written beside the directory and swapped in; a failed write keeps the directory."""
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    path = tmp_path / "last.ckpt"
+    _save(sharded, optimizer, path, global_step=5)
+
+    def fail(staged):
+        Path(staged).write_bytes(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_beside_then_swap(path, fail)
+    assert read_full_checkpoint(path)["global_step"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+    save_beside_then_swap(path, lambda staged: TorchCheckpointIO().save_checkpoint({"global_step": 9}, staged))
+    assert path.is_file() and torch.load(path, weights_only=True)["global_step"] == 9
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_swapping_in_goes_through_fsspec_paths():
+    url = "memory://runs/swap-test/last.ckpt"
+    fs = get_filesystem(url)
+    fs.pipe(url, b"old single file")
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    _save(sharded, optimizer, url, global_step=4)
+    assert is_sharded_checkpoint(url) and read_full_checkpoint(url)["global_step"] == 4
+    assert [Path(p).name for p in fs.ls("memory://runs/swap-test", detail=False)] == ["last.ckpt"]
 
 
 class _RunsCode:

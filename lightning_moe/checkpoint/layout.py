@@ -17,6 +17,10 @@ the pointer names a complete version, so a save that fails half-way (disk full, 
 leaves the previous checkpoint loadable. All paths go through fsspec, as Lightning's own
 checkpoints do, so ``s3://``, ``gs://`` and ``memory://`` work like local directories.
 
+A save over a *single-file* checkpoint (or a single-file save over a directory) writes the new
+checkpoint beside the old one and swaps it in (:func:`swap_in`): the old one is removed only once the
+new one is complete and in place.
+
 Directories written before the pointer existed (format 1: ``meta.pt`` and the expert files directly
 inside) still load.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +94,40 @@ def is_sharded_checkpoint(path: _PATH) -> bool:
     return committed_directory(path) is not None
 
 
-def prepare_for_directory(path: _PATH) -> None:
-    """Remove a single-file checkpoint at ``path`` so that a directory can take its place (rank 0 only).
+def swap_in(path: _PATH, staged: _PATH) -> None:
+    """Put the complete entry ``staged`` (a file or a checkpoint directory) at ``path``, where an entry
+    of the other kind may be (a run that switches to or from expert parallelism and saves over the
+    same path). Rank 0 only.
 
-    NOTE: this is the one replacement that is not atomic: a file cannot turn into a directory in one
-    step. It only happens when a run switches to expert parallelism and saves over a checkpoint file.
+    A file cannot turn into a directory in one step, so the old entry is first moved aside and removed
+    only once the new one is in place: at every moment the last good checkpoint exists, at ``path``
+    or, if the process dies between the two moves, at ``<path>.replaced-<id>`` beside it.
     """
     fs = get_filesystem(path)
-    if fs.isfile(str(path)):
-        fs.rm(str(path))
+    aside = None
+    if fs.exists(str(path)):
+        aside = f"{path}.replaced-{uuid.uuid4().hex[:8]}"
+        fs.mv(str(path), aside, recursive=True)
+    fs.mv(str(staged), str(path), recursive=True)
+    if aside is not None:
+        fs.rm(aside, recursive=True)
+
+
+def staging_path(path: _PATH) -> str:
+    """A fresh sibling of ``path`` to write a replacement into before :func:`swap_in`."""
+    return f"{path}.saving-{uuid.uuid4().hex[:8]}"
+
+
+def save_beside_then_swap(path: _PATH, write: Callable[[str], None]) -> None:
+    """Write a checkpoint with ``write(staged_path)`` beside ``path``, then :func:`swap_in` it (rank 0
+    only). A write that fails removes its debris and leaves ``path`` as it was."""
+    staged = staging_path(path)
+    try:
+        write(staged)
+    except BaseException:
+        remove_quietly(staged)
+        raise
+    swap_in(path, staged)
 
 
 def commit_version(path: _PATH, version: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from torch import nn
 
@@ -37,8 +38,9 @@ from lightning_moe.checkpoint.layout import (
     expert_key,
     join,
     new_version_name,
-    prepare_for_directory,
     remove_quietly,
+    staging_path,
+    swap_in,
 )
 from lightning_moe.checkpoint.source import SavedCheckpoint
 from lightning_moe.parallel.expert_state import join_expert_states, split_expert_state
@@ -161,14 +163,18 @@ def save_sharded_checkpoint(
         placements: the per-layer placement tables to store in the manifest.
     """
     is_global_zero = global_rank == 0
-    version = broadcast(new_version_name(int(checkpoint.get("global_step", 0))) if is_global_zero else None)
-    version_dir = join(path, version)
+    if is_global_zero:
+        # Over a single-file checkpoint the directory is written beside it and swapped in at the end.
+        root = staging_path(path) if get_filesystem(path).isfile(str(path)) else str(path)
+        target = (new_version_name(int(checkpoint.get("global_step", 0))), root)
+    version, root = broadcast(target if is_global_zero else None)
+    version_dir = join(root, version)
 
     def agree(problem: str | None, error_type: type[Exception], message: str) -> None:
         problems = [p for p in all_gather(problem) if p]
         if problems:
             if is_global_zero:
-                remove_quietly(version_dir)
+                remove_quietly(version_dir if root == str(path) else root)
             raise error_type(f"{message} {'; '.join(problems)}")
 
     problem = None
@@ -182,8 +188,6 @@ def save_sharded_checkpoint(
     agree(problem, ValueError, f"Cannot save checkpoint {path}:")
 
     try:
-        if is_global_zero:
-            prepare_for_directory(path)
         if writes_experts and expert_params:
             checkpoint_io.save_checkpoint(expert_part, join(version_dir, expert_file_name(ep_rank)))
         if is_global_zero:
@@ -194,7 +198,9 @@ def save_sharded_checkpoint(
 
     try:
         if is_global_zero:
-            commit_version(path, version)
+            commit_version(root, version)
+            if root != str(path):
+                swap_in(path, root)
     except Exception as error:
         problem = f"rank {global_rank}: {type(error).__name__}: {error}"
     agree(problem, CheckpointError, f"Committing checkpoint {path} failed; the previous checkpoint there is kept.")
