@@ -2,7 +2,8 @@
 
 Each token crosses to a remote rank once, however many of that rank's experts it uses, and the
 results (outputs, input gradients, gate-weight gradients, expert gradients) equal the single-process
-dispatcher over the same tokens. Each rank asserts in its own process (``worker``); the test reads
+dispatcher over the same tokens; under device-limited routing with replicas, a token is served by the
+replicas on its kept ranks only. Each rank asserts in its own process (``worker``); the test reads
 the files they write.
 """
 
@@ -28,6 +29,11 @@ EXTRA_ON_RANK_1 = [(3, 3)]
 # Distinct tokens each rank sends to ranks 0 and 1, and the assignments, counted by hand.
 EXPECTED_TOKENS_SENT = {0: [3, 4], 1: [3, 5]}
 EXPECTED_ASSIGNMENTS_SENT = {0: [5, 6], 1: [5, 7]}
+# Experts 0 and 1 replicated on both ranks; the ranks each token may reach (device-limited routing):
+# token 5 uses experts 2 and 3, so it keeps both ranks.
+REPLICATED_PLACEMENT = [[2, 0, 1], [3, 1, 0]]
+KEPT_RANKS = [[1, 0], [0, 1], [0, 1], [0, 1], [1, 0], [1, 1]]
+EXPECTED_TOKENS_SENT_LIMITED = {0: [3, 3], 1: [3, 4]}
 
 
 def routing_of(rank: int, generator: torch.Generator):
@@ -54,13 +60,28 @@ def run(dispatcher, experts, x_TD, routing, grad_TD):
     return y_TD.detach(), dispatched.traffic
 
 
+def shard(full, experts_per_rank: list[list[int]], rank: int):
+    """This rank's dispatcher and slots (copies of ``full``'s experts) under a placement."""
+    import torch.distributed as dist
+
+    from lightning_moe.layers.experts import Experts
+    from lightning_moe.parallel.dispatch import AllToAllDispatcher
+    from lightning_moe.parallel.placement import ExpertPlacement
+
+    placement = ExpertPlacement.from_experts_per_rank(experts_per_rank)
+    slots = placement.experts_on_rank(rank)
+    local = Experts(num_experts=len(slots), d_model=D_MODEL, d_ff=D_FF)
+    with torch.no_grad():
+        local.w_in.copy_(full.w_in[slots])
+        local.w_out.copy_(full.w_out[slots])
+    return AllToAllDispatcher(placement=placement, ep_rank=rank, ep_group=dist.group.WORLD), local, slots
+
+
 def worker(out_dir: Path) -> None:
     import torch.distributed as dist
 
     from lightning_moe.layers.dispatch import LocalDispatcher
     from lightning_moe.layers.experts import Experts
-    from lightning_moe.parallel.dispatch import AllToAllDispatcher
-    from lightning_moe.parallel.placement import ExpertPlacement
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -76,13 +97,7 @@ def worker(out_dir: Path) -> None:
         reference[source] = (y_TD, x_TD.grad, routing.weight_N.grad)
 
     # Expert parallel: this rank's slots of the same experts, this rank's tokens.
-    placement = ExpertPlacement.from_experts_per_rank(PLACEMENT)
-    local = Experts(num_experts=2, d_model=D_MODEL, d_ff=D_FF)
-    slots = placement.experts_on_rank(rank)
-    with torch.no_grad():
-        local.w_in.copy_(full.w_in[slots])
-        local.w_out.copy_(full.w_out[slots])
-    dispatcher = AllToAllDispatcher(placement=placement, ep_rank=rank, ep_group=dist.group.WORLD)
+    dispatcher, local, slots = shard(full, PLACEMENT, rank)
     x_TD, routing, grad_TD = inputs_of(rank)
     y_TD, traffic = run(dispatcher, local, x_TD, routing, grad_TD)
 
@@ -97,6 +112,17 @@ def worker(out_dir: Path) -> None:
     # An expert's gradient sums the contributions of both ranks' tokens, as in the reference.
     torch.testing.assert_close(local.w_in.grad, full.w_in.grad[slots])
     torch.testing.assert_close(local.w_out.grad, full.w_out.grad[slots])
+
+    # Device-limited routing with replicas: experts 0 and 1 are on both ranks. A token kept to one
+    # rank is served there alone (token 2 takes expert 0 on rank 1, its kept rank, not rank 0); the
+    # output is the same function.
+    dispatcher, local, _ = shard(full, REPLICATED_PLACEMENT, rank)
+    x_TD, routing, grad_TD = inputs_of(rank)
+    routing.allowed_devices_TG = torch.tensor(KEPT_RANKS, dtype=torch.bool)
+    y_TD, limited = run(dispatcher, local, x_TD, routing, grad_TD)
+    assert limited.tokens_sent_per_rank.tolist() == EXPECTED_TOKENS_SENT_LIMITED[rank], limited.tokens_sent_per_rank
+    torch.testing.assert_close(y_TD, y_ref)
+    torch.testing.assert_close(x_TD.grad, x_grad_ref)
     (out_dir / f"rank{rank}.json").write_text(json.dumps({"tokens_sent": traffic.tokens_sent_per_rank.tolist()}))
     dist.destroy_process_group()
 

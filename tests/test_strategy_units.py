@@ -13,6 +13,8 @@ import torch
 
 from lightning_moe import MoELayer, MoEStrategy
 from lightning_moe.layers.dispatch import LocalDispatcher
+from lightning_moe.layers.gates.device_balance import ExpertDevices
+from lightning_moe.layers.replicas import choose_replica_ranks
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
 from lightning_moe.parallel.grad_sync import clip_grad_norm_global
 from lightning_moe.parallel.placement import ExpertPlacement
@@ -132,6 +134,50 @@ def test_device_limited_routing_keeps_tokens_on_few_groups():
     assert layer.gate.limit_to_expert_groups(torch.ones(2, 8)).isfinite().all()
     with pytest.raises(ValueError, match="cannot reach top_k=3"):
         layer.gate.set_expert_groups(groups, 1)
+
+
+@pytest.mark.parametrize("gate", ["topk", "sigmoid", "noisy_topk", "dynamic"])
+def test_device_limited_routing_with_replicas_reaches_only_the_kept_ranks(gate):
+    """Experts 0, 2, 4 and 6 have a replica on another rank. A token limited to one rank must be
+    served there: the replica of each assignment is chosen among its token's kept ranks, in their
+    routing fractions (by the dispatcher, and by the gate's device-level capacity drop)."""
+    placement = ExpertPlacement.from_experts_per_rank([[0, 1, 4], [2, 3, 6], [4, 5, 0], [6, 7, 2]])
+    options = {"dynamic": {"threshold": 0.9, "max_k": 2}}.get(gate, {})
+    if gate in ("topk", "sigmoid"):
+        options["device_capacity_factor"] = 4.0  # every assignment kept; the gate chooses the replicas
+    layer = MoELayer(d_model=8, d_ff=4, num_experts=8, gate=gate, top_k=2, gate_kwargs=options)
+    layer.gate.set_expert_groups(placement.holders_RE, 1)
+    layer.gate.set_expert_devices(ExpertDevices(
+        share_GE=placement.routing_fractions_RER[0].t().float().contiguous(),
+        cumulative_EG=placement.cumulative_fractions_RER[0],
+    ))
+    torch.manual_seed(0)
+    routing = layer.gate(torch.randn(512, 8))
+    assert routing.allowed_devices_TG is not None and routing.allowed_devices_TG.sum(dim=1).eq(1).all()
+    allowed_NR = routing.allowed_devices_TG[routing.token_index_N]
+    cumulative_ER = placement.cumulative_fractions_RER[0]
+    ranks_N = choose_replica_ranks(routing.expert_index_N, cumulative_ER, allowed_NR)
+    if routing.device_index_N is not None:  # the gate chose them (device-level capacity)
+        assert torch.equal(routing.device_index_N, ranks_N)
+    assert placement.holders_RE[ranks_N, routing.expert_index_N].all()
+    assert allowed_NR[torch.arange(ranks_N.numel()), ranks_N].all()  # fan-out 1: the token's kept rank
+    # Without the kept ranks, the replicas of experts 0, 2, 4, 6 split evenly: tokens fan out to two ranks.
+    unlimited_N = choose_replica_ranks(routing.expert_index_N, cumulative_ER)
+    assert not allowed_NR[torch.arange(ranks_N.numel()), unlimited_N].all()
+
+
+def test_replica_choice_among_allowed_ranks_keeps_their_fractions():
+    # Expert 0 on ranks 0, 1, 2 in fractions 0.2 / 0.3 / 0.5; expert 1 on rank 3 only.
+    fractions_ER = torch.tensor([[0.2, 0.3, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    cumulative_ER = fractions_ER.cumsum(dim=1).float()
+    experts_N = torch.tensor([0] * 1000 + [1] * 10)
+    everything_NR = torch.ones(1010, 4, dtype=torch.bool)
+    assert torch.equal(choose_replica_ranks(experts_N, cumulative_ER, everything_NR),
+                       choose_replica_ranks(experts_N, cumulative_ER))
+    allowed_NR = everything_NR.clone()
+    allowed_NR[:1000, 2] = False  # expert 0 may use ranks 0 and 1 only: 0.4 / 0.6 of its assignments
+    ranks_N = choose_replica_ranks(experts_N, cumulative_ER, allowed_NR)
+    assert torch.bincount(ranks_N, minlength=4).tolist() == [400, 600, 0, 10]
 
 
 def test_global_norm_clipping_matches_torch_on_one_rank():

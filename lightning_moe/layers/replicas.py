@@ -15,7 +15,11 @@ import torch
 from lightning_moe.ops.counting import count_per_expert
 
 
-def choose_replica_ranks(expert_index_N: torch.Tensor, cumulative_fractions_ER: torch.Tensor) -> torch.Tensor:
+def choose_replica_ranks(
+    expert_index_N: torch.Tensor,
+    cumulative_fractions_ER: torch.Tensor,
+    allowed_ranks_NR: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The rank each assignment goes to, ``[N]``: the ``i``-th of expert ``e``'s ``n`` assignments (in
     priority order) goes to the rank whose interval of cumulative fractions holds ``(i + 1/2) / n``.
 
@@ -26,6 +30,9 @@ def choose_replica_ranks(expert_index_N: torch.Tensor, cumulative_fractions_ER: 
         expert_index_N: the logical expert of each assignment.
         cumulative_fractions_ER: ``[E, R]``, the running sum over ranks of this source rank's routing
             fractions, with the last column exactly 1.
+        allowed_ranks_NR: ``[N, R]`` booleans, the ranks each assignment may go to (device-limited
+            routing: its token's kept ranks, at least one of which holds its expert), or ``None``. An
+            assignment then splits over its allowed replicas in their fractions, renormalised.
     """
     num_experts = cumulative_fractions_ER.shape[0]
     cumulative_ER = cumulative_fractions_ER.to(expert_index_N.device)
@@ -35,7 +42,18 @@ def choose_replica_ranks(expert_index_N: torch.Tensor, cumulative_fractions_ER: 
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     position_N = torch.arange(expert_index_N.numel(), device=expert_index_N.device) - starts_E[expert_sorted_N]
     quantile_N = (position_N.float() + 0.5) / counts_E[expert_sorted_N].float()
-    rank_sorted_N = (cumulative_ER[expert_sorted_N, :-1] <= quantile_N.unsqueeze(1)).sum(dim=1)
+    cumulative_NR = cumulative_ER[expert_sorted_N]
+    if allowed_ranks_NR is not None:
+        cumulative_NR = cumulative_NR.double()
+        fractions_NR = torch.diff(cumulative_NR, dim=1, prepend=torch.zeros_like(cumulative_NR[:, :1]))
+        fractions_NR = fractions_NR.clamp_min(0) * allowed_ranks_NR[order_N]
+        cumulative_NR = fractions_NR.cumsum(dim=1) / fractions_NR.sum(dim=1, keepdim=True)
+        # Exactly 1 from the last allowed replica on, so that rounding cannot carry an assignment
+        # past it to a rank that does not hold its expert.
+        ranks_R = torch.arange(cumulative_NR.shape[1], device=cumulative_NR.device)
+        last_allowed_N = torch.where(fractions_NR > 0, ranks_R, -1).amax(dim=1)
+        cumulative_NR = torch.where(ranks_R >= last_allowed_N.unsqueeze(1), 1.0, cumulative_NR)
+    rank_sorted_N = (cumulative_NR[:, :-1] <= quantile_N.unsqueeze(1)).sum(dim=1)
     rank_N = torch.empty_like(rank_sorted_N)
     rank_N[order_N] = rank_sorted_N
     return rank_N

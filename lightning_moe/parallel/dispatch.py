@@ -9,8 +9,9 @@ experts it uses (the de-duplication of DeepEP and Megatron-Core's "flex" dispatc
 on every rank of an expert-parallel (EP) group:
 
 1. pick the rank of each assignment: the expert's only holder, or, for an expert with replicas, the
-   replica given by this rank's routing fractions (:func:`~lightning_moe.layers.replicas.choose_replica_ranks`,
-   unless the gate already chose, for device-level capacity); then its physical position
+   replica given by this rank's routing fractions (:func:`~lightning_moe.layers.replicas.choose_replica_ranks`;
+   among the token's kept ranks under device-limited routing; unless the gate already chose, for
+   device-level capacity); then its physical position
    ``rank * S + slot`` through the :class:`~lightning_moe.parallel.placement.ExpertPlacement`, and
    sort the assignments by it (grouped by destination rank, then by slot);
 2. collect the distinct (destination rank, token) *pairs*, grouped by rank (one hidden row is sent
@@ -118,7 +119,8 @@ class AllToAllDispatcher:
         if routing.device_index_N is not None:
             rank_N = routing.device_index_N
         elif placement.has_replicas:
-            rank_N = choose_replica_ranks(expert_N, placement.cumulative_fractions_RER[self.ep_rank])
+            allowed_NR = None if routing.allowed_devices_TG is None else routing.allowed_devices_TG[routing.token_index_N]
+            rank_N = choose_replica_ranks(expert_N, placement.cumulative_fractions_RER[self.ep_rank], allowed_NR)
         else:
             rank_N = placement.file_rank_E.to(device)[expert_N]  # each expert's only holder
         physical_N = rank_N * slots + placement.slot_of_expert_ER.to(device)[expert_N, rank_N]

@@ -45,6 +45,9 @@ class Routing:
         device_index_N: the EP rank each assignment goes to, when the gate chose it (device-level
             capacity needs the replica choice); ``None`` lets the dispatcher choose.
         num_dropped: assignments the gate itself dropped (device-level capacity).
+        allowed_devices_TG: ``[T, G]`` booleans, the EP ranks each token may reach under
+            device-limited routing (``None``: any). An expert with replicas is then served by a
+            replica on one of its token's ranks, so the bound on fan-out holds with replicas too.
 
     NOTE: assignments are in *priority order*: when a capacity limit drops assignments, the later
     ones go first. Token-choice gates list all first choices, then all second choices, and so on,
@@ -59,6 +62,7 @@ class Routing:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     device_index_N: torch.Tensor | None = None
     num_dropped: int = 0
+    allowed_devices_TG: torch.Tensor | None = None
 
     def subset(self, keep_N: torch.Tensor, *, device_index_N: torch.Tensor | None = None) -> Routing:
         """The assignments where ``keep_N`` is true (priority order kept), the others counted as dropped;
@@ -73,6 +77,7 @@ class Routing:
             stats=self.stats,
             device_index_N=None if devices_N is None else devices_N[keep_N],
             num_dropped=self.num_dropped + int(keep_N.numel() - keep_N.sum()),
+            allowed_devices_TG=self.allowed_devices_TG,
         )
 
 
@@ -214,11 +219,18 @@ class Gate(nn.Module):
 
         A group's affinity is the best score of the experts it holds (DeepSeek-V2 Sec. 2.1.3); the
         allowed experts are those held by a kept group. Without a limit (or when it allows every
-        group) the scores are returned unchanged.
+        group) the scores are returned unchanged. :meth:`limit_and_keep_groups` also returns the
+        kept groups.
         """
+        return self.limit_and_keep_groups(scores_TE)[0]
+
+    def limit_and_keep_groups(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`limit_to_expert_groups`, and ``[T, G]`` booleans of each token's kept groups
+        (``None`` without a limit): the gate puts them in :attr:`Routing.allowed_devices_TG`, so that
+        replicas are chosen among them."""
         max_groups = self.expert_group_limit
         if max_groups is None or max_groups >= self.expert_group_count:
-            return scores_TE
+            return scores_TE, None
         pair_group_P, pair_expert_P = self.expert_group.to(scores_TE.device)
         num_tokens = scores_TE.shape[0]
         group_score_TG = scores_TE.new_full((num_tokens, self.expert_group_count), float("-inf")).scatter_reduce(
@@ -229,7 +241,7 @@ class Gate(nn.Module):
         allowed_TE = torch.zeros_like(scores_TE).scatter_reduce(
             1, pair_expert_P.expand(num_tokens, -1), kept_group_TG[:, pair_group_P], reduce="amax"
         )
-        return scores_TE.masked_fill(allowed_TE == 0, float("-inf"))
+        return scores_TE.masked_fill(allowed_TE == 0, float("-inf")), kept_group_TG.bool()
 
     def reset_parameters(self, init_std: float) -> None:
         """(Re-)initialise the routing weights with a normal of standard deviation ``init_std``.

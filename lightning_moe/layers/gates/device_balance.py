@@ -143,6 +143,9 @@ class DeviceBalance:
         if self.communication_balance_coef:
             reach = min(top_k, num_devices) if max_devices is None else min(max_devices, num_devices)
             share_TKG = share_GE.t()[topk_ids_TK]
+            if routing.allowed_devices_TG is not None:  # replicas only on the token's kept devices
+                share_TKG = share_TKG * routing.allowed_devices_TG.unsqueeze(1).to(share_TKG.dtype)
+                share_TKG = share_TKG / share_TKG.sum(dim=-1, keepdim=True)
             sent_TG = 1.0 - (1.0 - share_TKG).prod(dim=1)  # P(token t reaches device g)
             sent_load_G = num_devices / (reach * max(num_tokens, 1)) * sent_TG.sum(dim=0)  # f''_g
             loss = (sent_load_G.detach() * device_affinity_G).sum()
@@ -155,7 +158,8 @@ class DeviceBalance:
         """Each device keeps at most ``ceil(factor * N / G)`` of this rank's assignments, highest
         affinity first; the kept ones carry their device, so the dispatcher sends them there."""
         assert self.devices is not None
-        device_N = choose_replica_ranks(routing.expert_index_N, self.devices.cumulative_EG)
+        allowed_NG = None if routing.allowed_devices_TG is None else routing.allowed_devices_TG[routing.token_index_N]
+        device_N = choose_replica_ranks(routing.expert_index_N, self.devices.cumulative_EG, allowed_NG)
         num_assignments, num_devices = device_N.numel(), self.devices.num_devices
         budget = max(1, math.ceil(self.device_capacity_factor * num_assignments / num_devices))
         affinity_N = affinity_TE.detach()[routing.token_index_N, routing.expert_index_N]

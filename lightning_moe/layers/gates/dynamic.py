@@ -91,7 +91,7 @@ class DynamicGate(LinearRouterGate):
         # Only the max_k most probable experts can ever be taken, so sorting those is enough.
         # Device-limited routing (a no-op unless MoEStrategy set expert groups) masks the experts of
         # excluded groups to -inf; the mass is counted with the unmasked probabilities.
-        allowed_TE = self.limit_to_expert_groups(probs_TE)
+        allowed_TE, kept_groups_TG = self.limit_and_keep_groups(probs_TE)
         sorted_ids_TK = torch.topk(allowed_TE, self.max_k, dim=-1).indices
         sorted_probs_TK = probs_TE.gather(1, sorted_ids_TK)
         # Slot j is taken while the mass of the slots before it is still below the threshold: the
@@ -110,6 +110,7 @@ class DynamicGate(LinearRouterGate):
             expert_index_N=sorted_ids_TK.t()[keep_KT],
             weight_N=sorted_probs_TK.t()[keep_KT],
             num_tokens=num_tokens,
+            allowed_devices_TG=kept_groups_TG,
         )
         add_softmax_router_losses(
             routing, logits_TE, probs_TE, load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef

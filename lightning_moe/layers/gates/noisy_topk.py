@@ -110,12 +110,13 @@ class NoisyTopKGate(LinearRouterGate):
 
         # Device-limited routing (a no-op unless MoEStrategy set expert groups): the experts of the
         # excluded groups get -inf and can be neither selected nor counted in the load.
-        scores_TE = self.limit_to_expert_groups(scores_TE)
+        scores_TE, kept_groups_TG = self.limit_and_keep_groups(scores_TE)
         # KeepTopK then softmax (eq. 5 then eq. 3): the -inf entries get weight 0, so the softmax over
         # all E after masking equals a softmax over the k kept scores.
         topk_scores_TK, topk_ids_TK = torch.topk(scores_TE, self.top_k, dim=-1)
         topk_weights_TK = torch.softmax(topk_scores_TK, dim=-1)
         routing = routing_from_topk(topk_ids_TK, topk_weights_TK)
+        routing.allowed_devices_TG = kept_groups_TG
 
         gates_TE = torch.zeros_like(scores_TE).scatter(1, topk_ids_TK, topk_weights_TK)  # G(x), (T, E)
         if self.importance_coef > 0:

@@ -213,6 +213,10 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """The ``top_k`` experts of each token from its scores: bias, group limit, top-k. ``[T, K]``."""
+        return self._select_and_keep_devices(scores_TE)[0]
+
+    def _select_and_keep_devices(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`select`, and the devices each token may reach (device-limited routing) or ``None``."""
         num_tokens = scores_TE.shape[0]
         biased_TE = scores_TE.detach() + self.expert_bias.float()  # selection only (eq. 16)
         if self.n_group > 1:
@@ -223,18 +227,19 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
             biased_TE = biased_TGP.masked_fill(~kept_group_TG.unsqueeze(-1), self.dropped_group_fill)
             biased_TE = biased_TE.view(num_tokens, -1)
         # Device-limited routing (DeepSeek-V2 Sec. 2.1.3): a no-op unless MoEStrategy set groups.
-        biased_TE = self.limit_to_expert_groups(biased_TE)
+        biased_TE, kept_devices_TG = self.limit_and_keep_groups(biased_TE)
         # Sorted, so that first choices come first in the priority order of `routing_from_topk`.
-        return biased_TE.topk(self.top_k, dim=-1).indices  # (T, K)
+        return biased_TE.topk(self.top_k, dim=-1).indices, kept_devices_TG  # (T, K)
 
     def forward(self, x_TD: torch.Tensor, *, num_sequences: int = 1) -> Routing:
         scores_TE = torch.sigmoid(self.logits(x_TD))  # (T, E) fp32
-        topk_ids_TK = self.select(scores_TE)
+        topk_ids_TK, kept_devices_TG = self._select_and_keep_devices(scores_TE)
         weights_TK = scores_TE.gather(1, topk_ids_TK)  # unbiased scores
         if self.normalize:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + _NORMALIZE_EPSILON)
         weights_TK = weights_TK * self.routed_scaling_factor
         routing = routing_from_topk(topk_ids_TK, weights_TK)
+        routing.allowed_devices_TG = kept_devices_TG
 
         if self.sequence_balance_coef > 0:
             loss = sequence_balance_loss(scores_TE, topk_ids_TK, self.num_experts, num_sequences)

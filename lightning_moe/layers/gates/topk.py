@@ -75,11 +75,13 @@ class TopKGate(DeviceBalanceOptions, LinearRouterGate):
         probs_TE = torch.softmax(logits_TE, dim=-1)
         # Device-limited routing (a no-op unless MoEStrategy set expert groups): the chosen experts
         # are the top-k of the allowed ones; their weights are their unmasked probabilities.
-        topk_ids_TK = torch.topk(self.limit_to_expert_groups(probs_TE), self.top_k, dim=-1).indices
+        allowed_TE, kept_groups_TG = self.limit_and_keep_groups(probs_TE)
+        topk_ids_TK = torch.topk(allowed_TE, self.top_k, dim=-1).indices
         topk_probs_TK = probs_TE.gather(1, topk_ids_TK)
         if self.normalize:
             topk_probs_TK = topk_probs_TK / topk_probs_TK.sum(dim=-1, keepdim=True)
         routing = routing_from_topk(topk_ids_TK, topk_probs_TK)
+        routing.allowed_devices_TG = kept_groups_TG
         add_softmax_router_losses(
             routing, logits_TE, probs_TE, load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef
         )
