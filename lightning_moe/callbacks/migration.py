@@ -22,8 +22,9 @@ The move is :meth:`~lightning_moe.MoEStrategy.apply_placement`, between an optim
 next forward. The cost model's compute constant is fitted to the measured step times as windows go by
 (``step ~ other + seconds_per_token * sum over layers of the busiest rank's tokens + all-to-alls``).
 
-Every rank computes the same plans: the loads are summed over the world, the step times reduced to
-their maximum over the world, and the planner is deterministic. See docs/migration.md.
+Every rank sees the same loads (summed over the world) and step times (their maximum over the world);
+the layers are planned in turns (layer ``i`` by rank ``i % world``) and the decisions gathered, so
+every rank applies the same tables. The planner is deterministic too. See docs/migration.md.
 
 Shape legend: ``R`` EP ranks, ``E`` logical experts, ``S`` slots per rank.
 """
@@ -243,16 +244,11 @@ class ExpertMigration(Callback):
         tables, entry = {}, {"step": step, "measured_step_seconds": step_seconds}
         before, after, balance_before, balance_after, cross_before, cross_after = 0.0, 0.0, [], [], [], []
         plans = {}
-        for name, layer in self._layers:
-            planner, load_RE = planners[name], loads[name]
-            now = _as_plan(current[name])
-            known = [w for w in self._previous_loads.get(name, []) if w.shape == load_RE.shape and w.sum() > 0]
-            plan = self.trigger.choose(now, [load_RE, *known], planner)
-            estimate_now, chosen = planner.estimate(now, load_RE), planner.estimate(plan, load_RE, now)
-            if plan is not now:  # new slots, or new fractions for the same slots (nothing moves then)
+        for name, (plan, estimate_now, chosen) in self._decide(loads, current, planners).items():
+            if plan is not None:  # new slots, or new fractions for the same slots (nothing moves then)
                 tables[name] = ExpertPlacement(plan.experts_per_rank, plan.routing_fractions_RER)
-                if plan.experts_per_rank != now.experts_per_rank:
-                    plans[name] = (plan, load_RE)
+                if plan.experts_per_rank != current[name].experts_per_rank():
+                    plans[name] = (plan, loads[name])
             before += estimate_now.layer_seconds
             after += chosen.layer_seconds
             balance_before.append(estimate_now.max_over_mean)
@@ -288,6 +284,31 @@ class ExpertMigration(Callback):
         self.history.append(entry)
         self._log(trainer, entry, plans, step)
         return entry
+
+    def _decide(self, loads, current, planners) -> dict[str, tuple[PlacementPlan | None, Any, Any]]:
+        """Per layer: the trigger's plan (``None``: keep the plan in force) and the cost model's
+        estimates of the plan in force and of the one chosen, on the window's load.
+
+        The layers are shared out over the ranks (layer ``i`` is planned by rank ``i % world``), and
+        the decisions gathered, so that a re-plan takes one layer's planning time per rank rather
+        than every layer's; every rank then applies the same tables, by construction.
+        """
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+        mine = {}
+        for index, (name, _) in enumerate(self._layers):
+            if index % world != rank:
+                continue
+            planner, load_RE = planners[name], loads[name]
+            now = _as_plan(current[name])
+            known = [w for w in self._previous_loads.get(name, []) if w.shape == load_RE.shape and w.sum() > 0]
+            plan = self.trigger.choose(now, [load_RE, *known], planner)
+            mine[name] = (None if plan is now else plan, planner.estimate(now, load_RE), planner.estimate(plan, load_RE, now))
+        if world == 1:
+            return mine
+        gathered: list[dict] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, mine)
+        decisions = {name: decision for part in gathered for name, decision in part.items()}
+        return {name: decisions[name] for name, _ in self._layers}
 
     def _window_loads(self, step: int, window_steps: int) -> dict[str, np.ndarray]:
         """Per layer, the window's ``[R, E]`` assignments per step and per EP group (the world's

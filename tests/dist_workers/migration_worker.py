@@ -21,6 +21,7 @@ from launch import run_scenarios  # noqa: E402
 from models import TwoMoELayers, dataloader  # noqa: E402
 
 from lightning_moe import ExpertLoadMonitor, ExpertMigration, MoEStrategy  # noqa: E402
+from lightning_moe.planning.trigger import MigrationTrigger  # noqa: E402
 
 GLOBAL_BATCH, SAMPLES = 8, 80
 SKEW = [0.2, 0.6, -0.3, 0.0]  # selection bias: expert 1 (EP rank 0, no replica elsewhere) takes most tokens
@@ -35,8 +36,19 @@ def skewed_model() -> TwoMoELayers:
     return model
 
 
+class CountingTrigger(MigrationTrigger):
+    """The callback's trigger, counting the layers this rank plans."""
+
+    calls = 0
+
+    def choose(self, now, loads, planner):
+        CountingTrigger.calls += 1
+        return super().choose(now, loads, planner)
+
+
 def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     torch.manual_seed(0)
+    CountingTrigger.calls = 0
     model = skewed_model()
     callbacks = []
     migration = None
@@ -44,6 +56,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         callbacks.append(ExpertLoadMonitor(every_n_steps=2, log_histograms=False, image_every_n_steps=2))
     if scenario.get("migrate"):
         migration = ExpertMigration(every_n_steps=scenario.get("every", 4))
+        migration.trigger = CountingTrigger(**vars(migration.trigger))
         callbacks.append(migration)
     trainer = L.Trainer(
         accelerator="cpu", devices=world_size, max_steps=scenario.get("steps", 12), accumulate_grad_batches=2,
@@ -55,6 +68,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     return {
         "losses": model.micro_batch_losses,
         "history": migration.history if migration is not None else [],
+        "layers_planned_here": CountingTrigger.calls,
         "placements": {name: p.experts_per_rank() for name, p in trainer.strategy.placements().items()},
     }
 
