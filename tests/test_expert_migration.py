@@ -27,6 +27,7 @@ def world4(tmp_path_factory) -> Path:
         {"name": "static"},
         {"name": "migrate", "migrate": True, "every": 4},
         {"name": "migrate_with_monitor", "migrate": True, "every": 4, "monitor": True},
+        {"name": "planning_fails_on_rank_1", "migrate": True, "every": 4, "steps": 6, "fail_on_rank": 1},
     ]))
     launch(WORKER, [str(out / "scenarios.json"), str(out)], world_size=4, timeout=300, log_dir=out / "logs")
     return out
@@ -55,6 +56,12 @@ def test_migrates_on_a_skewed_load_and_keeps_the_loss(world4, name):
     assert results[0]["placements"] != static[0]["placements"]
     # Migration moves experts, not the function: the loss of the run without it (EP tolerance).
     np.testing.assert_allclose(step_losses(results), step_losses(static), rtol=1e-4)
+
+
+def test_planning_that_fails_on_one_rank_stops_every_rank(world4):
+    """Rank 1 plans a layer and fails: every rank raises the same error (none waits in the gather)."""
+    for result in read(world4, "planning_fails_on_rank_1"):
+        assert "rank 1, layer 'blocks." in result["error"] and "the planner broke here" in result["error"], result
 
 
 def test_tensorboard_holds_the_migration_scalars_and_placement_images(world4):

@@ -52,6 +52,9 @@ from lightning_moe.planning import LayerCost, PlacementPlanner, Topology
 from lightning_moe.planning.plan import PlacementPlan
 from lightning_moe.planning.trigger import MigrationTrigger
 
+#: Key of a rank's failed planning in the gathered decisions (not a module name).
+_FAILED = "<planning failed>"
+
 #: Expert GEMM throughput assumed before the first measured windows (FLOP/s), per device type.
 _DEFAULT_FLOPS = {"cuda": 4e14, "cpu": 5e10}
 
@@ -294,19 +297,29 @@ class ExpertMigration(Callback):
         than every layer's; every rank then applies the same tables, by construction.
         """
         world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
-        mine = {}
+        mine: dict[str, Any] = {}
         for index, (name, _) in enumerate(self._layers):
             if index % world != rank:
                 continue
             planner, load_RE = planners[name], loads[name]
             now = _as_plan(current[name])
             known = [w for w in self._previous_loads.get(name, []) if w.shape == load_RE.shape and w.sum() > 0]
-            plan = self.trigger.choose(now, [load_RE, *known], planner)
-            mine[name] = (None if plan is now else plan, planner.estimate(now, load_RE), planner.estimate(plan, load_RE, now))
+            try:
+                plan = self.trigger.choose(now, [load_RE, *known], planner)
+                estimates = planner.estimate(now, load_RE), planner.estimate(plan, load_RE, now)
+            except Exception as error:  # reported on every rank below: none may wait in the gather
+                mine = {_FAILED: f"rank {rank}, layer {name!r}: {type(error).__name__}: {error}"}
+                if world == 1:
+                    raise
+                break
+            mine[name] = (None if plan is now else plan, *estimates)
         if world == 1:
             return mine
         gathered: list[dict] = [{} for _ in range(world)]
         dist.all_gather_object(gathered, mine)
+        failures = [part[_FAILED] for part in gathered if _FAILED in part]
+        if failures:
+            raise RuntimeError(f"ExpertMigration: planning failed ({'; '.join(failures)}); no layer was moved.")
         decisions = {name: decision for part in gathered for name, decision in part.items()}
         return {name: decisions[name] for name, _ in self._layers}
 

@@ -40,15 +40,18 @@ class CountingTrigger(MigrationTrigger):
     """The callback's trigger, counting the layers this rank plans."""
 
     calls = 0
+    fail_on_rank: int | None = None
 
     def choose(self, now, loads, planner):
         CountingTrigger.calls += 1
+        if torch.distributed.get_rank() == CountingTrigger.fail_on_rank:
+            raise ValueError("the planner broke here")
         return super().choose(now, loads, planner)
 
 
 def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     torch.manual_seed(0)
-    CountingTrigger.calls = 0
+    CountingTrigger.calls, CountingTrigger.fail_on_rank = 0, scenario.get("fail_on_rank")
     model = skewed_model()
     callbacks = []
     migration = None
@@ -64,7 +67,12 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         callbacks=callbacks, logger=TensorBoardLogger(out_dir, name="tb", version=0), enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
     )
-    trainer.fit(model, dataloader(SAMPLES, GLOBAL_BATCH // world_size, rank=rank, world_size=world_size))
+    try:
+        trainer.fit(model, dataloader(SAMPLES, GLOBAL_BATCH // world_size, rank=rank, world_size=world_size))
+    except RuntimeError as error:
+        if scenario.get("fail_on_rank") is None:
+            raise
+        return {"error": str(error)}
     return {
         "losses": model.micro_batch_losses,
         "history": migration.history if migration is not None else [],
