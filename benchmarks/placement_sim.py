@@ -18,6 +18,11 @@ the next window's load:
   routing fractions for the slots in force otherwise (they move nothing); and the static placement
   in place of the plan when a plan made from the window before loses to it on the measured window
   (a load that cannot be followed);
+  The plan's slots are judged with the split over replicas the dispatcher makes at every step
+  (``MoEStrategy(balance_replicas=True)``, the default: the planned fractions scaled per rank to
+  even out the step's counts, :mod:`lightning_moe.parallel.replica_balance`), modelled on the
+  window's mean load; the one small all-reduce of counts it costs per layer and step is not modelled;
+- ``ours_fixed``: the same plans with their fixed planned fractions (``balance_replicas=False``);
 - ``oracle``: the planner on the window's own load, moving for free.
 
 The layers: ``mixtral`` (E=8, k=2, d=4096, f=14336) and ``deepseek`` (E=256, k=8, d=7168,
@@ -63,9 +68,10 @@ import torch
 from lightning_moe.planning import LayerCost, PlacementPlan, PlacementPlanner, Topology
 from lightning_moe.planning.baselines import eplb_plan, oracle_plan, smartmoe_greedy_plan, static_plan
 from lightning_moe.planning.cost_model import estimate_plan, migration_transfers
+from lightning_moe.parallel.replica_balance import balanced_fractions, balancing_weights
 from lightning_moe.planning.trigger import MigrationTrigger
 
-POLICIES = ("static", "eplb", "smartmoe", "planner", "ours", "oracle")
+POLICIES = ("static", "eplb", "smartmoe", "planner", "ours", "ours_fixed", "oracle")
 
 
 @dataclass(frozen=True)
@@ -203,6 +209,7 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
     planner = PlacementPlanner.from_cost(topology, layer.num_experts, slots, cost, horizon_steps=args.steps_per_window)
     trigger = MigrationTrigger(horizon_steps=args.steps_per_window)
     static = static_plan(layer.num_experts, num_ranks, slots)
+    node_of_rank = torch.arange(num_ranks) // gpus
     current = {policy: static for policy in POLICIES}
     tallies = {policy: Tally() for policy in POLICIES}
     for window in range(1, args.windows):
@@ -221,10 +228,16 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
             elif policy == "ours":
                 weighed = loads[max(window - trigger.history_windows - 1, 0) : window][::-1]  # the measured window first
                 plan = trigger.choose(current[policy], weighed, planner)
+            elif policy == "ours_fixed":
+                plan = current["ours"]  # the same slots and planned fractions, chosen just above
             else:
                 plan = oracle_plan(planner, upcoming)
             elapsed = time.perf_counter() - start
-            estimate = estimate_plan(plan, upcoming, topology, cost)
+            routed = plan
+            if policy == "ours":  # the dispatcher splits replicated experts from the step's counts
+                weights = balancing_weights(plan.routing_fractions_RER, holders_RE(plan), node_of_rank)
+                routed = PlacementPlan(plan.experts_per_rank, balanced_fractions(weights, torch.from_numpy(upcoming)))
+            estimate = estimate_plan(routed, upcoming, topology, cost)
             moved = migration_transfers(current[policy].experts_per_rank, plan.experts_per_rank, topology)
             current[policy] = plan
             if not judged:
@@ -244,6 +257,11 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
         "cosine": float(np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(expert_loads, expert_loads[1:])]))
     }
     return rows
+
+
+def holders_RE(plan: PlacementPlan) -> torch.Tensor:
+    """``[R, E]`` booleans: which ranks hold which expert."""
+    return torch.from_numpy(plan.slot_counts_ER().T > 0)
 
 
 def cross_node_floor(load_RE: np.ndarray, topology: Topology, slots_per_rank: int) -> float:

@@ -91,6 +91,11 @@ class MoEStrategy(DDPStrategy):
         spare_expert_slots: slots each EP rank holds in every MoE layer beyond ``E / expert_parallel_size``,
             for replicas of busy experts. They start as replicas of the experts that follow the
             rank's own block (:meth:`ExpertPlacement.identity`) until a placement says otherwise.
+        balance_replicas: split each replicated expert's tokens over its replicas from every step's
+            counts (one all-reduce of ``[ep, E]`` integers per MoE layer per step): the placement's
+            routing fractions, scaled per rank so that the step's load evens out
+            (:mod:`lightning_moe.parallel.replica_balance`). ``False`` keeps the placement's fixed
+            fractions. Nothing changes without replicas.
         check_finite: once per optimizer step, stop every rank with an error naming the step and the
             MoE layer when a loss or a router's logits held a NaN or Inf on some rank (one small
             all-reduce per step).
@@ -118,6 +123,7 @@ class MoEStrategy(DDPStrategy):
         device_limited_routing: int | None = None,
         expert_placement: list[list[int]] | None = None,
         spare_expert_slots: int = 0,
+        balance_replicas: bool = True,
         check_finite: bool = True,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -171,6 +177,7 @@ class MoEStrategy(DDPStrategy):
         self.device_limited_routing = device_limited_routing
         self.expert_placement = expert_placement
         self.spare_expert_slots = spare_expert_slots
+        self.balance_replicas = bool(balance_replicas)
         self.check_finite = check_finite
         #: What this rank read when the model's weights were loaded after sharding (bytes, tensors).
         self.pretrained_load_report: Any = None
@@ -274,6 +281,7 @@ class MoEStrategy(DDPStrategy):
                     f"An MoE layer is already sharded over {layer.dispatcher.ep_size} EP ranks, but this strategy "
                     f"uses expert_parallel_size={mesh.ep_size}. Build a fresh model, or load a checkpoint into it."
                 )
+            layer.dispatcher.configure_replica_balance(self.balance_replicas, self._node_of_ep_rank(mesh))
             self._set_expert_groups(layer)
             # On the parameters in place now (loading a meta model replaces them); once per parameter.
             reduce_expert_grads_on_arrival(layer, ep_size=mesh.ep_size, ep_group=mesh.ep_group)
@@ -282,6 +290,12 @@ class MoEStrategy(DDPStrategy):
         user_ignored = [name for name in getattr(module, "_ddp_params_and_buffers_to_ignore", [])]
         ours = [name for name in ddp_ignored_names(module) if name not in user_ignored]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, user_ignored + ours)
+
+    def _node_of_ep_rank(self, mesh: ExpertParallelMesh) -> torch.Tensor:
+        """``[ep]``: the node of each rank of this rank's EP group (consecutive global ranks)."""
+        devices_per_node = max(1, len(self.parallel_devices or []) or 1)
+        first = (dist.get_rank() if dist.is_initialized() else 0) - mesh.ep_rank
+        return torch.div(first + torch.arange(mesh.ep_size), devices_per_node, rounding_mode="floor")
 
     def _placement_for(self, num_experts: int) -> ExpertPlacement:
         if self.expert_placement is None:

@@ -3,7 +3,8 @@
 Each token crosses to a remote rank once, however many of that rank's experts it uses, and the
 results (outputs, input gradients, gate-weight gradients, expert gradients) equal the single-process
 dispatcher over the same tokens; under device-limited routing with replicas, a token is served by the
-replicas on its kept ranks only. Each rank asserts in its own process (``worker``); the test reads
+replicas on its kept ranks only; with replica balancing, the split over replicas evens the ranks out
+from the step's counts. Each rank asserts in its own process (``worker``); the test reads
 the files they write.
 """
 
@@ -13,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 WORLD, NUM_EXPERTS, TOKENS, D_MODEL, D_FF = 2, 4, 6, 8, 4
@@ -34,6 +36,10 @@ EXPECTED_ASSIGNMENTS_SENT = {0: [5, 6], 1: [5, 7]}
 REPLICATED_PLACEMENT = [[2, 0, 1], [3, 1, 0]]
 KEPT_RANKS = [[1, 0], [0, 1], [0, 1], [0, 1], [1, 0], [1, 1]]
 EXPECTED_TOKENS_SENT_LIMITED = {0: [3, 3], 1: [3, 4]}
+# A plan that sends every assignment of the replicated experts 0 and 1 to rank 0.
+ALL_TO_RANK_0 = torch.tensor(
+    [[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]] * WORLD, dtype=torch.float64
+)
 
 
 def routing_of(rank: int, generator: torch.Generator):
@@ -60,7 +66,7 @@ def run(dispatcher, experts, x_TD, routing, grad_TD):
     return y_TD.detach(), dispatched.traffic
 
 
-def shard(full, experts_per_rank: list[list[int]], rank: int):
+def shard(full, experts_per_rank: list[list[int]], rank: int, fractions_RER=None, balance_replicas=False):
     """This rank's dispatcher and slots (copies of ``full``'s experts) under a placement."""
     import torch.distributed as dist
 
@@ -68,13 +74,16 @@ def shard(full, experts_per_rank: list[list[int]], rank: int):
     from lightning_moe.parallel.dispatch import AllToAllDispatcher
     from lightning_moe.parallel.placement import ExpertPlacement
 
-    placement = ExpertPlacement.from_experts_per_rank(experts_per_rank)
+    placement = ExpertPlacement.from_experts_per_rank(experts_per_rank, fractions_RER)
     slots = placement.experts_on_rank(rank)
     local = Experts(num_experts=len(slots), d_model=D_MODEL, d_ff=D_FF)
     with torch.no_grad():
         local.w_in.copy_(full.w_in[slots])
         local.w_out.copy_(full.w_out[slots])
-    return AllToAllDispatcher(placement=placement, ep_rank=rank, ep_group=dist.group.WORLD), local, slots
+    dispatcher = AllToAllDispatcher(
+        placement=placement, ep_rank=rank, ep_group=dist.group.WORLD, balance_replicas=balance_replicas
+    )
+    return dispatcher, local, slots
 
 
 def worker(out_dir: Path) -> None:
@@ -123,7 +132,20 @@ def worker(out_dir: Path) -> None:
     assert limited.tokens_sent_per_rank.tolist() == EXPECTED_TOKENS_SENT_LIMITED[rank], limited.tokens_sent_per_rank
     torch.testing.assert_close(y_TD, y_ref)
     torch.testing.assert_close(x_TD.grad, x_grad_ref)
-    (out_dir / f"rank{rank}.json").write_text(json.dumps({"tokens_sent": traffic.tokens_sent_per_rank.tolist()}))
+
+    # Replica balancing: the plan sends every token of experts 0 and 1 to rank 0 (16 of the 23
+    # assignments); fitted to the step's counts, the split evens the ranks out. Same function.
+    sent = {}
+    for balance in (False, True):
+        dispatcher, local, _ = shard(full, REPLICATED_PLACEMENT, rank, ALL_TO_RANK_0, balance_replicas=balance)
+        x_TD, routing, grad_TD = inputs_of(rank)
+        y_TD, balanced = run(dispatcher, local, x_TD, routing, grad_TD)
+        torch.testing.assert_close(y_TD, y_ref)
+        torch.testing.assert_close(x_TD.grad, x_grad_ref)
+        sent[str(balance)] = balanced.assignments_sent_per_rank.tolist()
+    (out_dir / f"rank{rank}.json").write_text(
+        json.dumps({"tokens_sent": traffic.tokens_sent_per_rank.tolist(), "assignments_sent": sent})
+    )
     dist.destroy_process_group()
 
 
@@ -134,6 +156,13 @@ def test_tokens_cross_once_per_rank_and_results_match_one_process(tmp_path):
     for rank in range(WORLD):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["tokens_sent"] == EXPECTED_TOKENS_SENT[rank]
+    received = {
+        balance: np.sum([json.loads((tmp_path / f"rank{r}.json").read_text())["assignments_sent"][balance]
+                         for r in range(WORLD)], axis=0).tolist()
+        for balance in ("False", "True")
+    }
+    assert received["False"] == [16, 7]  # the plan's fractions
+    assert abs(received["True"][0] - received["True"][1]) <= 2, received  # fitted to the step: 11.5 each
 
 
 if __name__ == "__main__":

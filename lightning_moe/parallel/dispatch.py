@@ -9,7 +9,9 @@ experts it uses (the de-duplication of DeepEP and Megatron-Core's "flex" dispatc
 on every rank of an expert-parallel (EP) group:
 
 1. pick the rank of each assignment: the expert's only holder, or, for an expert with replicas, the
-   replica given by this rank's routing fractions (:func:`~lightning_moe.layers.replicas.choose_replica_ranks`;
+   replica given by this rank's routing fractions (the placement's, or, with ``balance_replicas``, fitted
+   to the step's counts of the whole EP group: :mod:`~lightning_moe.parallel.replica_balance`;
+   :func:`~lightning_moe.layers.replicas.choose_replica_ranks`;
    among the token's kept ranks under device-limited routing; unless the gate already chose, for
    device-level capacity); then its physical position
    ``rank * S + slot`` through the :class:`~lightning_moe.parallel.placement.ExpertPlacement`, and
@@ -46,6 +48,7 @@ from lightning_moe.layers.gates.base import Routing
 from lightning_moe.layers.replicas import choose_replica_ranks
 from lightning_moe.ops.counting import count_per_expert
 from lightning_moe.parallel.placement import ExpertPlacement
+from lightning_moe.parallel.replica_balance import ReplicaBalancer, balancing_weights
 
 
 @dataclass
@@ -79,11 +82,22 @@ class AllToAllDispatcher:
         ep_rank: int,
         ep_group: dist.ProcessGroup | None,
         load_group: dist.ProcessGroup | None = None,
+        balance_replicas: bool = False,
+        node_of_rank: torch.Tensor | None = None,
     ) -> None:
         self.ep_rank = ep_rank
         self.ep_group = ep_group
         self.load_group = load_group
+        self.configure_replica_balance(balance_replicas, node_of_rank)
         self.set_placement(placement)
+
+    def configure_replica_balance(self, enabled: bool, node_of_rank: torch.Tensor | None = None) -> None:
+        """Whether the tokens of replicated experts are split from each step's counts
+        (:mod:`~lightning_moe.parallel.replica_balance`) rather than by the placement's fixed
+        fractions; ``node_of_rank``: ``[R]``, the node of each EP rank (``None``: one node)."""
+        self.balance_replicas = bool(enabled)
+        self.node_of_rank = None if node_of_rank is None else torch.as_tensor(node_of_rank).long()
+        self._balancer: ReplicaBalancer | None = None  # of the placement in force, made on first use
 
     @property
     def num_local_experts(self) -> int:
@@ -100,6 +114,7 @@ class AllToAllDispatcher:
                 f"{placement.slots_per_rank}."
             )
         self.placement = placement
+        self._balancer = None
         self.ep_size = placement.ep_size
         self.num_experts = placement.num_experts
         self._local: LocalDispatcher | None = None
@@ -120,7 +135,7 @@ class AllToAllDispatcher:
             rank_N = routing.device_index_N
         elif placement.has_replicas:
             allowed_NR = None if routing.allowed_devices_TG is None else routing.allowed_devices_TG[routing.token_index_N]
-            rank_N = choose_replica_ranks(expert_N, placement.cumulative_fractions_RER[self.ep_rank], allowed_NR)
+            rank_N = choose_replica_ranks(expert_N, self._replica_cumulative_ER(expert_N), allowed_NR)
         else:
             rank_N = placement.file_rank_E.to(device)[expert_N]  # each expert's only holder
         physical_N = rank_N * slots + placement.slot_of_expert_ER.to(device)[expert_N, rank_N]
@@ -178,6 +193,24 @@ class AllToAllDispatcher:
             num_tokens=num_tokens,
         )
         return Dispatched(x_received_VD[pair_of_row_M], received_RL.sum(dim=0), context, traffic)
+
+    def _replica_cumulative_ER(self, expert_N: torch.Tensor) -> torch.Tensor:
+        """This rank's cumulative routing fractions ``[E, R]``: the placement's, or, with replica
+        balancing, fitted to this step's counts of every rank of the EP group (one all-reduce)."""
+        placement = self.placement
+        if not self.balance_replicas:
+            return placement.cumulative_fractions_RER[self.ep_rank]
+        device = expert_N.device
+        if self._balancer is None or self._balancer.fractions_RER.device != device:
+            nodes = self.node_of_rank if self.node_of_rank is not None else torch.zeros(self.ep_size, dtype=torch.long)
+            weights_RER = balancing_weights(placement.routing_fractions_RER, placement.holders_RE, nodes)
+            self._balancer = ReplicaBalancer(weights_RER).to(device)
+        counts_RE = torch.zeros(self.ep_size, self.num_experts, dtype=torch.int64, device=device)
+        counts_RE[self.ep_rank] = count_per_expert(expert_N, self.num_experts)
+        dist.all_reduce(counts_RE, group=self.ep_group)
+        cumulative_ER = self._balancer.fractions(counts_RE, source_rank=self.ep_rank).cumsum(dim=-1)
+        cumulative_ER[:, -1] = 1.0  # no assignment may fall past the last replica
+        return cumulative_ER
 
     def combine(self, y_MD: torch.Tensor, context: DispatchContext) -> torch.Tensor:
         """``[T, D]``: each token's expert outputs, weighted by the gate and summed, back on the rank
