@@ -6,6 +6,7 @@ real processes, is in test_ep_dispatch.py."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy.optimize import linprog
 
@@ -103,3 +104,29 @@ def test_an_empty_step_gives_finite_fractions():
     # A step where only one rank's experts are used: the idle rank's factor stays finite.
     counts_RE = torch.tensor([[10, 0, 0, 0], [10, 0, 0, 0]])
     assert torch.isfinite(balanced_fractions(weights, counts_RE)).all()
+
+
+def test_the_fit_aims_at_the_plans_share_of_load():
+    """A plan that gives rank 0 a little more than its even share (fewer bytes across nodes, say):
+    the fit keeps those shares when the load drifts, instead of flattening them."""
+    placement = ExpertPlacement.from_experts_per_rank(
+        [[0, 1, 3], [2, 3, 0], [4, 5, 1], [6, 7, 2]], load_share_R=torch.tensor([0.31, 0.23, 0.23, 0.23])
+    )
+    weights = balancing_weights(placement.routing_fractions_RER, placement.holders_RE, torch.zeros(4, dtype=torch.long))
+    counts_RE = torch.tensor([[12, 10, 9, 11, 5, 5, 5, 5]] * 4)
+    fitted = _loads(counts_RE, balanced_fractions(weights, counts_RE, placement.load_share_R))
+    torch.testing.assert_close(fitted / fitted.sum(), placement.load_share_R, atol=2e-3, rtol=0)
+    even = _loads(counts_RE, balanced_fractions(weights, counts_RE))
+    assert even.max() / even.mean() < 1.01  # without shares: even
+
+
+def test_load_shares_are_checked_and_travel_with_the_table(tmp_path):
+    placement = ExpertPlacement.identity(4, 2, spare_slots=1)
+    shared = ExpertPlacement.from_experts_per_rank(placement.experts_per_rank(), load_share_R=torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(shared.load_share_R, torch.tensor([0.75, 0.25], dtype=torch.float64))
+    assert shared != placement
+    torch.save(shared.to_dict(), tmp_path / "table.pt")
+    assert ExpertPlacement.from_dict(torch.load(tmp_path / "table.pt", weights_only=True)) == shared
+    assert ExpertPlacement.from_dict(placement.to_dict()).load_share_R is None  # tables saved before shares
+    with pytest.raises(ValueError, match="`load_share_R` must be 2 finite, non-negative shares"):
+        ExpertPlacement.from_experts_per_rank(placement.experts_per_rank(), load_share_R=torch.tensor([1.0, -1.0]))

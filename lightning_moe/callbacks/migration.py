@@ -49,7 +49,7 @@ from lightning_moe.layers import MoELayer
 from lightning_moe.parallel.migration import slot_tensors
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.planning import LayerCost, PlacementPlanner, Topology
-from lightning_moe.planning.plan import PlacementPlan
+from lightning_moe.planning.plan import PlacementPlan, planned_load_share
 from lightning_moe.planning.trigger import MigrationTrigger
 
 #: Key of a rank's failed planning in the gathered decisions (not a module name).
@@ -249,7 +249,9 @@ class ExpertMigration(Callback):
         plans = {}
         for name, (plan, estimate_now, chosen) in self._decide(loads, current, planners).items():
             if plan is not None:  # new slots, or new fractions for the same slots (nothing moves then)
-                tables[name] = ExpertPlacement(plan.experts_per_rank, plan.routing_fractions_RER)
+                tables[name] = ExpertPlacement(
+                    plan.experts_per_rank, plan.routing_fractions_RER, planned_load_share(plan, loads[name])
+                )
                 if plan.experts_per_rank != current[name].experts_per_rank():
                     plans[name] = (plan, loads[name])
             before += estimate_now.layer_seconds

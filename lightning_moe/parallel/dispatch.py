@@ -204,7 +204,7 @@ class AllToAllDispatcher:
         if self._balancer is None or self._balancer.fractions_RER.device != device:
             nodes = self.node_of_rank if self.node_of_rank is not None else torch.zeros(self.ep_size, dtype=torch.long)
             weights_RER = balancing_weights(placement.routing_fractions_RER, placement.holders_RE, nodes)
-            self._balancer = ReplicaBalancer(weights_RER).to(device)
+            self._balancer = ReplicaBalancer(weights_RER, placement.load_share_R).to(device)
         counts_RE = torch.zeros(self.ep_size, self.num_experts, dtype=torch.int64, device=device)
         counts_RE[self.ep_rank] = count_per_expert(expert_N, self.num_experts)
         dist.all_reduce(counts_RE, group=self.ep_group)

@@ -209,10 +209,7 @@ def migrate_layers(
             break
         new[name] = placement
     # The fractions are compared by digest: [R, E, R] per layer would make the all-gather heavy.
-    signature = problem or [
-        (name, p.experts_per_rank(), hashlib.sha256(p.routing_fractions_RER.contiguous().numpy().tobytes()).hexdigest())
-        for name, p in sorted(new.items())
-    ]
+    signature = problem or [(name, p.experts_per_rank(), _digest(p)) for name, p in sorted(new.items())]
     gathered = all_gather(signature)
     if any(isinstance(entry, str) for entry in gathered):
         raise ValueError(next(entry for entry in gathered if isinstance(entry, str)))
@@ -237,3 +234,11 @@ def migrate_layers(
         for parameter in layer.experts.parameters(recurse=False):
             parameter.grad = None
     return report
+
+
+def _digest(placement: ExpertPlacement) -> str:
+    """SHA-256 of a table's routing fractions and planned load shares."""
+    digest = hashlib.sha256(placement.routing_fractions_RER.contiguous().numpy().tobytes())
+    if placement.load_share_R is not None:
+        digest.update(placement.load_share_R.contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -31,10 +31,17 @@ class ExpertPlacement:
             slots, e.g. ``[[0, 1, 2], [2, 3, 0]]`` (experts 0 and 2 have a replica on each rank).
         routing_fractions_RER: ``[R, E, R]``: the share of source rank ``r``'s assignments to expert
             ``e`` sent to rank ``d``; ``None`` splits evenly over the replicas.
+        load_share_R: ``[R]``, the share of the EP group's assignments each rank is meant to receive
+            (the plan's, which may trade a little balance for fewer bytes across nodes); per-step
+            replica balancing aims at it (:mod:`~lightning_moe.parallel.replica_balance`). ``None``:
+            an even share.
     """
 
     def __init__(
-        self, experts_per_rank: Sequence[Sequence[int]], routing_fractions_RER: torch.Tensor | None = None
+        self,
+        experts_per_rank: Sequence[Sequence[int]],
+        routing_fractions_RER: torch.Tensor | None = None,
+        load_share_R: torch.Tensor | None = None,
     ) -> None:
         table = [[int(e) for e in experts] for experts in experts_per_rank]
         num_ranks = len(table)
@@ -69,6 +76,7 @@ class ExpertPlacement:
         #: The rank whose checkpoint file stores each expert: its first holder, so each is stored once.
         self.file_rank_E = holders_RE.int().argmax(dim=0)
         self.routing_fractions_RER = self._fractions(routing_fractions_RER)
+        self.load_share_R = self._load_share(load_share_R)
         # Cumulative fractions over destination ranks, for the replica choice of the dispatcher.
         self.cumulative_fractions_RER = self.routing_fractions_RER.cumsum(dim=-1).float()
         self.cumulative_fractions_RER[..., -1] = 1.0  # no assignment may fall past the last replica
@@ -98,6 +106,17 @@ class ExpertPlacement:
             )
         return fractions / fractions.sum(dim=-1, keepdim=True)
 
+    def _load_share(self, load_share_R: torch.Tensor | None) -> torch.Tensor | None:
+        if load_share_R is None:
+            return None
+        share = torch.as_tensor(load_share_R, dtype=torch.float64)
+        if tuple(share.shape) != (self.ep_size,) or (share < 0).any() or not torch.isfinite(share).all() or share.sum() <= 0:
+            raise ValueError(
+                f"ExpertPlacement: `load_share_R` must be {self.ep_size} finite, non-negative shares with a positive "
+                f"sum (one per EP rank), got {share.tolist()}."
+            )
+        return share / share.sum()
+
     # ----------------------------------------------------------------------------------- constructors
 
     @classmethod
@@ -126,19 +145,25 @@ class ExpertPlacement:
 
     @classmethod
     def from_experts_per_rank(
-        cls, experts_per_rank: Sequence[Sequence[int]], routing_fractions_RER: torch.Tensor | None = None
+        cls,
+        experts_per_rank: Sequence[Sequence[int]],
+        routing_fractions_RER: torch.Tensor | None = None,
+        load_share_R: torch.Tensor | None = None,
     ) -> ExpertPlacement:
         """A placement from the logical experts of each rank, in slot order."""
-        return cls(experts_per_rank, routing_fractions_RER)
+        return cls(experts_per_rank, routing_fractions_RER, load_share_R)
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> ExpertPlacement:
         """The inverse of :meth:`to_dict` (what checkpoints store)."""
-        return cls(state["experts_per_rank"], state.get("routing_fractions_RER"))
+        return cls(state["experts_per_rank"], state.get("routing_fractions_RER"), state.get("load_share_R"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and a tensor: ``torch.load(weights_only=True)`` reads it back."""
-        return {"experts_per_rank": self.experts_per_rank(), "routing_fractions_RER": self.routing_fractions_RER.clone()}
+        state = {"experts_per_rank": self.experts_per_rank(), "routing_fractions_RER": self.routing_fractions_RER.clone()}
+        if self.load_share_R is not None:
+            state["load_share_R"] = self.load_share_R.clone()
+        return state
 
     # ----------------------------------------------------------------------------------- views
 
@@ -170,8 +195,15 @@ class ExpertPlacement:
             isinstance(other, ExpertPlacement)
             and self.experts_per_rank() == other.experts_per_rank()
             and torch.equal(self.routing_fractions_RER, other.routing_fractions_RER)
+            and _same_share(self.load_share_R, other.load_share_R)
         )
 
     def __repr__(self) -> str:
         fractions = "" if not self.has_replicas else ", routing_fractions_RER=..."
         return f"ExpertPlacement(experts_per_rank={self.experts_per_rank()}{fractions})"
+
+
+def _same_share(first: torch.Tensor | None, second: torch.Tensor | None) -> bool:
+    if first is None or second is None:
+        return first is second
+    return torch.equal(first, second)

@@ -10,7 +10,9 @@ same fractions from the same counts.
 The fit scales the planned fractions by one factor per destination rank, ``u_d``, renormalised over
 each (source, expert) row: ``f[r, e, d] = w[r, e, d] u_d / sum_d' w[r, e, d'] u_d'``, with ``u`` found
 by iterative proportional fitting (the destination half of Sinkhorn's matrix scaling): each round
-multiplies ``u_d`` by ``mean load / load_d``. It keeps what the planner chose (which replicas are
+multiplies ``u_d`` by ``target_d / load_d``. The target is the plan's own share of the load per rank
+(``ExpertPlacement.load_share_R``; even without one): the planner may accept a little imbalance for
+fewer bytes across nodes, and the fit keeps that choice while the load drifts under it. It keeps what the planner chose (which replicas are
 near each source, and in what proportion) as far as balance allows, and is a few dozen small tensor
 operations, no solver. ``w`` is the planned fractions plus a little mass on every holder, mostly on
 the source's own node, so that any replica can take load the plan did not give it.
@@ -47,12 +49,19 @@ class ReplicaBalancer:
     Args:
         weights_RER: ``w`` of :func:`balancing_weights` (or any non-negative ``[R, E, R]`` weights
             that are positive on the holders of each expert).
+        target_share_R: ``[R]``, the share of the load each rank should receive (the plan's
+            ``load_share_R``); ``None``: an even share.
         rounds: rounds of proportional fitting.
     """
 
-    def __init__(self, weights_RER: torch.Tensor, rounds: int = ROUNDS) -> None:
+    def __init__(self, weights_RER: torch.Tensor, target_share_R: torch.Tensor | None = None, rounds: int = ROUNDS) -> None:
         weights_RER = weights_RER.to(torch.float64)
         self.rounds = rounds
+        num_ranks = weights_RER.shape[-1]
+        share_R = torch.full((num_ranks,), 1.0 / num_ranks, dtype=torch.float64) if target_share_R is None else (
+            torch.as_tensor(target_share_R, dtype=torch.float64).to(weights_RER.device)
+        )
+        self.target_share_R = share_R / share_R.sum()
         self.fractions_RER = weights_RER / weights_RER.sum(dim=-1, keepdim=True)
         # Only experts with several holders have a choice; the others' load is fixed (their rows are
         # the same one-hot from every source). Fitting the replicated ones alone keeps the rounds
@@ -74,13 +83,14 @@ class ReplicaBalancer:
         if total > 0 and bool(self.replicated_E.any()):
             fixed_R = counts_RE[:, ~self.replicated_E].sum(dim=0) @ self.holder_of_fixed_FR
             counts_RX = counts_RE[:, self.replicated_E]
-            mean = total / num_ranks
+            target_R = self.target_share_R * total
+            damping = 1e-3 * total / num_ranks
             log_scale_R = torch.zeros(num_ranks, dtype=torch.float64, device=counts_RE.device)
             for _ in range(self.rounds):
                 load_R = fixed_R + torch.einsum("rx,rxd->d", counts_RX, _scaled(self.weights_RXR, log_scale_R))
                 # A rank whose load no factor changes (it holds no replica anyone routes) must not
-                # drift without bound: the damping term and the clamp keep every factor finite.
-                log_scale_R = (log_scale_R + torch.log(mean / (load_R + 1e-3 * mean))).clamp(-30.0, 30.0)
+                # drift without bound: the damping terms and the clamp keep every factor finite.
+                log_scale_R = (log_scale_R + torch.log((target_R + damping) / (load_R + damping))).clamp(-30.0, 30.0)
             rows_RXR = self.weights_RXR if source_rank is None else self.weights_RXR[source_rank : source_rank + 1]
             fractions_RER[:, self.replicated_E] = _scaled(rows_RXR, log_scale_R)
         return fractions_RER if source_rank is None else fractions_RER[0]
@@ -89,14 +99,16 @@ class ReplicaBalancer:
         """This balancer with its tensors on ``device``."""
         moved = object.__new__(ReplicaBalancer)
         moved.rounds = self.rounds
-        for name in ("fractions_RER", "replicated_E", "holder_of_fixed_FR", "weights_RXR"):
+        for name in ("fractions_RER", "replicated_E", "holder_of_fixed_FR", "weights_RXR", "target_share_R"):
             setattr(moved, name, getattr(self, name).to(device))
         return moved
 
 
-def balanced_fractions(weights_RER: torch.Tensor, counts_RE: torch.Tensor, rounds: int = ROUNDS) -> torch.Tensor:
+def balanced_fractions(
+    weights_RER: torch.Tensor, counts_RE: torch.Tensor, target_share_R: torch.Tensor | None = None, rounds: int = ROUNDS
+) -> torch.Tensor:
     """``[R, E, R]`` routing fractions fitted to ``counts_RE`` (:class:`ReplicaBalancer`, once)."""
-    return ReplicaBalancer(weights_RER, rounds).fractions(counts_RE)
+    return ReplicaBalancer(weights_RER, target_share_R, rounds).fractions(counts_RE)
 
 
 def _scaled(weights_RXR: torch.Tensor, log_scale_R: torch.Tensor) -> torch.Tensor:
