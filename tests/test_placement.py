@@ -111,6 +111,7 @@ def test_migrations_keep_the_function_and_the_training(request, fixture, static,
     assert len({json.dumps(x) for x in replicated}) > 2  # replicas added and dropped
     for rank, result in enumerate(migrated_results):
         assert result["inverse_bitwise"] is True, rank
+        assert result["balance_replicas"] == [True, True]  # the strategy's default reaches every dispatcher
 
 
 def test_migration_sends_exactly_the_changed_slots(world4):

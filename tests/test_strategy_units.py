@@ -197,6 +197,7 @@ def test_strategy_arguments_and_registry():
     assert isinstance(trainer.strategy, MoEStrategy) and trainer.strategy.expert_parallel_size == 1
     with pytest.raises(ValueError, match="`expert_parallel_size` must be a positive integer, got 0"):
         MoEStrategy(expert_parallel_size=0)
+    assert MoEStrategy().balance_replicas is True and MoEStrategy(balance_replicas=False).balance_replicas is False
     with pytest.raises(ValueError, match="`device_limited_routing` must be None or a positive integer"):
         MoEStrategy(device_limited_routing=0)
     with pytest.raises(ValueError, match="`expert_placement` lists 1 ranks but expert_parallel_size=2"):

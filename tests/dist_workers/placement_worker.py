@@ -153,6 +153,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     return {
         "aux_losses": sorted({name for layer in layers for name in layer.aux_losses}),
         "sent_per_rank": [layer.traffic.assignments_sent_per_rank.tolist() for layer in layers],
+        "balance_replicas": [layer.dispatcher.balance_replicas for layer in layers],
         "routed": [int(layer.routed_tokens) for layer in layers],
         "dropped": [int(layer.dropped_tokens) for layer in layers],
         "losses": model.micro_batch_losses,
