@@ -1,0 +1,67 @@
+"""What per-step replica balancing costs: the time to fit one rank's routing fractions to a step's
+counts (:class:`~lightning_moe.parallel.replica_balance.ReplicaBalancer`), per MoE layer and step.
+
+For each EP size and expert count, the default table with one spare slot per rank (so ``ep``
+experts have a replica), Poisson counts around a random skew, the fit of rank 0's row timed over
+``--repeats`` calls after a warm-up (the all-reduce of the counts before it is not included). Prints
+the median per fit, in ms.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/replica_balance.py
+    python benchmarks/replica_balance.py --device cuda      # where a GPU is lent
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lightning_moe.parallel.placement import ExpertPlacement
+from lightning_moe.parallel.replica_balance import ReplicaBalancer, balancing_weights
+
+
+def time_fit(ep_size: int, num_experts: int, repeats: int, device: torch.device, ranks_per_node: int) -> float:
+    """Median seconds of one fit of rank 0's fractions."""
+    placement = ExpertPlacement.identity(num_experts, ep_size, spare_slots=1)
+    nodes = torch.arange(ep_size) // ranks_per_node
+    balancer = ReplicaBalancer(balancing_weights(placement.routing_fractions_RER, placement.holders_RE, nodes)).to(device)
+    generator = torch.Generator().manual_seed(0)
+    skew_E = torch.rand(num_experts, generator=generator) ** 3 * 200 + 1
+    counts_RE = torch.poisson(skew_E.expand(ep_size, -1).contiguous(), generator=generator).long().to(device)
+    balancer.fractions(counts_RE, source_rank=0)
+    seconds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        balancer.fractions(counts_RE, source_rank=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="2x8,8x64,16x256,64x256", help="EP size x experts, comma-separated")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--ranks-per-node", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"Per-step replica balancing on {device} (torch {torch.__version__}, {torch.get_num_threads()} thread(s)): "
+          f"one fit of one rank's fractions, median of {args.repeats}\n")
+    print("| EP size | experts | replicated experts | fit (ms) |")
+    print("|---:|---:|---:|---:|")
+    for size in args.sizes.split(","):
+        ep_size, num_experts = (int(v) for v in size.split("x"))
+        seconds = time_fit(ep_size, num_experts, args.repeats, device, args.ranks_per_node)
+        print(f"| {ep_size} | {num_experts} | {min(ep_size, num_experts)} | {seconds * 1e3:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
