@@ -8,14 +8,14 @@ A token whose experts sit on one remote rank crosses the network once, however m
 experts it uses (the de-duplication of DeepEP and Megatron-Core's "flex" dispatcher). One dispatch,
 on every rank of an expert-parallel (EP) group:
 
-1. pick the rank of each assignment: the expert's only holder, or, for an expert with replicas, the
-   replica given by this rank's routing fractions (the placement's, or, with ``balance_replicas``, fitted
-   to the step's counts of the whole EP group: :mod:`~lightning_moe.parallel.replica_balance`;
-   :func:`~lightning_moe.layers.replicas.choose_replica_ranks`;
-   among the token's kept ranks under device-limited routing; unless the gate already chose, for
-   device-level capacity); then its physical position
-   ``rank * S + slot`` through the :class:`~lightning_moe.parallel.placement.ExpertPlacement`, and
-   sort the assignments by it (grouped by destination rank, then by slot);
+1. pick the rank of each assignment: the expert's only holder; for an expert with replicas, the
+   replica this rank's routing fractions give (:func:`~lightning_moe.layers.replicas.choose_replica_ranks`),
+   among the token's kept ranks under device-limited routing. The fractions are the placement's,
+   or, with ``balance_replicas``, fitted to the step's counts over the EP group
+   (:mod:`~lightning_moe.parallel.replica_balance`); a rank the gate chose (device-level capacity)
+   is kept. Then its physical position ``rank * S + slot`` through the
+   :class:`~lightning_moe.parallel.placement.ExpertPlacement`, and sort the assignments by it
+   (grouped by destination rank, then by slot);
 2. collect the distinct (destination rank, token) *pairs*, grouped by rank (one hidden row is sent
    per pair), and give each assignment the index of its pair inside the block sent to its rank;
 3. exchange the counts (assignments per slot and pairs per rank) with one plain all-to-all;
