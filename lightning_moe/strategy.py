@@ -93,9 +93,9 @@ class MoEStrategy(DDPStrategy):
             rank's own block (:meth:`ExpertPlacement.identity`) until a placement says otherwise.
         balance_replicas: split each replicated expert's tokens over its replicas from every step's
             counts (one all-reduce of ``[ep, E]`` integers per MoE layer per step): the placement's
-            routing fractions, scaled per rank so that the step's load evens out
-            (:mod:`lightning_moe.parallel.replica_balance`). ``False`` keeps the placement's fixed
-            fractions. Nothing changes without replicas.
+            routing fractions, scaled per rank until each rank receives the table's planned share of
+            the step's load, an even share by default (:mod:`lightning_moe.parallel.replica_balance`).
+            ``False`` keeps the placement's fixed fractions. Nothing changes without replicas.
         check_finite: once per optimizer step, stop every rank with an error naming the step and the
             MoE layer when a loss or a router's logits held a NaN or Inf on some rank (one small
             all-reduce per step).
@@ -293,7 +293,7 @@ class MoEStrategy(DDPStrategy):
 
     def _node_of_ep_rank(self, mesh: ExpertParallelMesh) -> torch.Tensor:
         """``[ep]``: the node of each rank of this rank's EP group (consecutive global ranks)."""
-        devices_per_node = max(1, len(self.parallel_devices or []) or 1)
+        devices_per_node = len(self.parallel_devices or []) or 1
         first = (dist.get_rank() if dist.is_initialized() else 0) - mesh.ep_rank
         return torch.div(first + torch.arange(mesh.ep_size), devices_per_node, rounding_mode="floor")
 

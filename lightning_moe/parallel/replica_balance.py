@@ -11,11 +11,12 @@ The fit scales the planned fractions by one factor per destination rank, ``u_d``
 each (source, expert) row: ``f[r, e, d] = w[r, e, d] u_d / sum_d' w[r, e, d'] u_d'``, with ``u`` found
 by iterative proportional fitting (the destination half of Sinkhorn's matrix scaling): each round
 multiplies ``u_d`` by ``target_d / load_d``. The target is the plan's own share of the load per rank
-(``ExpertPlacement.load_share_R``; even without one): the planner may accept a little imbalance for
-fewer bytes across nodes, and the fit keeps that choice while the load drifts under it. It keeps what the planner chose (which replicas are
-near each source, and in what proportion) as far as balance allows, and is a few dozen small tensor
-operations, no solver. ``w`` is the planned fractions plus a little mass on every holder, mostly on
-the source's own node, so that any replica can take load the plan did not give it.
+(``ExpertPlacement.load_share_R``; an even share without one): the planner may accept a little
+imbalance for fewer bytes across nodes, and the fit keeps that choice while the load drifts under it.
+The planned fractions are the prior, so the fit also keeps which replicas serve which sources, as
+far as the target allows; it is a few dozen small tensor operations, no solver. ``w`` is the planned
+fractions plus a little mass on every holder, mostly on the source's own node, so that any replica
+can take load the plan did not give it.
 
 Shape legend: ``R`` EP ranks, ``E`` logical experts, ``X`` experts with replicas.
 """
