@@ -313,6 +313,7 @@ class MoEStrategy(DDPStrategy):
             devices = ExpertDevices(
                 share_GE=placement.routing_fractions_RER[rank].t().float().contiguous(),
                 cumulative_EG=placement.cumulative_fractions_RER[rank],
+                holders_GE=placement.holders_RE,
             )
         layer.gate.set_expert_devices(devices)
 

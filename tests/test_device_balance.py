@@ -25,7 +25,7 @@ def identity_gate(gate, num_experts: int = 4):
 
 def devices(share_GE: list[list[float]]) -> ExpertDevices:
     share = torch.tensor(share_GE)
-    return ExpertDevices(share_GE=share, cumulative_EG=share.t().cumsum(dim=1))
+    return ExpertDevices(share_GE=share, cumulative_EG=share.t().cumsum(dim=1), holders_GE=share > 0)
 
 
 def softmax(row):

@@ -14,7 +14,7 @@ import torch
 from lightning_moe import MoELayer, MoEStrategy
 from lightning_moe.layers.dispatch import LocalDispatcher
 from lightning_moe.layers.gates.device_balance import ExpertDevices
-from lightning_moe.layers.replicas import choose_replica_ranks
+from lightning_moe.layers.replicas import allowed_replicas, choose_replica_ranks
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
 from lightning_moe.parallel.grad_sync import clip_grad_norm_global
 from lightning_moe.parallel.placement import ExpertPlacement
@@ -79,7 +79,7 @@ def test_placement_routing_fractions_are_checked():
 
 
 def test_replica_choice_follows_the_fractions():
-    from lightning_moe.layers.replicas import choose_replica_ranks
+    from lightning_moe.layers.replicas import allowed_replicas, choose_replica_ranks
 
     cumulative_ER = torch.tensor([[1.0, 1.0, 1.0], [0.25, 0.25, 1.0], [0.0, 0.5, 1.0]])  # expert 0 on rank 0 only
     expert_N = torch.tensor([1] * 8 + [0] * 3 + [2] * 4)[torch.randperm(15, generator=torch.Generator().manual_seed(0))]
@@ -136,12 +136,20 @@ def test_device_limited_routing_keeps_tokens_on_few_groups():
         layer.gate.set_expert_groups(groups, 1)
 
 
+@pytest.mark.parametrize("plan", ["even", "first_holder"])
 @pytest.mark.parametrize("gate", ["topk", "sigmoid", "noisy_topk", "dynamic"])
-def test_device_limited_routing_with_replicas_reaches_only_the_kept_ranks(gate):
+def test_device_limited_routing_with_replicas_reaches_only_the_kept_ranks(gate, plan):
     """Experts 0, 2, 4 and 6 have a replica on another rank. A token limited to one rank must be
     served there: the replica of each assignment is chosen among its token's kept ranks, in their
-    routing fractions (by the dispatcher, and by the gate's device-level capacity drop)."""
-    placement = ExpertPlacement.from_experts_per_rank([[0, 1, 4], [2, 3, 6], [4, 5, 0], [6, 7, 2]])
+    routing fractions (by the dispatcher, and by the gate's device-level capacity drop), or evenly
+    when the plan gives the kept replica no share (``first_holder``: every token of a replicated
+    expert planned to its first holder)."""
+    table = [[0, 1, 4], [2, 3, 6], [4, 5, 0], [6, 7, 2]]
+    fractions_RER = None
+    if plan == "first_holder":
+        first_RE = ExpertPlacement.from_experts_per_rank(table).file_rank_E
+        fractions_RER = torch.nn.functional.one_hot(first_RE, 4).double().expand(4, -1, -1)
+    placement = ExpertPlacement.from_experts_per_rank(table, fractions_RER)
     options = {"dynamic": {"threshold": 0.9, "max_k": 2}}.get(gate, {})
     if gate in ("topk", "sigmoid"):
         options["device_capacity_factor"] = 4.0  # every assignment kept; the gate chooses the replicas
@@ -150,18 +158,21 @@ def test_device_limited_routing_with_replicas_reaches_only_the_kept_ranks(gate):
     layer.gate.set_expert_devices(ExpertDevices(
         share_GE=placement.routing_fractions_RER[0].t().float().contiguous(),
         cumulative_EG=placement.cumulative_fractions_RER[0],
+        holders_GE=placement.holders_RE,
     ))
     torch.manual_seed(0)
     routing = layer.gate(torch.randn(512, 8))
     assert routing.allowed_devices_TG is not None and routing.allowed_devices_TG.sum(dim=1).eq(1).all()
-    allowed_NR = routing.allowed_devices_TG[routing.token_index_N]
+    allowed_NR = allowed_replicas(routing.allowed_devices_TG, routing.token_index_N, routing.expert_index_N,
+                                  placement.holders_RE)
     cumulative_ER = placement.cumulative_fractions_RER[0]
     ranks_N = choose_replica_ranks(routing.expert_index_N, cumulative_ER, allowed_NR)
     if routing.device_index_N is not None:  # the gate chose them (device-level capacity)
         assert torch.equal(routing.device_index_N, ranks_N)
     assert placement.holders_RE[ranks_N, routing.expert_index_N].all()
     assert allowed_NR[torch.arange(ranks_N.numel()), ranks_N].all()  # fan-out 1: the token's kept rank
-    # Without the kept ranks, the replicas of experts 0, 2, 4, 6 split evenly: tokens fan out to two ranks.
+    # Without the kept ranks, tokens fan out to two ranks (the replicas split evenly, or all go to
+    # the first holder, whichever rank the token kept).
     unlimited_N = choose_replica_ranks(routing.expert_index_N, cumulative_ER)
     assert not allowed_NR[torch.arange(ranks_N.numel()), unlimited_N].all()
 

@@ -30,9 +30,10 @@ def choose_replica_ranks(
         expert_index_N: the logical expert of each assignment.
         cumulative_fractions_ER: ``[E, R]``, the running sum over ranks of this source rank's routing
             fractions, with the last column exactly 1.
-        allowed_ranks_NR: ``[N, R]`` booleans, the ranks each assignment may go to (device-limited
-            routing: its token's kept ranks, at least one of which holds its expert), or ``None``. An
-            assignment then splits over its allowed replicas in their fractions, renormalised.
+        allowed_ranks_NR: ``[N, R]`` booleans, the holders of its expert each assignment may go to
+            (device-limited routing: :func:`allowed_replicas`), or ``None``. An assignment then splits
+            over its allowed replicas in their fractions, renormalised, or evenly when the fractions
+            give them nothing (a plan that sent this source's tokens for the expert elsewhere).
     """
     num_experts = cumulative_fractions_ER.shape[0]
     cumulative_ER = cumulative_fractions_ER.to(expert_index_N.device)
@@ -46,7 +47,9 @@ def choose_replica_ranks(
     if allowed_ranks_NR is not None:
         cumulative_NR = cumulative_NR.double()
         fractions_NR = torch.diff(cumulative_NR, dim=1, prepend=torch.zeros_like(cumulative_NR[:, :1]))
-        fractions_NR = fractions_NR.clamp_min(0) * allowed_ranks_NR[order_N]
+        allowed_sorted_NR = allowed_ranks_NR[order_N].to(fractions_NR.dtype)
+        fractions_NR = fractions_NR.clamp_min(0) * allowed_sorted_NR
+        fractions_NR = torch.where(fractions_NR.sum(dim=1, keepdim=True) > 0, fractions_NR, allowed_sorted_NR)
         cumulative_NR = fractions_NR.cumsum(dim=1) / fractions_NR.sum(dim=1, keepdim=True)
         # Exactly 1 from the last allowed replica on, so that rounding cannot carry an assignment
         # past it to a rank that does not hold its expert.
@@ -57,3 +60,17 @@ def choose_replica_ranks(
     rank_N = torch.empty_like(rank_sorted_N)
     rank_N[order_N] = rank_sorted_N
     return rank_N
+
+
+def allowed_replicas(
+    allowed_devices_TG: torch.Tensor | None,
+    token_index_N: torch.Tensor,
+    expert_index_N: torch.Tensor,
+    holders_RE: torch.Tensor,
+) -> torch.Tensor | None:
+    """``[N, R]``: the replicas each assignment may use under device-limited routing, the holders of its
+    expert among its token's kept ranks (``Routing.allowed_devices_TG``); ``None`` without a limit."""
+    if allowed_devices_TG is None:
+        return None
+    holders_RE = holders_RE.to(expert_index_N.device)
+    return allowed_devices_TG[token_index_N] & holders_RE.t()[expert_index_N]

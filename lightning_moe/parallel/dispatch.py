@@ -45,7 +45,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from lightning_moe.layers.dispatch import Dispatched, DispatchTraffic, LocalDispatcher, weighted_sum_rows
 from lightning_moe.layers.gates.base import Routing
-from lightning_moe.layers.replicas import choose_replica_ranks
+from lightning_moe.layers.replicas import allowed_replicas, choose_replica_ranks
 from lightning_moe.ops.counting import count_per_expert
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.replica_balance import ReplicaBalancer, balancing_weights
@@ -134,7 +134,7 @@ class AllToAllDispatcher:
         if routing.device_index_N is not None:
             rank_N = routing.device_index_N
         elif placement.has_replicas:
-            allowed_NR = None if routing.allowed_devices_TG is None else routing.allowed_devices_TG[routing.token_index_N]
+            allowed_NR = allowed_replicas(routing.allowed_devices_TG, routing.token_index_N, expert_N, placement.holders_RE)
             rank_N = choose_replica_ranks(expert_N, self._replica_cumulative_ER(expert_N), allowed_NR)
         else:
             rank_N = placement.file_rank_E.to(device)[expert_N]  # each expert's only holder

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_moe.layers.gates.base import AuxLoss, Routing
-from lightning_moe.layers.replicas import choose_replica_ranks
+from lightning_moe.layers.replicas import allowed_replicas, choose_replica_ranks
 from lightning_moe.ops.counting import count_per_expert, positions_in_groups
 from lightning_moe.validation import check_non_negative
 
@@ -44,10 +44,13 @@ class ExpertDevices:
         share_GE: ``[G, E]``, the share of this rank's assignments to expert ``e`` that device ``g``
             receives (1 on the only holder of an expert without replicas).
         cumulative_EG: ``[E, G]``, the running sum of ``share_GE`` over devices (the replica choice).
+        holders_GE: ``[G, E]`` booleans, which devices hold which expert (a holder may have a zero
+            share; device-limited routing can still send a token there).
     """
 
     share_GE: torch.Tensor
     cumulative_EG: torch.Tensor
+    holders_GE: torch.Tensor
 
     @property
     def num_devices(self) -> int:
@@ -144,7 +147,11 @@ class DeviceBalance:
             reach = min(top_k, num_devices) if max_devices is None else min(max_devices, num_devices)
             share_TKG = share_GE.t()[topk_ids_TK]
             if routing.allowed_devices_TG is not None:  # replicas only on the token's kept devices
-                share_TKG = share_TKG * routing.allowed_devices_TG.unsqueeze(1).to(share_TKG.dtype)
+                # As the replica choice does: their shares renormalised, or even when they have none.
+                allowed_TKG = (routing.allowed_devices_TG.unsqueeze(1) & self.devices.holders_GE.t()[topk_ids_TK])
+                allowed_TKG = allowed_TKG.to(share_TKG.dtype)
+                share_TKG = share_TKG * allowed_TKG
+                share_TKG = torch.where(share_TKG.sum(dim=-1, keepdim=True) > 0, share_TKG, allowed_TKG)
                 share_TKG = share_TKG / share_TKG.sum(dim=-1, keepdim=True)
             sent_TG = 1.0 - (1.0 - share_TKG).prod(dim=1)  # P(token t reaches device g)
             sent_load_G = num_devices / (reach * max(num_tokens, 1)) * sent_TG.sum(dim=0)  # f''_g
@@ -158,7 +165,9 @@ class DeviceBalance:
         """Each device keeps at most ``ceil(factor * N / G)`` of this rank's assignments, highest
         affinity first; the kept ones carry their device, so the dispatcher sends them there."""
         assert self.devices is not None
-        allowed_NG = None if routing.allowed_devices_TG is None else routing.allowed_devices_TG[routing.token_index_N]
+        allowed_NG = allowed_replicas(
+            routing.allowed_devices_TG, routing.token_index_N, routing.expert_index_N, self.devices.holders_GE
+        )
         device_N = choose_replica_ranks(routing.expert_index_N, self.devices.cumulative_EG, allowed_NG)
         num_assignments, num_devices = device_N.numel(), self.devices.num_devices
         budget = max(1, math.ceil(self.device_capacity_factor * num_assignments / num_devices))
