@@ -68,8 +68,7 @@ import torch
 
 from lightning_moe.planning import LayerCost, PlacementPlan, PlacementPlanner, Topology
 from lightning_moe.planning.baselines import eplb_plan, oracle_plan, smartmoe_greedy_plan, static_plan
-from lightning_moe.planning.cost_model import estimate_plan, migration_transfers
-from lightning_moe.planning.plan import planned_load_share
+from lightning_moe.planning.cost_model import estimate_plan, migration_transfers, planned_load_share
 from lightning_moe.parallel.replica_balance import balanced_fractions, balancing_weights
 from lightning_moe.planning.trigger import MigrationTrigger
 

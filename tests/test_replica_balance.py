@@ -127,6 +127,8 @@ def test_load_shares_are_checked_and_travel_with_the_table(tmp_path):
     assert shared != placement
     torch.save(shared.to_dict(), tmp_path / "table.pt")
     assert ExpertPlacement.from_dict(torch.load(tmp_path / "table.pt", weights_only=True)) == shared
-    assert ExpertPlacement.from_dict(placement.to_dict()).load_share_R is None  # tables saved before shares
+    before_shares = {key: value for key, value in placement.to_dict().items() if key != "load_share_R"}
+    assert ExpertPlacement.from_dict(before_shares) == placement  # tables saved before shares: even shares
+    torch.testing.assert_close(placement.load_share_R, torch.full((2,), 0.5, dtype=torch.float64))
     with pytest.raises(ValueError, match="`load_share_R` must be 2 finite, non-negative shares"):
         ExpertPlacement.from_experts_per_rank(placement.experts_per_rank(), load_share_R=torch.tensor([1.0, -1.0]))

@@ -49,7 +49,8 @@ from lightning_moe.layers import MoELayer
 from lightning_moe.parallel.migration import slot_tensors
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.planning import LayerCost, PlacementPlanner, Topology
-from lightning_moe.planning.plan import PlacementPlan, planned_load_share
+from lightning_moe.planning.cost_model import planned_load_share
+from lightning_moe.planning.plan import PlacementPlan
 from lightning_moe.planning.trigger import MigrationTrigger
 
 #: Key of a rank's failed planning in the gathered decisions (not a module name).

@@ -33,8 +33,8 @@ class ExpertPlacement:
             ``e`` sent to rank ``d``; ``None`` splits evenly over the replicas.
         load_share_R: ``[R]``, the share of the EP group's assignments each rank is meant to receive
             (the plan's, which may trade a little balance for fewer bytes across nodes); per-step
-            replica balancing aims at it (:mod:`~lightning_moe.parallel.replica_balance`). ``None``:
-            an even share.
+            replica balancing aims at it (:mod:`~lightning_moe.parallel.replica_balance`). ``None``
+            gives every rank an even share.
     """
 
     def __init__(
@@ -106,9 +106,9 @@ class ExpertPlacement:
             )
         return fractions / fractions.sum(dim=-1, keepdim=True)
 
-    def _load_share(self, load_share_R: torch.Tensor | None) -> torch.Tensor | None:
+    def _load_share(self, load_share_R: torch.Tensor | None) -> torch.Tensor:
         if load_share_R is None:
-            return None
+            return torch.full((self.ep_size,), 1.0 / self.ep_size, dtype=torch.float64)
         share = torch.as_tensor(load_share_R, dtype=torch.float64)
         if tuple(share.shape) != (self.ep_size,) or (share < 0).any() or not torch.isfinite(share).all() or share.sum() <= 0:
             raise ValueError(
@@ -160,10 +160,11 @@ class ExpertPlacement:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and a tensor: ``torch.load(weights_only=True)`` reads it back."""
-        state = {"experts_per_rank": self.experts_per_rank(), "routing_fractions_RER": self.routing_fractions_RER.clone()}
-        if self.load_share_R is not None:
-            state["load_share_R"] = self.load_share_R.clone()
-        return state
+        return {
+            "experts_per_rank": self.experts_per_rank(),
+            "routing_fractions_RER": self.routing_fractions_RER.clone(),
+            "load_share_R": self.load_share_R.clone(),
+        }
 
     # ----------------------------------------------------------------------------------- views
 
@@ -195,15 +196,10 @@ class ExpertPlacement:
             isinstance(other, ExpertPlacement)
             and self.experts_per_rank() == other.experts_per_rank()
             and torch.equal(self.routing_fractions_RER, other.routing_fractions_RER)
-            and _same_share(self.load_share_R, other.load_share_R)
+            and torch.equal(self.load_share_R, other.load_share_R)
         )
 
     def __repr__(self) -> str:
         fractions = "" if not self.has_replicas else ", routing_fractions_RER=..."
         return f"ExpertPlacement(experts_per_rank={self.experts_per_rank()}{fractions})"
 
-
-def _same_share(first: torch.Tensor | None, second: torch.Tensor | None) -> bool:
-    if first is None or second is None:
-        return first is second
-    return torch.equal(first, second)

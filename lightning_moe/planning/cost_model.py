@@ -179,6 +179,16 @@ def traffic_RR(load_RE: np.ndarray, fractions_RER: np.ndarray) -> np.ndarray:
     return np.einsum("re,red->rd", load_RE, fractions_RER)
 
 
+def planned_load_share(plan: PlacementPlan, load_RE: torch.Tensor | np.ndarray) -> torch.Tensor | None:
+    """``[R]``: the share of ``load_RE``'s assignments each rank receives under ``plan``'s fractions (the
+    column sums of :func:`traffic_RR`), what per-step replica balancing aims at
+    (``ExpertPlacement.load_share_R``); ``None`` for a window without load."""
+    load_RE = as_load_RE(load_RE, plan.num_ranks, plan.num_experts, where="planned_load_share")
+    received_R = traffic_RR(load_RE, plan.routing_fractions_RER.numpy()).sum(axis=0)
+    total = received_R.sum()
+    return torch.from_numpy(received_R / total) if total > 0 else None
+
+
 def link_seconds_RK(traffic: np.ndarray, topology: Topology, token_bytes: float) -> np.ndarray:
     """``[R, 4]`` seconds of one all-to-all on each link load of each rank (see the module docstring)."""
     same_RR = topology.same_node()

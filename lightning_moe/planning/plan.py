@@ -199,10 +199,3 @@ def check_shape(num_experts: int, num_ranks: int, slots_per_rank: int, *, where:
             f"replicas of one expert. Use at most {num_experts} slots per rank."
         )
 
-
-def planned_load_share(plan: PlacementPlan, load_RE: np.ndarray | torch.Tensor) -> torch.Tensor | None:
-    """``[R]``: the share of ``load_RE``'s assignments each rank receives under ``plan``'s fractions
-    (what per-step replica balancing aims at: ``ExpertPlacement.load_share_R``); ``None`` for no load."""
-    received_R = torch.einsum("re,red->d", torch.as_tensor(load_RE, dtype=torch.float64), plan.routing_fractions_RER.double())
-    total = received_R.sum()
-    return received_R / total if total > 0 else None

@@ -78,10 +78,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "history": migration.history if migration is not None else [],
         "layers_planned_here": CountingTrigger.calls,
         "placements": {name: p.experts_per_rank() for name, p in trainer.strategy.placements().items()},
-        "load_shares": {
-            name: None if p.load_share_R is None else p.load_share_R.tolist()
-            for name, p in trainer.strategy.placements().items()
-        },
+        "load_shares": {name: p.load_share_R.tolist() for name, p in trainer.strategy.placements().items()},
     }
 
 
