@@ -17,8 +17,7 @@ the next window's load:
   accepts it: a predicted gain of at least 5% that pays twice for the move over the window; fresh
   routing fractions for the slots in force otherwise (they move nothing); and the static placement
   in place of the plan when a plan made from the window before loses to it on the measured window
-  (a load that cannot be followed);
-  The plan's slots are judged with the split over replicas the dispatcher makes at every step
+  (a load that cannot be followed). The plan's slots are judged with the split over replicas the dispatcher makes at every step
   (``MoEStrategy(balance_replicas=True)``, the default: the planned fractions scaled per rank until
   the step's counts reach the plan's share of load per rank, :mod:`lightning_moe.parallel.replica_balance`),
   modelled on the window's mean load; the one small all-reduce of counts it costs per layer and step
@@ -66,10 +65,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lightning_moe.parallel.replica_balance import balanced_fractions, balancing_weights
 from lightning_moe.planning import LayerCost, PlacementPlan, PlacementPlanner, Topology
 from lightning_moe.planning.baselines import eplb_plan, oracle_plan, smartmoe_greedy_plan, static_plan
 from lightning_moe.planning.cost_model import estimate_plan, migration_transfers, planned_load_share
-from lightning_moe.parallel.replica_balance import balanced_fractions, balancing_weights
 from lightning_moe.planning.trigger import MigrationTrigger
 
 POLICIES = ("static", "eplb", "smartmoe", "planner", "ours", "ours_fixed", "oracle")
@@ -211,7 +210,7 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
     trigger = MigrationTrigger(horizon_steps=args.steps_per_window)
     static = static_plan(layer.num_experts, num_ranks, slots)
     node_of_rank = torch.arange(num_ranks) // gpus
-    ours_share = None  # the static table has none: an even share
+    ours_share = None  # the static table's: an even share
     current = {policy: static for policy in POLICIES}
     tallies = {policy: Tally() for policy in POLICIES}
     for window in range(1, args.windows):
