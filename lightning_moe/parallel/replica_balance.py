@@ -11,7 +11,7 @@ The fit scales the planned fractions by one factor per destination rank, ``u_d``
 each (source, expert) row: ``f[r, e, d] = w[r, e, d] u_d / sum_d' w[r, e, d'] u_d'``, with ``u`` found
 by iterative proportional fitting (the destination half of Sinkhorn's matrix scaling): each round
 multiplies ``u_d`` by ``target_d / load_d``. The target is the plan's own share of the load per rank
-(``ExpertPlacement.load_share_R``; an even share without one): the planner may accept a little
+(``ExpertPlacement.load_share_R``, even unless a plan set it): the planner may accept a little
 imbalance for fewer bytes across nodes, and the fit keeps that choice while the load drifts under it.
 The planned fractions are the prior, so the fit also keeps which replicas serve which sources, as
 far as the target allows; it is a few dozen small tensor operations, no solver. ``w`` is the planned
