@@ -18,8 +18,9 @@ the next window's load:
   routing fractions for the slots in force otherwise (they move nothing); and the static placement
   in place of the plan when a plan made from the window before loses to it on the measured window
   (a load that cannot be followed). The plan's slots are judged with the split over replicas the dispatcher makes at every step
-  (``MoEStrategy(balance_replicas=True)``, the default: the planned fractions scaled per rank until
-  the step's counts reach the plan's share of load per rank, :mod:`lightning_moe.parallel.replica_balance`),
+  (``MoEStrategy(balance_replicas=True)``, the default: of the planned fractions and those fractions
+  scaled per rank until the step's counts reach the plan's share or an even share of load per rank,
+  the one the cost model prices lowest on the step's counts, :mod:`lightning_moe.parallel.replica_balance`),
   modelled on the window's mean load; the one small all-reduce of counts it costs per layer and step
   is not modelled;
 - ``ours_fixed``: the same plans with their fixed planned fractions (``balance_replicas=False``);
@@ -65,10 +66,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lightning_moe.parallel.replica_balance import balanced_fractions, balancing_weights
+from lightning_moe.parallel.replica_balance import balanced_fractions
 from lightning_moe.planning import LayerCost, PlacementPlan, PlacementPlanner, Topology
 from lightning_moe.planning.baselines import eplb_plan, oracle_plan, smartmoe_greedy_plan, static_plan
-from lightning_moe.planning.cost_model import estimate_plan, migration_transfers, planned_load_share
+from lightning_moe.planning.cost_model import assignment_seconds, estimate_plan, migration_transfers, planned_load_share
 from lightning_moe.planning.trigger import MigrationTrigger
 
 POLICIES = ("static", "eplb", "smartmoe", "planner", "ours", "ours_fixed", "oracle")
@@ -210,6 +211,7 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
     trigger = MigrationTrigger(horizon_steps=args.steps_per_window)
     static = static_plan(layer.num_experts, num_ranks, slots)
     node_of_rank = torch.arange(num_ranks) // gpus
+    prices = assignment_seconds(cost, topology)  # what the callback's tables carry
     ours_share = None  # the static table's: an even share
     current = {policy: static for policy in POLICIES}
     tallies = {policy: Tally() for policy in POLICIES}
@@ -238,8 +240,9 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
             if policy == "ours":  # the dispatcher splits replicated experts from the step's counts
                 if plan is not current[policy]:  # the callback's new table carries the plan's load shares
                     ours_share = planned_load_share(plan, measured)
-                weights = balancing_weights(plan.routing_fractions_RER, holders_RE(plan), node_of_rank)
-                fitted = balanced_fractions(weights, torch.from_numpy(upcoming), ours_share)
+                fitted = balanced_fractions(
+                    plan.routing_fractions_RER, holders_RE(plan), node_of_rank, torch.from_numpy(upcoming), ours_share, prices
+                )
                 routed = PlacementPlan(plan.experts_per_rank, fitted)
             estimate = estimate_plan(routed, upcoming, topology, cost)
             moved = migration_transfers(current[policy].experts_per_rank, plan.experts_per_rank, topology)

@@ -1,10 +1,11 @@
-"""What per-step replica balancing costs: the time to fit one rank's routing fractions to a step's
-counts (:class:`~lightning_moe.parallel.replica_balance.ReplicaBalancer`), per MoE layer and step.
+"""What per-step replica balancing costs: the time to choose one rank's routing fractions for a
+step's counts (:class:`~lightning_moe.parallel.replica_balance.ReplicaBalancer`), per MoE layer and step.
 
 For each EP size and expert count, the default table with one spare slot per rank (so ``ep``
-experts have a replica), Poisson counts around a random skew, the fit of rank 0's row timed over
-``--repeats`` calls after a warm-up (the all-reduce of the counts before it is not included). Prints
-the median per fit, in ms.
+experts have a replica), an uneven planned share of load (so both fits run, as after a re-plan of
+``ExpertMigration``), Poisson counts around a random skew; the fits, the pricing of the three
+candidates and the choice for rank 0's row, timed over ``--repeats`` calls after a warm-up (the
+all-reduce of the counts before it is not included). Prints the median per call, in ms.
 
 Usage::
 
@@ -21,14 +22,16 @@ import time
 import torch
 
 from lightning_moe.parallel.placement import ExpertPlacement
-from lightning_moe.parallel.replica_balance import ReplicaBalancer, balancing_weights
+from lightning_moe.parallel.replica_balance import ReplicaBalancer
 
 
-def time_fit(ep_size: int, num_experts: int, repeats: int, device: torch.device, ranks_per_node: int) -> float:
-    """Median seconds of one fit of rank 0's fractions."""
+def time_choice(ep_size: int, num_experts: int, repeats: int, device: torch.device, ranks_per_node: int) -> float:
+    """Median seconds of one choice of rank 0's fractions (two fits, three candidates priced)."""
     placement = ExpertPlacement.identity(num_experts, ep_size, spare_slots=1)
     nodes = torch.arange(ep_size) // ranks_per_node
-    balancer = ReplicaBalancer(balancing_weights(placement.routing_fractions_RER, placement.holders_RE, nodes)).to(device)
+    share_R = torch.linspace(0.9, 1.1, ep_size)  # an uneven plan share: the fit runs twice, as after a re-plan
+    prices = torch.tensor([1.0, 0.3, 1.2])
+    balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes, share_R, prices).to(device)
     generator = torch.Generator().manual_seed(0)
     skew_E = torch.rand(num_experts, generator=generator) ** 3 * 200 + 1
     counts_RE = torch.poisson(skew_E.expand(ep_size, -1).contiguous(), generator=generator).long().to(device)
@@ -54,12 +57,12 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"Per-step replica balancing on {device} (torch {torch.__version__}, {torch.get_num_threads()} thread(s)): "
-          f"one fit of one rank's fractions, median of {args.repeats}\n")
-    print("| EP size | experts | replicated experts | fit (ms) |")
+          f"one choice of one rank's fractions, median of {args.repeats}\n")
+    print("| EP size | experts | replicated experts | per call (ms) |")
     print("|---:|---:|---:|---:|")
     for size in args.sizes.split(","):
         ep_size, num_experts = (int(v) for v in size.split("x"))
-        seconds = time_fit(ep_size, num_experts, args.repeats, device, args.ranks_per_node)
+        seconds = time_choice(ep_size, num_experts, args.repeats, device, args.ranks_per_node)
         print(f"| {ep_size} | {num_experts} | {min(ep_size, num_experts)} | {seconds * 1e3:.2f} |")
 
 

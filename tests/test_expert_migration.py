@@ -54,10 +54,13 @@ def test_migrates_on_a_skewed_load_and_keeps_the_loss(world4, name):
     assert first["predicted_layer_seconds_after"] < first["predicted_layer_seconds_before"]
     assert "measured_step_seconds_after" in history[1]
     assert results[0]["placements"] != static[0]["placements"]
-    # A moved layer's table carries the plan's load shares, which per-step replica balancing aims at.
+    # A moved layer's table carries the plan's load shares and the cost model's prices of an
+    # assignment, with which per-step replica balancing chooses its fractions.
     moved = [n for n in results[0]["placements"] if results[0]["placements"][n] != static[0]["placements"][n]]
     assert all(abs(sum(results[0]["load_shares"][n]) - 1.0) < 1e-9 for n in moved)
     assert all(r["load_shares"] == results[0]["load_shares"] for r in results)
+    assert all(min(results[0]["assignment_seconds"][n][:2]) > 0 for n in moved)  # compute and sends priced
+    assert all(r["assignment_seconds"] == results[0]["assignment_seconds"] for r in results)
     # Migration moves experts, not the function: the loss of the run without it (EP tolerance).
     np.testing.assert_allclose(step_losses(results), step_losses(static), rtol=1e-4)
 

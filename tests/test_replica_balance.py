@@ -1,7 +1,9 @@
 """Replica balancing from each step's counts (lightning_moe/parallel/replica_balance.py): the fitted
 fractions are valid routing fractions, even out the ranks where the planned ones do not, keep tokens
-on their node when that balances too, and survive empty steps. The dispatcher's use of them, across
-real processes, is in test_ep_dispatch.py."""
+on their node when that balances too, and survive empty steps; of its candidates the balancer keeps
+the one the planner's cost model prices lowest, which keeps the planned fractions where balancing
+would load a slow link. The dispatcher's use of them, across real processes, is in
+test_ep_dispatch.py."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import torch
 from scipy.optimize import linprog
 
 from lightning_moe.parallel.placement import ExpertPlacement
-from lightning_moe.parallel.replica_balance import ReplicaBalancer, balanced_fractions, balancing_weights
+from lightning_moe.parallel.replica_balance import ReplicaBalancer, balanced_fractions
+from lightning_moe.planning import LayerCost, PlacementPlan, Topology
+from lightning_moe.planning.cost_model import assignment_seconds, estimate_plan
 
 
 def _loads(counts_RE: torch.Tensor, fractions_RER: torch.Tensor) -> torch.Tensor:
@@ -40,10 +44,10 @@ def test_fitted_fractions_even_out_a_load_the_plan_did_not_expect():
     # 4 ranks, 8 experts, one spare slot each: experts 0-3 have a replica on the next rank.
     placement = ExpertPlacement.from_experts_per_rank([[0, 1, 3], [2, 3, 0], [4, 5, 1], [6, 7, 2]])
     nodes = torch.zeros(4, dtype=torch.long)
-    weights = balancing_weights(placement.routing_fractions_RER, placement.holders_RE, nodes)
     counts_RE = torch.tensor([[40, 30, 5, 5, 5, 5, 5, 5]] * 4)  # experts 0 and 1 hot, the plan split evenly
     planned = _loads(counts_RE, placement.routing_fractions_RER)
-    fitted_RER = balanced_fractions(weights, counts_RE)
+    balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes)
+    fitted_RER = balancer.fractions(counts_RE)
     fitted = _loads(counts_RE, fitted_RER)
     best = _best_max_load(counts_RE, placement.holders_RE)
     assert planned.max() > 1.2 * best
@@ -53,9 +57,9 @@ def test_fitted_fractions_even_out_a_load_the_plan_did_not_expect():
     assert (fitted_RER * ~placement.holders_RE.t()[None]).abs().max() == 0
     # The same counts give the same fractions (every rank computes them alone), and a rank's own
     # row alone (what the dispatcher asks for) is that row of the whole.
-    assert torch.equal(balanced_fractions(weights, counts_RE), fitted_RER)
+    assert torch.equal(balanced_fractions(placement.routing_fractions_RER, placement.holders_RE, nodes, counts_RE), fitted_RER)
     for rank in range(4):
-        torch.testing.assert_close(ReplicaBalancer(weights).fractions(counts_RE, source_rank=rank), fitted_RER[rank])
+        torch.testing.assert_close(balancer.fractions(counts_RE, source_rank=rank), fitted_RER[rank])
 
 
 def test_a_local_plan_stays_local_when_that_balances():
@@ -68,9 +72,8 @@ def test_a_local_plan_stays_local_when_that_balances():
     local_RER = holders_RE.t()[None].double() * (nodes[:, None] == nodes[None, :])[:, None, :]
     plan_RER = torch.where(local_RER.sum(-1, keepdim=True) > 0, local_RER, holders_RE.t()[None].double().expand(4, -1, -1))
     placement = ExpertPlacement.from_experts_per_rank(experts_per_rank, plan_RER / plan_RER.sum(-1, keepdim=True))
-    weights = balancing_weights(placement.routing_fractions_RER, placement.holders_RE, nodes)
     counts_RE = torch.tensor([[30, 10, 10, 10, 10, 10]] * 4)
-    fitted_RER = balanced_fractions(weights, counts_RE)
+    fitted_RER = balanced_fractions(placement.routing_fractions_RER, placement.holders_RE, nodes, counts_RE)
     fitted = _loads(counts_RE, fitted_RER)
     assert fitted.max() < 1.005 * _best_max_load(counts_RE, placement.holders_RE)
     crossing = sum(float(counts_RE[r].double() @ fitted_RER[r][:, nodes != nodes[r]].sum(dim=-1)) for r in range(4))
@@ -90,34 +93,97 @@ def test_within_half_a_percent_of_the_best_balance_on_random_loads():
         placement = ExpertPlacement.from_experts_per_rank(table)
         skew_E = torch.rand(8, generator=generator) ** 3 * 50 + 1
         counts_RE = torch.poisson(skew_E.expand(4, 8).contiguous(), generator=generator).long()
-        weights = balancing_weights(placement.routing_fractions_RER, placement.holders_RE, torch.tensor([0, 0, 1, 1]))
-        fitted = _loads(counts_RE, balanced_fractions(weights, counts_RE))
+        nodes = torch.tensor([0, 0, 1, 1])
+        fitted = _loads(counts_RE, balanced_fractions(placement.routing_fractions_RER, placement.holders_RE, nodes, counts_RE))
         assert fitted.max() < 1.005 * _best_max_load(counts_RE, placement.holders_RE), (trial, table)
 
 
 def test_an_empty_step_gives_finite_fractions():
     placement = ExpertPlacement.identity(4, 2, spare_slots=1)
-    weights = balancing_weights(placement.routing_fractions_RER, placement.holders_RE, torch.zeros(2, dtype=torch.long))
-    fitted_RER = balanced_fractions(weights, torch.zeros(2, 4, dtype=torch.int64))
+    balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, torch.zeros(2, dtype=torch.long))
+    fitted_RER = balancer.fractions(torch.zeros(2, 4, dtype=torch.int64))
     assert torch.isfinite(fitted_RER).all()
     torch.testing.assert_close(fitted_RER.sum(dim=-1), torch.ones(2, 4, dtype=torch.float64))
     # A step where only one rank's experts are used: the idle rank's factor stays finite.
     counts_RE = torch.tensor([[10, 0, 0, 0], [10, 0, 0, 0]])
-    assert torch.isfinite(balanced_fractions(weights, counts_RE)).all()
+    assert torch.isfinite(balancer.candidates(counts_RE)).all()
+    assert torch.isfinite(balancer.candidates(torch.zeros(2, 4, dtype=torch.int64))).all()
 
 
-def test_the_fit_aims_at_the_plans_share_of_load():
+def test_a_fit_aims_at_the_plans_share_of_load():
     """A plan that gives rank 0 a little more than its even share (fewer bytes across nodes, say):
-    the fit keeps those shares when the load drifts, instead of flattening them."""
+    one candidate keeps those shares when the load drifts, another flattens them."""
     placement = ExpertPlacement.from_experts_per_rank(
         [[0, 1, 3], [2, 3, 0], [4, 5, 1], [6, 7, 2]], load_share_R=torch.tensor([0.31, 0.23, 0.23, 0.23])
     )
-    weights = balancing_weights(placement.routing_fractions_RER, placement.holders_RE, torch.zeros(4, dtype=torch.long))
+    balancer = ReplicaBalancer(
+        placement.routing_fractions_RER, placement.holders_RE, torch.zeros(4, dtype=torch.long), placement.load_share_R
+    )
     counts_RE = torch.tensor([[12, 10, 9, 11, 5, 5, 5, 5]] * 4)
-    fitted = _loads(counts_RE, balanced_fractions(weights, counts_RE, placement.load_share_R))
-    torch.testing.assert_close(fitted / fitted.sum(), placement.load_share_R, atol=2e-3, rtol=0)
-    even = _loads(counts_RE, balanced_fractions(weights, counts_RE))
-    assert even.max() / even.mean() < 1.01  # without shares: even
+    planned, to_share, to_even = (_loads(counts_RE, c) for c in balancer.candidates(counts_RE))
+    torch.testing.assert_close(planned, _loads(counts_RE, placement.routing_fractions_RER))
+    torch.testing.assert_close(to_share / to_share.sum(), placement.load_share_R, atol=2e-3, rtol=0)
+    assert to_even.max() / to_even.mean() < 1.01
+    # Only compute costs (the default prices): the even fit is the cheapest.
+    torch.testing.assert_close(_loads(counts_RE, balancer.fractions(counts_RE)), to_even)
+
+
+def _local_plan(experts_per_rank, nodes):
+    """Each source's tokens for an expert to the holders on its own node, where there are any."""
+    holders_RE = ExpertPlacement.from_experts_per_rank(experts_per_rank).holders_RE
+    local_RER = holders_RE.t()[None].double() * (nodes[:, None] == nodes[None, :])[:, None, :]
+    plan_RER = torch.where(local_RER.sum(-1, keepdim=True) > 0, local_RER, holders_RE.t()[None].double().expand(len(nodes), -1, -1))
+    return plan_RER / plan_RER.sum(-1, keepdim=True)
+
+
+def test_a_slow_link_between_nodes_keeps_the_planned_fractions():
+    """Expert 0 runs hot on node 0's sources only. Balancing sends some of it to node 1's replica:
+    worth it when the link between nodes is fast, not when it is slow. Either way the choice is the
+    candidate the cost model prices lowest."""
+    experts_per_rank = [[0, 1], [2, 3], [4, 0], [5, 3]]
+    nodes = torch.tensor([0, 0, 1, 1])
+    placement = ExpertPlacement.from_experts_per_rank(experts_per_rank, _local_plan(experts_per_rank, nodes))
+    counts_RE = torch.tensor([[60, 10, 10, 10, 10, 10], [60, 10, 10, 10, 10, 10], [5, 10, 10, 10, 10, 10], [5, 10, 10, 10, 10, 10]])
+    cost = LayerCost(token_bytes=1000.0, seconds_per_token=1e-6)
+    chosen = {}
+    for inter in (1e12, 1e8):  # bytes/s between nodes: fast, then slow
+        topology = Topology(2, 2, intra_node_bandwidth=1e12, inter_node_bandwidth=inter)
+        balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes, None,
+                                   assignment_seconds(cost, topology))
+        fractions_RER = balancer.fractions(counts_RE)
+        seconds = [estimate_plan(PlacementPlan(experts_per_rank, c), counts_RE.double(), topology, cost).layer_seconds
+                   for c in balancer.candidates(counts_RE)]
+        chosen[inter] = fractions_RER
+        assert estimate_plan(PlacementPlan(experts_per_rank, fractions_RER), counts_RE.double(), topology, cost).layer_seconds == pytest.approx(min(seconds))
+    torch.testing.assert_close(chosen[1e8], placement.routing_fractions_RER)  # slow: as planned, nothing crosses
+    fast = _loads(counts_RE, chosen[1e12])
+    assert fast.max() < 1.005 * _best_max_load(counts_RE, placement.holders_RE)  # fast: balanced
+    assert _loads(counts_RE, placement.routing_fractions_RER).max() > 1.3 * fast.max()
+
+
+def test_the_choice_is_the_cost_models_cheapest_on_random_steps():
+    generator = torch.Generator().manual_seed(1)
+    nodes = torch.tensor([0, 0, 1, 1])
+    winners = set()
+    for trial in range(30):
+        table = [[0, 1, 4], [2, 3, 5], [4, 5, 0], [6, 7, 2]]
+        placement = ExpertPlacement.from_experts_per_rank(table, _local_plan(table, nodes),
+                                                          load_share_R=torch.rand(4, generator=generator) + 1.0)
+        inter = float(10 ** (8 + 4 * torch.rand(1, generator=generator)))
+        topology = Topology(2, 2, intra_node_bandwidth=1e12, inter_node_bandwidth=inter)
+        cost = LayerCost(token_bytes=1000.0, seconds_per_token=1e-6)
+        skew_E = torch.rand(8, generator=generator) ** 2 * 40 + 1
+        counts_RE = torch.poisson((skew_E * (0.5 + torch.rand(4, 1, generator=generator))).contiguous(), generator=generator).long()
+        balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes, placement.load_share_R,
+                                   assignment_seconds(cost, topology))
+        candidates = balancer.candidates(counts_RE)
+        seconds = torch.tensor([estimate_plan(PlacementPlan(table, c), counts_RE.double(), topology, cost).layer_seconds
+                                for c in candidates])
+        fractions_RER = balancer.fractions(counts_RE)
+        index = next(i for i, c in enumerate(candidates) if torch.equal(c, fractions_RER))
+        assert seconds[index] <= seconds.min() * (1 + 1e-12), (trial, seconds)
+        winners.add(index)
+    assert winners == {0, 1, 2}  # each candidate is the cheapest somewhere: the choice matters
 
 
 def test_load_shares_are_checked_and_travel_with_the_table(tmp_path):
@@ -132,3 +198,16 @@ def test_load_shares_are_checked_and_travel_with_the_table(tmp_path):
     torch.testing.assert_close(placement.load_share_R, torch.full((2,), 0.5, dtype=torch.float64))
     with pytest.raises(ValueError, match="`load_share_R` must be 2 finite, non-negative shares"):
         ExpertPlacement.from_experts_per_rank(placement.experts_per_rank(), load_share_R=torch.tensor([1.0, -1.0]))
+
+
+def test_assignment_prices_are_checked_and_travel_with_the_table(tmp_path):
+    placement = ExpertPlacement.identity(4, 2, spare_slots=1)
+    torch.testing.assert_close(placement.assignment_seconds, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    priced = ExpertPlacement.from_experts_per_rank(placement.experts_per_rank(), assignment_seconds=[2e-6, 1e-7, 4e-7])
+    assert priced != placement
+    torch.save(priced.to_dict(), tmp_path / "table.pt")
+    assert ExpertPlacement.from_dict(torch.load(tmp_path / "table.pt", weights_only=True)) == priced
+    before_prices = {key: value for key, value in placement.to_dict().items() if key != "assignment_seconds"}
+    assert ExpertPlacement.from_dict(before_prices) == placement  # tables saved before prices: compute only
+    with pytest.raises(ValueError, match="`assignment_seconds` must be 3 finite, non-negative prices"):
+        ExpertPlacement.from_experts_per_rank(placement.experts_per_rank(), assignment_seconds=[1.0, -1.0, 0.0])

@@ -49,7 +49,7 @@ from lightning_moe.layers import MoELayer
 from lightning_moe.parallel.migration import slot_tensors
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.planning import LayerCost, PlacementPlanner, Topology
-from lightning_moe.planning.cost_model import planned_load_share
+from lightning_moe.planning.cost_model import assignment_seconds, planned_load_share
 from lightning_moe.planning.plan import PlacementPlan
 from lightning_moe.planning.trigger import MigrationTrigger
 
@@ -251,7 +251,8 @@ class ExpertMigration(Callback):
         for name, (plan, estimate_now, chosen) in self._decide(loads, current, planners).items():
             if plan is not None:  # new slots, or new fractions for the same slots (nothing moves then)
                 tables[name] = ExpertPlacement(
-                    plan.experts_per_rank, plan.routing_fractions_RER, planned_load_share(plan, loads[name])
+                    plan.experts_per_rank, plan.routing_fractions_RER, planned_load_share(plan, loads[name]),
+                    assignment_seconds(planners[name].cost, planners[name].topology),
                 )
                 if plan.experts_per_rank != current[name].experts_per_rank():
                     plans[name] = (plan, loads[name])

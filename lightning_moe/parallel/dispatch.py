@@ -48,7 +48,7 @@ from lightning_moe.layers.gates.base import Routing
 from lightning_moe.layers.replicas import allowed_replicas, choose_replica_ranks
 from lightning_moe.ops.counting import count_per_expert
 from lightning_moe.parallel.placement import ExpertPlacement
-from lightning_moe.parallel.replica_balance import ReplicaBalancer, balancing_weights
+from lightning_moe.parallel.replica_balance import ReplicaBalancer
 
 
 @dataclass
@@ -203,8 +203,10 @@ class AllToAllDispatcher:
         device = expert_N.device
         if self._balancer is None or self._balancer.fractions_RER.device != device:
             nodes = self.node_of_rank if self.node_of_rank is not None else torch.zeros(self.ep_size, dtype=torch.long)
-            weights_RER = balancing_weights(placement.routing_fractions_RER, placement.holders_RE, nodes)
-            self._balancer = ReplicaBalancer(weights_RER, placement.load_share_R).to(device)
+            self._balancer = ReplicaBalancer(
+                placement.routing_fractions_RER, placement.holders_RE, nodes, placement.load_share_R,
+                placement.assignment_seconds,
+            ).to(device)
         counts_RE = torch.zeros(self.ep_size, self.num_experts, dtype=torch.int64, device=device)
         counts_RE[self.ep_rank] = count_per_expert(expert_N, self.num_experts)
         dist.all_reduce(counts_RE, group=self.ep_group)

@@ -35,6 +35,10 @@ class ExpertPlacement:
             (the plan's, which may trade a little balance for fewer bytes across nodes); per-step
             replica balancing aims at it (:mod:`~lightning_moe.parallel.replica_balance`). ``None``
             gives every rank an even share.
+        assignment_seconds: ``[3]``, the seconds one assignment costs when computed, when sent to a
+            rank of the same node and when sent to another node (over the step's all-to-alls), the
+            prices per-step replica balancing weighs its candidates with. ``None``: ``[1, 0, 0]``,
+            only compute counts.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class ExpertPlacement:
         experts_per_rank: Sequence[Sequence[int]],
         routing_fractions_RER: torch.Tensor | None = None,
         load_share_R: torch.Tensor | None = None,
+        assignment_seconds: torch.Tensor | None = None,
     ) -> None:
         table = [[int(e) for e in experts] for experts in experts_per_rank]
         num_ranks = len(table)
@@ -77,6 +82,7 @@ class ExpertPlacement:
         self.file_rank_E = holders_RE.int().argmax(dim=0)
         self.routing_fractions_RER = self._fractions(routing_fractions_RER)
         self.load_share_R = self._load_share(load_share_R)
+        self.assignment_seconds = self._assignment_seconds(assignment_seconds)
         # Cumulative fractions over destination ranks, for the replica choice of the dispatcher.
         self.cumulative_fractions_RER = self.routing_fractions_RER.cumsum(dim=-1).float()
         self.cumulative_fractions_RER[..., -1] = 1.0  # no assignment may fall past the last replica
@@ -117,6 +123,18 @@ class ExpertPlacement:
             )
         return share / share.sum()
 
+    @staticmethod
+    def _assignment_seconds(assignment_seconds: torch.Tensor | None) -> torch.Tensor:
+        if assignment_seconds is None:
+            return torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+        prices = torch.as_tensor(assignment_seconds, dtype=torch.float64)
+        if tuple(prices.shape) != (3,) or (prices < 0).any() or not torch.isfinite(prices).all() or prices.sum() <= 0:
+            raise ValueError(
+                f"ExpertPlacement: `assignment_seconds` must be 3 finite, non-negative prices with a positive sum "
+                f"(computing one assignment, sending it within a node, sending it across nodes), got {prices.tolist()}."
+            )
+        return prices.clone()
+
     # ----------------------------------------------------------------------------------- constructors
 
     @classmethod
@@ -149,14 +167,18 @@ class ExpertPlacement:
         experts_per_rank: Sequence[Sequence[int]],
         routing_fractions_RER: torch.Tensor | None = None,
         load_share_R: torch.Tensor | None = None,
+        assignment_seconds: torch.Tensor | None = None,
     ) -> ExpertPlacement:
         """A placement from the logical experts of each rank, in slot order."""
-        return cls(experts_per_rank, routing_fractions_RER, load_share_R)
+        return cls(experts_per_rank, routing_fractions_RER, load_share_R, assignment_seconds)
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> ExpertPlacement:
         """The inverse of :meth:`to_dict` (what checkpoints store)."""
-        return cls(state["experts_per_rank"], state.get("routing_fractions_RER"), state.get("load_share_R"))
+        return cls(
+            state["experts_per_rank"], state.get("routing_fractions_RER"), state.get("load_share_R"),
+            state.get("assignment_seconds"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and a tensor: ``torch.load(weights_only=True)`` reads it back."""
@@ -164,6 +186,7 @@ class ExpertPlacement:
             "experts_per_rank": self.experts_per_rank(),
             "routing_fractions_RER": self.routing_fractions_RER.clone(),
             "load_share_R": self.load_share_R.clone(),
+            "assignment_seconds": self.assignment_seconds.clone(),
         }
 
     # ----------------------------------------------------------------------------------- views
@@ -197,6 +220,7 @@ class ExpertPlacement:
             and self.experts_per_rank() == other.experts_per_rank()
             and torch.equal(self.routing_fractions_RER, other.routing_fractions_RER)
             and torch.equal(self.load_share_R, other.load_share_R)
+            and torch.equal(self.assignment_seconds, other.assignment_seconds)
         )
 
     def __repr__(self) -> str:

@@ -7,18 +7,27 @@ balance the step, but the fractions do not. So the dispatcher re-fits them at ev
 small all-reduce of the step's counts (``[R, E]`` integers per layer), and every rank computes the
 same fractions from the same counts.
 
-The fit scales the planned fractions by one factor per destination rank, ``u_d``, renormalised over
+A fit scales the planned fractions by one factor per destination rank, ``u_d``, renormalised over
 each (source, expert) row: ``f[r, e, d] = w[r, e, d] u_d / sum_d' w[r, e, d'] u_d'``, with ``u`` found
 by iterative proportional fitting (the destination half of Sinkhorn's matrix scaling): each round
-multiplies ``u_d`` by ``target_d / load_d``. The target is the plan's own share of the load per rank
-(``ExpertPlacement.load_share_R``, even unless a plan set it): the planner may accept a little
-imbalance for fewer bytes across nodes, and the fit keeps that choice while the load drifts under it.
-The planned fractions are the prior, so the fit also keeps which replicas serve which sources, as
-far as the target allows; it is a few dozen small tensor operations, no solver. ``w`` is the planned
-fractions plus a little mass on every holder, mostly on the source's own node, so that any replica
-can take load the plan did not give it.
+multiplies ``u_d`` by ``target_d / load_d``. The planned fractions are the prior, so a fit keeps
+which replicas serve which sources as far as its target allows; it is a few dozen small tensor
+operations, no solver. ``w`` is the planned fractions plus a little mass on every holder, mostly on
+the source's own node, so that any replica can take load the plan did not give it.
 
-Shape legend: ``R`` EP ranks, ``E`` logical experts, ``X`` experts with replicas.
+No one target is right for every step. An even share of the load balances compute but may push
+tokens over a slow link between nodes; the plan's own share (``ExpertPlacement.load_share_R``: the
+planner may accept a little imbalance for fewer bytes across nodes) keeps that choice, but it was
+fitted to past windows and may hold on to an imbalance the step does not need; and the planned
+fractions themselves are sometimes best, when re-balancing would only shift load onto the slowest
+link. So every step prices three candidates with the planner's cost model on the step's counts
+(:mod:`lightning_moe.planning.cost_model`: the busiest rank's compute plus the slowest link of the
+all-to-alls) and keeps the cheapest: the planned fractions, the fit to the plan's share and the fit
+to an even share. The prices of one assignment (``ExpertPlacement.assignment_seconds``: computed,
+sent within a node, sent across nodes) come with the table; by default only compute counts.
+
+Shape legend: ``R`` EP ranks, ``E`` logical experts, ``X`` experts with replicas, ``F`` experts
+without, ``C`` candidates.
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ LOCAL_MASS = 0.05
 #: Rounds of proportional fitting; the loads are within a fraction of a percent of balanced by then
 #: on the simulator's workloads (tests/test_replica_balance.py).
 ROUNDS = 50
+#: Positions in ``assignment_seconds``: the seconds one assignment costs when computed, and when
+#: sent to a rank of the same node or of another node (over every all-to-all of the step).
+COMPUTE, WITHIN_NODE, ACROSS_NODES = range(3)
 
 
 def balancing_weights(fractions_RER: torch.Tensor, holders_RE: torch.Tensor, node_of_rank_R: torch.Tensor) -> torch.Tensor:
@@ -48,70 +60,138 @@ class ReplicaBalancer:
     """Fits routing fractions to each step's counts for one placement (see the module docstring).
 
     Args:
-        weights_RER: ``w`` of :func:`balancing_weights` (or any non-negative ``[R, E, R]`` weights
-            that are positive on the holders of each expert).
-        target_share_R: ``[R]``, the share of the load each rank should receive (the plan's
-            ``load_share_R``); ``None``: an even share.
+        planned_RER: ``[R, E, R]``, the placement's routing fractions.
+        holders_RE: ``[R, E]`` booleans, which ranks hold which expert.
+        node_of_rank_R: ``[R]``, the node of each EP rank.
+        target_share_R: ``[R]``, the plan's share of the load per rank; ``None``: an even share.
+        assignment_seconds: ``[3]``, the seconds of one assignment computed, sent within a node and
+            sent across nodes (see :data:`COMPUTE`); ``None``: only compute counts.
         rounds: rounds of proportional fitting.
     """
 
-    def __init__(self, weights_RER: torch.Tensor, target_share_R: torch.Tensor | None = None, rounds: int = ROUNDS) -> None:
-        weights_RER = weights_RER.to(torch.float64)
+    def __init__(
+        self,
+        planned_RER: torch.Tensor,
+        holders_RE: torch.Tensor,
+        node_of_rank_R: torch.Tensor,
+        target_share_R: torch.Tensor | None = None,
+        assignment_seconds: torch.Tensor | None = None,
+        rounds: int = ROUNDS,
+    ) -> None:
+        num_ranks = holders_RE.shape[0]
+        node_of_rank_R = torch.as_tensor(node_of_rank_R).long().cpu()
         self.rounds = rounds
-        num_ranks = weights_RER.shape[-1]
-        share_R = torch.full((num_ranks,), 1.0 / num_ranks, dtype=torch.float64) if target_share_R is None else (
-            torch.as_tensor(target_share_R, dtype=torch.float64).to(weights_RER.device)
-        )
-        self.target_share_R = share_R / share_R.sum()
-        self.fractions_RER = weights_RER / weights_RER.sum(dim=-1, keepdim=True)
+        even_R = torch.full((num_ranks,), 1.0 / num_ranks, dtype=torch.float64)
+        share_R = even_R if target_share_R is None else torch.as_tensor(target_share_R, dtype=torch.float64).cpu()
+        share_R = share_R / share_R.sum()
+        # The fits' targets: the plan's share, then an even one (a second fit only when they differ).
+        self.targets_TR = torch.stack([share_R, even_R]) if not torch.allclose(share_R, even_R) else share_R[None]
+        prices = torch.tensor([1.0, 0.0, 0.0]) if assignment_seconds is None else torch.as_tensor(assignment_seconds)
+        self.assignment_seconds = prices.to(torch.float64).cpu()
+        same_node_RR = node_of_rank_R[:, None] == node_of_rank_R[None, :]
+        self.within_node_RR = (same_node_RR & ~torch.eye(num_ranks, dtype=torch.bool)).to(torch.float64)
+        self.across_nodes_RR = (~same_node_RR).to(torch.float64)
+        weights_RER = balancing_weights(planned_RER, holders_RE, node_of_rank_R)
+        self.fractions_RER = planned_RER.to(torch.float64).cpu().clone()
         # Only experts with several holders have a choice; the others' load is fixed (their rows are
         # the same one-hot from every source). Fitting the replicated ones alone keeps the rounds
         # small: a few replicas among hundreds of experts.
-        self.replicated_E = (weights_RER > 0).sum(dim=-1).amax(dim=0) > 1
-        self.holder_of_fixed_FR = self.fractions_RER[0, ~self.replicated_E]
+        self.replicated_E = holders_RE.sum(dim=0).cpu() > 1
+        self.holder_of_fixed_FR = holders_RE.t().cpu()[~self.replicated_E].to(torch.float64)
         self.weights_RXR = weights_RER[:, self.replicated_E]
+        self.planned_RXR = self.fractions_RER[:, self.replicated_E]
+
+    def candidates(self, counts_RE: torch.Tensor) -> torch.Tensor:
+        """``[C, R, E, R]``: the planned fractions, the fit to the plan's share and (when the share is
+        not even) the fit to an even share, under ``counts_RE``."""
+        counts_RE = counts_RE.to(self.fractions_RER)
+        candidates_CRER = self.fractions_RER.expand(1 + len(self.targets_TR), -1, -1, -1).clone()
+        if counts_RE.sum() > 0 and bool(self.replicated_E.any()):  # an empty step: nothing to fit
+            candidates_CRER[:, :, self.replicated_E] = self._replicated_candidates(counts_RE)[1]
+        return candidates_CRER
 
     def fractions(self, counts_RE: torch.Tensor, source_rank: int | None = None) -> torch.Tensor:
-        """The fractions that even out the ranks' load under ``counts_RE`` (the assignments each source
-        rank routes to each expert now): ``[R, E, R]``, or source rank ``source_rank``'s ``[E, R]``.
-        Rows sum to 1 and are zero where the weights are. Deterministic: the same counts give the same
-        fractions on every rank."""
+        """The cheapest candidate under ``counts_RE`` (the assignments each source rank routes to each
+        expert now): ``[R, E, R]``, or source rank ``source_rank``'s ``[E, R]``. Rows sum to 1 and only
+        reach holders. Deterministic: the same counts give the same fractions on every rank, and the
+        choice is an index on the device, not a branch on the host."""
         counts_RE = counts_RE.to(self.fractions_RER)
         fractions_RER = self.fractions_RER if source_rank is None else self.fractions_RER[source_rank : source_rank + 1]
         fractions_RER = fractions_RER.clone()
-        num_ranks = self.fractions_RER.shape[-1]
-        total = counts_RE.sum()
-        if total > 0 and bool(self.replicated_E.any()):
-            fixed_R = counts_RE[:, ~self.replicated_E].sum(dim=0) @ self.holder_of_fixed_FR
-            counts_RX = counts_RE[:, self.replicated_E]
-            target_R = self.target_share_R * total
-            damping = 1e-3 * total / num_ranks
-            log_scale_R = torch.zeros(num_ranks, dtype=torch.float64, device=counts_RE.device)
-            for _ in range(self.rounds):
-                load_R = fixed_R + torch.einsum("rx,rxd->d", counts_RX, _scaled(self.weights_RXR, log_scale_R))
-                # A rank whose load no factor changes (it holds no replica anyone routes) must not
-                # drift without bound: the damping terms and the clamp keep every factor finite.
-                log_scale_R = (log_scale_R + torch.log((target_R + damping) / (load_R + damping))).clamp(-30.0, 30.0)
-            rows_RXR = self.weights_RXR if source_rank is None else self.weights_RXR[source_rank : source_rank + 1]
-            fractions_RER[:, self.replicated_E] = _scaled(rows_RXR, log_scale_R)
+        if counts_RE.sum() > 0 and bool(self.replicated_E.any()):
+            traffic_CRR, candidates_CRXR = self._replicated_candidates(counts_RE)
+            chosen_RXR = candidates_CRXR[torch.argmin(self._seconds(traffic_CRR))]
+            fractions_RER[:, self.replicated_E] = chosen_RXR if source_rank is None else chosen_RXR[source_rank : source_rank + 1]
         return fractions_RER if source_rank is None else fractions_RER[0]
+
+    def _replicated_candidates(self, counts_RE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each candidate's traffic ``[C, R, R]`` (assignments rank ``r`` sends rank ``d``, every expert)
+        and its fractions for the replicated experts, ``[C, R, X, R]``."""
+        fixed_traffic_RR = counts_RE[:, ~self.replicated_E] @ self.holder_of_fixed_FR
+        counts_RX = counts_RE[:, self.replicated_E]
+        fitted_TRXR = _scaled(self.weights_RXR, self._fit(fixed_traffic_RR.sum(dim=0), counts_RX))
+        candidates_CRXR = torch.cat([self.planned_RXR[None], fitted_TRXR])
+        traffic_CRR = fixed_traffic_RR + torch.einsum("rx,crxd->crd", counts_RX, candidates_CRXR)
+        return traffic_CRR, candidates_CRXR
+
+    def _fit(self, fixed_R: torch.Tensor, counts_RX: torch.Tensor) -> torch.Tensor:
+        """``[T, R]``, ``log u`` for each target: the factors that bring each rank's load to its share
+        of the step's. The fits run side by side, in the same tensor operations: per round, two small
+        matrix products over the (source, replicated expert) rows ``K``, never the ``[R, X, R]``
+        fractions themselves (``load_d = u_d sum_k c_k w_kd / sum_d' w_kd' u_d'``)."""
+        total = fixed_R.sum() + counts_RX.sum()
+        target_TR = self.targets_TR * total
+        damping = 1e-3 * total / target_TR.shape[1]
+        weights_KR = self.weights_RXR.reshape(-1, self.weights_RXR.shape[-1])
+        counts_K = counts_RX.reshape(-1)
+        log_scale_TR = torch.zeros_like(target_TR)
+        for _ in range(self.rounds):
+            scale_TR = torch.exp(log_scale_TR - log_scale_TR.amax(dim=-1, keepdim=True))
+            load_TR = fixed_R + scale_TR * ((counts_K / (scale_TR @ weights_KR.t())) @ weights_KR)
+            # A rank whose load no factor changes (it holds no replica anyone routes) must not
+            # drift without bound: the damping terms and the clamp keep every factor finite.
+            log_scale_TR = (log_scale_TR + torch.log((target_TR + damping) / (load_TR + damping))).clamp(-30.0, 30.0)
+        return log_scale_TR
+
+    def _seconds(self, traffic_CRR: torch.Tensor) -> torch.Tensor:
+        """``[C]``: the cost model's step time of each candidate's traffic ``T[r, d]`` (assignments ``r``
+        sends ``d``): the busiest rank's compute plus the most loaded link, as
+        :func:`~lightning_moe.planning.cost_model.estimate_plan` prices them, without the latency
+        (the same for every candidate) and the per-slot overhead (nearly so)."""
+        prices = self.assignment_seconds.tolist()
+        compute, within, across = prices[COMPUTE], prices[WITHIN_NODE], prices[ACROSS_NODES]
+        within_CRR, across_CRR = traffic_CRR * self.within_node_RR, traffic_CRR * self.across_nodes_RR
+        links_CKR = torch.stack([
+            within * within_CRR.sum(dim=2), across * across_CRR.sum(dim=2),
+            within * within_CRR.sum(dim=1), across * across_CRR.sum(dim=1),
+        ], dim=1)
+        return compute * traffic_CRR.sum(dim=1).amax(dim=1) + links_CKR.flatten(1).amax(dim=1)
 
     def to(self, device: torch.device) -> ReplicaBalancer:
         """This balancer with its tensors on ``device``."""
         moved = object.__new__(ReplicaBalancer)
-        moved.rounds = self.rounds
-        for name in ("fractions_RER", "replicated_E", "holder_of_fixed_FR", "weights_RXR", "target_share_R"):
+        moved.rounds, moved.assignment_seconds = self.rounds, self.assignment_seconds
+        for name in ("fractions_RER", "replicated_E", "holder_of_fixed_FR", "weights_RXR", "planned_RXR",
+                     "targets_TR", "within_node_RR", "across_nodes_RR"):
             setattr(moved, name, getattr(self, name).to(device))
         return moved
 
 
 def balanced_fractions(
-    weights_RER: torch.Tensor, counts_RE: torch.Tensor, target_share_R: torch.Tensor | None = None, rounds: int = ROUNDS
+    planned_RER: torch.Tensor,
+    holders_RE: torch.Tensor,
+    node_of_rank_R: torch.Tensor,
+    counts_RE: torch.Tensor,
+    target_share_R: torch.Tensor | None = None,
+    assignment_seconds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[R, E, R]`` routing fractions fitted to ``counts_RE`` (:class:`ReplicaBalancer`, once)."""
-    return ReplicaBalancer(weights_RER, target_share_R, rounds).fractions(counts_RE)
+    """``[R, E, R]`` routing fractions for ``counts_RE`` (:class:`ReplicaBalancer`, once)."""
+    return ReplicaBalancer(planned_RER, holders_RE, node_of_rank_R, target_share_R, assignment_seconds).fractions(counts_RE)
 
 
-def _scaled(weights_RXR: torch.Tensor, log_scale_R: torch.Tensor) -> torch.Tensor:
-    scaled_RXR = weights_RXR * torch.exp(log_scale_R - log_scale_R.max())
-    return scaled_RXR / scaled_RXR.sum(dim=-1, keepdim=True)
+def _scaled(weights_RXR: torch.Tensor, log_scale_TR: torch.Tensor) -> torch.Tensor:
+    """``[T, R, X, R]``: the weights scaled by each row of factors ``exp(log_scale_TR)`` over the
+    destination ranks, renormalised over each (source, expert) row."""
+    log_scale_TR = log_scale_TR - log_scale_TR.amax(dim=-1, keepdim=True)
+    scaled_TRXR = weights_RXR * torch.exp(log_scale_TR)[:, None, None, :]
+    return scaled_TRXR / scaled_TRXR.sum(dim=-1, keepdim=True)

@@ -189,6 +189,17 @@ def planned_load_share(plan: PlacementPlan, load_RE: torch.Tensor | np.ndarray) 
     return torch.from_numpy(received_R / total) if total > 0 else None
 
 
+def assignment_seconds(cost: LayerCost, topology: Topology) -> torch.Tensor:
+    """``[3]``: the seconds one assignment costs computed, sent to a rank of the same node and sent
+    to another node, over every all-to-all of a step (``ExpertPlacement.assignment_seconds``, the
+    prices per-step replica balancing weighs its candidates with)."""
+    passes_bytes = cost.all_to_all_passes * cost.token_bytes
+    return torch.tensor(
+        [cost.seconds_per_token, passes_bytes / topology.intra_node_bandwidth, passes_bytes / topology.inter_node_bandwidth],
+        dtype=torch.float64,
+    )
+
+
 def link_seconds_RK(traffic: np.ndarray, topology: Topology, token_bytes: float) -> np.ndarray:
     """``[R, 4]`` seconds of one all-to-all on each link load of each rank (see the module docstring)."""
     same_RR = topology.same_node()

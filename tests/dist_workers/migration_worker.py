@@ -79,6 +79,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "layers_planned_here": CountingTrigger.calls,
         "placements": {name: p.experts_per_rank() for name, p in trainer.strategy.placements().items()},
         "load_shares": {name: p.load_share_R.tolist() for name, p in trainer.strategy.placements().items()},
+        "assignment_seconds": {name: p.assignment_seconds.tolist() for name, p in trainer.strategy.placements().items()},
     }
 
 
