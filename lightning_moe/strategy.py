@@ -92,10 +92,11 @@ class MoEStrategy(DDPStrategy):
             for replicas of busy experts. They start as replicas of the experts that follow the
             rank's own block (:meth:`ExpertPlacement.identity`) until a placement says otherwise.
         balance_replicas: split each replicated expert's tokens over its replicas from every step's
-            counts (one all-reduce of ``[ep, E]`` integers per MoE layer per step): the placement's
-            routing fractions, scaled per rank until each rank receives the table's planned share of
-            the step's load, an even share by default (:mod:`lightning_moe.parallel.replica_balance`).
-            ``False`` keeps the placement's fixed fractions. Nothing changes without replicas.
+            counts (one all-reduce of ``[ep, E]`` integers per MoE layer per step): of the placement's
+            routing fractions and those fractions scaled per rank until each rank receives the table's
+            planned share of the step's load, or an even share, the split the table's prices make
+            cheapest (:mod:`lightning_moe.parallel.replica_balance`). ``False`` keeps the placement's
+            fixed fractions. Nothing changes without replicas.
         check_finite: once per optimizer step, stop every rank with an error naming the step and the
             MoE layer when a loss or a router's logits held a NaN or Inf on some rank (one small
             all-reduce per step).

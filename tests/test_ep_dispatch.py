@@ -4,7 +4,7 @@ Each token crosses to a remote rank once, however many of that rank's experts it
 results (outputs, input gradients, gate-weight gradients, expert gradients) equal the single-process
 dispatcher over the same tokens; under device-limited routing with replicas, a token is served by the
 replicas on its kept ranks only; with replica balancing, the split over replicas evens the ranks out
-from the step's counts. Each rank asserts in its own process (``worker``); the test reads
+from the step's counts, unless the table's prices make the planned split cheaper. Each rank asserts in its own process (``worker``); the test reads
 the files they write.
 """
 
@@ -40,6 +40,15 @@ EXPECTED_TOKENS_SENT_LIMITED = {0: [3, 3], 1: [3, 4]}
 ALL_TO_RANK_0 = torch.tensor(
     [[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]] * WORLD, dtype=torch.float64
 )
+# A plan that keeps each source's assignments of experts 0 and 1 on its own rank: ranks 0 and 1
+# receive 10 and 13 assignments, and 3 and 2 cross between them.
+EACH_TO_ITSELF = torch.tensor(
+    [[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]],
+    dtype=torch.float64,
+)
+# Prices of one assignment (computed, sent within the node, sent across nodes): only compute counts
+# (the default), then only sending does.
+PRICES = {"compute": [1.0, 0.0, 0.0], "sending": [0.0, 1.0, 0.0]}
 
 
 def routing_of(rank: int, generator: torch.Generator):
@@ -66,7 +75,7 @@ def run(dispatcher, experts, x_TD, routing, grad_TD):
     return y_TD.detach(), dispatched.traffic
 
 
-def shard(full, experts_per_rank: list[list[int]], rank: int, fractions_RER=None, balance_replicas=False):
+def shard(full, experts_per_rank: list[list[int]], rank: int, fractions_RER=None, balance_replicas=False, prices=None):
     """This rank's dispatcher and slots (copies of ``full``'s experts) under a placement."""
     import torch.distributed as dist
 
@@ -74,7 +83,7 @@ def shard(full, experts_per_rank: list[list[int]], rank: int, fractions_RER=None
     from lightning_moe.parallel.dispatch import AllToAllDispatcher
     from lightning_moe.parallel.placement import ExpertPlacement
 
-    placement = ExpertPlacement.from_experts_per_rank(experts_per_rank, fractions_RER)
+    placement = ExpertPlacement.from_experts_per_rank(experts_per_rank, fractions_RER, assignment_seconds=prices)
     slots = placement.experts_on_rank(rank)
     local = Experts(num_experts=len(slots), d_model=D_MODEL, d_ff=D_FF)
     with torch.no_grad():
@@ -143,6 +152,14 @@ def worker(out_dir: Path) -> None:
         torch.testing.assert_close(y_TD, y_ref)
         torch.testing.assert_close(x_TD.grad, x_grad_ref)
         sent[str(balance)] = balanced.assignments_sent_per_rank.tolist()
+    # The table's prices reach the balancer: balancing the plan that keeps tokens on their rank costs
+    # 1.5 more assignments sent, so when only sending costs, the plan's split is kept.
+    for name, prices in PRICES.items():
+        dispatcher, local, _ = shard(full, REPLICATED_PLACEMENT, rank, EACH_TO_ITSELF, balance_replicas=True, prices=prices)
+        x_TD, routing, grad_TD = inputs_of(rank)
+        y_TD, priced = run(dispatcher, local, x_TD, routing, grad_TD)
+        torch.testing.assert_close(y_TD, y_ref)
+        sent[name] = priced.assignments_sent_per_rank.tolist()
     (out_dir / f"rank{rank}.json").write_text(
         json.dumps({"tokens_sent": traffic.tokens_sent_per_rank.tolist(), "assignments_sent": sent})
     )
@@ -159,10 +176,12 @@ def test_tokens_cross_once_per_rank_and_results_match_one_process(tmp_path):
     received = {
         balance: np.sum([json.loads((tmp_path / f"rank{r}.json").read_text())["assignments_sent"][balance]
                          for r in range(WORLD)], axis=0).tolist()
-        for balance in ("False", "True")
+        for balance in ("False", "True", *PRICES)
     }
     assert received["False"] == [16, 7]  # the plan's fractions
     assert abs(received["True"][0] - received["True"][1]) <= 2, received  # fitted to the step: 11.5 each
+    assert abs(received["compute"][0] - received["compute"][1]) <= 2, received  # balanced
+    assert received["sending"] == [10, 13], received  # the plan's split: nothing more crosses
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ on every rank of an expert-parallel (EP) group:
 1. pick the rank of each assignment: the expert's only holder; for an expert with replicas, the
    replica this rank's routing fractions give (:func:`~lightning_moe.layers.replicas.choose_replica_ranks`),
    among the token's kept ranks under device-limited routing. The fractions are the placement's,
-   or, with ``balance_replicas``, fitted to the step's counts over the EP group
+   or, with ``balance_replicas``, chosen for the step's counts over the EP group
    (:mod:`~lightning_moe.parallel.replica_balance`); a rank the gate chose (device-level capacity)
    is kept. Then its physical position ``rank * S + slot`` through the
    :class:`~lightning_moe.parallel.placement.ExpertPlacement`, and sort the assignments by it
@@ -196,7 +196,7 @@ class AllToAllDispatcher:
 
     def _replica_cumulative_ER(self, expert_N: torch.Tensor) -> torch.Tensor:
         """This rank's cumulative routing fractions ``[E, R]``: the placement's, or, with replica
-        balancing, fitted to this step's counts of every rank of the EP group (one all-reduce)."""
+        balancing, chosen for this step's counts of every rank of the EP group (one all-reduce)."""
         placement = self.placement
         if not self.balance_replicas:
             return placement.cumulative_fractions_RER[self.ep_rank]
