@@ -238,7 +238,7 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
             elapsed = time.perf_counter() - start
             routed = plan
             if policy == "ours":  # the dispatcher splits replicated experts from the step's counts
-                if plan is not current[policy]:  # the callback's new table carries the plan's load shares
+                if plan is not current[policy]:  # the callback's new table carries the plan's load shares (and prices)
                     ours_share = planned_load_share(plan, measured)
                 fitted = balanced_fractions(
                     plan.routing_fractions_RER, holders_RE(plan), node_of_rank, torch.from_numpy(upcoming), ours_share, prices

@@ -237,7 +237,7 @@ def migrate_layers(
 
 
 def _digest(placement: ExpertPlacement) -> str:
-    """SHA-256 of a table's routing fractions and planned load shares."""
+    """SHA-256 of a table's routing fractions, planned load shares and prices of an assignment."""
     digest = hashlib.sha256(placement.routing_fractions_RER.contiguous().numpy().tobytes())
     digest.update(placement.load_share_R.contiguous().numpy().tobytes())
     digest.update(placement.assignment_seconds.contiguous().numpy().tobytes())

@@ -32,9 +32,9 @@ class ExpertPlacement:
         routing_fractions_RER: ``[R, E, R]``: the share of source rank ``r``'s assignments to expert
             ``e`` sent to rank ``d``; ``None`` splits evenly over the replicas.
         load_share_R: ``[R]``, the share of the EP group's assignments each rank is meant to receive
-            (the plan's, which may trade a little balance for fewer bytes across nodes); per-step
-            replica balancing aims at it (:mod:`~lightning_moe.parallel.replica_balance`). ``None``
-            gives every rank an even share.
+            (the plan's, which may trade a little balance for fewer bytes across nodes); one of the
+            fits of per-step replica balancing aims at it (:mod:`~lightning_moe.parallel.replica_balance`).
+            ``None`` gives every rank an even share.
         assignment_seconds: ``[3]``, the seconds one assignment costs when computed, when sent to a
             rank of the same node and when sent to another node (over the step's all-to-alls), the
             prices per-step replica balancing weighs its candidates with. ``None``: ``[1, 0, 0]``,
