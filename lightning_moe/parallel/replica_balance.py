@@ -86,8 +86,9 @@ class ReplicaBalancer:
         share_R = share_R / share_R.sum()
         # The fits' targets: the plan's share, then an even one (a second fit only when they differ).
         self.targets_TR = torch.stack([share_R, even_R]) if not torch.allclose(share_R, even_R) else share_R[None]
-        prices = torch.tensor([1.0, 0.0, 0.0]) if assignment_seconds is None else torch.as_tensor(assignment_seconds)
-        self.assignment_seconds = prices.to(torch.float64).cpu()
+        prices = [1.0, 0.0, 0.0] if assignment_seconds is None else torch.as_tensor(assignment_seconds).tolist()
+        # Plain floats: pricing the candidates reads no tensor back from the device.
+        self.prices = (float(prices[COMPUTE]), float(prices[WITHIN_NODE]), float(prices[ACROSS_NODES]))
         same_node_RR = node_of_rank_R[:, None] == node_of_rank_R[None, :]
         self.within_node_RR = (same_node_RR & ~torch.eye(num_ranks, dtype=torch.bool)).to(torch.float64)
         self.across_nodes_RR = (~same_node_RR).to(torch.float64)
@@ -158,8 +159,7 @@ class ReplicaBalancer:
         sends ``d``): the busiest rank's compute plus the most loaded link, as
         :func:`~lightning_moe.planning.cost_model.estimate_plan` prices them, without the latency
         (the same for every candidate) and the per-slot overhead (nearly so)."""
-        prices = self.assignment_seconds.tolist()
-        compute, within, across = prices[COMPUTE], prices[WITHIN_NODE], prices[ACROSS_NODES]
+        compute, within, across = self.prices
         within_CRR, across_CRR = traffic_CRR * self.within_node_RR, traffic_CRR * self.across_nodes_RR
         links_CKR = torch.stack([
             within * within_CRR.sum(dim=2), across * across_CRR.sum(dim=2),
@@ -170,7 +170,7 @@ class ReplicaBalancer:
     def to(self, device: torch.device) -> ReplicaBalancer:
         """This balancer with its tensors on ``device``."""
         moved = object.__new__(ReplicaBalancer)
-        moved.rounds, moved.assignment_seconds = self.rounds, self.assignment_seconds
+        moved.rounds, moved.prices = self.rounds, self.prices
         for name in ("fractions_RER", "replicated_E", "holder_of_fixed_FR", "weights_RXR", "planned_RXR",
                      "targets_TR", "within_node_RR", "across_nodes_RR"):
             setattr(moved, name, getattr(self, name).to(device))
