@@ -97,18 +97,23 @@ class ReplicaBalancer:
         # Only experts with several holders have a choice; the others' load is fixed (their rows are
         # the same one-hot from every source). Fitting the replicated ones alone keeps the rounds
         # small: a few replicas among hundreds of experts.
-        self.replicated_E = holders_RE.sum(dim=0).cpu() > 1
-        self.holder_of_fixed_FR = holders_RE.t().cpu()[~self.replicated_E].to(torch.float64)
-        self.weights_RXR = weights_RER[:, self.replicated_E]
-        self.planned_RXR = self.fractions_RER[:, self.replicated_E]
+        # Index tensors, not masks, and a plain bool: on a GPU a mask's indexing and a tensor's truth
+        # value each read back from the device, and every step would wait for them.
+        replicated_E = holders_RE.sum(dim=0).cpu() > 1
+        self.has_replicas = bool(replicated_E.any())
+        self.replicated_X = replicated_E.nonzero().flatten()
+        self.fixed_F = (~replicated_E).nonzero().flatten()
+        self.holder_of_fixed_FR = holders_RE.t().cpu()[self.fixed_F].to(torch.float64)
+        self.weights_RXR = weights_RER[:, self.replicated_X]
+        self.planned_RXR = self.fractions_RER[:, self.replicated_X]
 
     def candidates(self, counts_RE: torch.Tensor) -> torch.Tensor:
         """``[C, R, E, R]``: the planned fractions, the fit to the plan's share and (when the share is
         not even) the fit to an even share, under ``counts_RE``."""
         counts_RE = counts_RE.to(self.fractions_RER)
         candidates_CRER = self.fractions_RER.expand(1 + len(self.targets_TR), -1, -1, -1).clone()
-        if counts_RE.sum() > 0 and bool(self.replicated_E.any()):  # an empty step: nothing to fit
-            candidates_CRER[:, :, self.replicated_E] = self._replicated_candidates(counts_RE)[1]
+        if self.has_replicas:
+            candidates_CRER[:, :, self.replicated_X] = self._replicated_candidates(counts_RE)[1]
         return candidates_CRER
 
     def fractions(self, counts_RE: torch.Tensor, source_rank: int | None = None) -> torch.Tensor:
@@ -119,17 +124,17 @@ class ReplicaBalancer:
         counts_RE = counts_RE.to(self.fractions_RER)
         fractions_RER = self.fractions_RER if source_rank is None else self.fractions_RER[source_rank : source_rank + 1]
         fractions_RER = fractions_RER.clone()
-        if counts_RE.sum() > 0 and bool(self.replicated_E.any()):
+        if self.has_replicas:
             traffic_CRR, candidates_CRXR = self._replicated_candidates(counts_RE)
             chosen_RXR = candidates_CRXR[torch.argmin(self._seconds(traffic_CRR))]
-            fractions_RER[:, self.replicated_E] = chosen_RXR if source_rank is None else chosen_RXR[source_rank : source_rank + 1]
+            fractions_RER[:, self.replicated_X] = chosen_RXR if source_rank is None else chosen_RXR[source_rank : source_rank + 1]
         return fractions_RER if source_rank is None else fractions_RER[0]
 
     def _replicated_candidates(self, counts_RE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each candidate's traffic ``[C, R, R]`` (assignments rank ``r`` sends rank ``d``, every expert)
         and its fractions for the replicated experts, ``[C, R, X, R]``."""
-        fixed_traffic_RR = counts_RE[:, ~self.replicated_E] @ self.holder_of_fixed_FR
-        counts_RX = counts_RE[:, self.replicated_E]
+        fixed_traffic_RR = counts_RE[:, self.fixed_F] @ self.holder_of_fixed_FR
+        counts_RX = counts_RE[:, self.replicated_X]
         fitted_TRXR = _scaled(self.weights_RXR, self._fit(fixed_traffic_RR.sum(dim=0), counts_RX))
         candidates_CRXR = torch.cat([self.planned_RXR[None], fitted_TRXR])
         traffic_CRR = fixed_traffic_RR + torch.einsum("rx,crxd->crd", counts_RX, candidates_CRXR)
@@ -142,7 +147,9 @@ class ReplicaBalancer:
         fractions themselves (``load_d = u_d sum_k c_k w_kd / sum_d' w_kd' u_d'``)."""
         total = fixed_R.sum() + counts_RX.sum()
         target_TR = self.targets_TR * total
-        damping = 1e-3 * total / target_TR.shape[1]
+        # The floor keeps an empty step finite (every factor stays 1, every candidate costs 0 and the
+        # planned fractions are kept) without a branch on the counts, which would read them back.
+        damping = 1e-3 * total / target_TR.shape[1] + 1e-9
         weights_KR = self.weights_RXR.reshape(-1, self.weights_RXR.shape[-1])
         counts_K = counts_RX.reshape(-1)
         log_scale_TR = torch.zeros_like(target_TR)
@@ -170,8 +177,8 @@ class ReplicaBalancer:
     def to(self, device: torch.device) -> ReplicaBalancer:
         """This balancer with its tensors on ``device``."""
         moved = object.__new__(ReplicaBalancer)
-        moved.rounds, moved.prices = self.rounds, self.prices
-        for name in ("fractions_RER", "replicated_E", "holder_of_fixed_FR", "weights_RXR", "planned_RXR",
+        moved.rounds, moved.prices, moved.has_replicas = self.rounds, self.prices, self.has_replicas
+        for name in ("fractions_RER", "replicated_X", "fixed_F", "holder_of_fixed_FR", "weights_RXR", "planned_RXR",
                      "targets_TR", "within_node_RR", "across_nodes_RR"):
             setattr(moved, name, getattr(self, name).to(device))
         return moved
