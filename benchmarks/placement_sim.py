@@ -45,8 +45,9 @@ softmax over per-source logits; the window's load is Poisson around the expected
 
 Printed per configuration and policy (means over the judged windows): the modelled layer time
 (forward + backward, one MoE layer), the busiest rank's load over the mean, the bytes that cross
-nodes per step, the bytes moved per re-plan, and the planner's run time. The goals of the issue
-are checked at the end for the configurations that have them.
+nodes per step, the bytes moved per re-plan, and the planner's run time; then how often per-step
+balancing kept each of its candidate splits for ``ours``. The goals of the issue are checked at the
+end for the configurations that have them.
 
 Usage::
 
@@ -66,13 +67,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lightning_moe.parallel.replica_balance import balanced_fractions
+from lightning_moe.parallel.replica_balance import ReplicaBalancer
 from lightning_moe.planning import LayerCost, PlacementPlan, PlacementPlanner, Topology
 from lightning_moe.planning.baselines import eplb_plan, oracle_plan, smartmoe_greedy_plan, static_plan
 from lightning_moe.planning.cost_model import assignment_seconds, estimate_plan, migration_transfers, planned_load_share
 from lightning_moe.planning.trigger import MigrationTrigger
 
 POLICIES = ("static", "eplb", "smartmoe", "planner", "ours", "ours_fixed", "oracle")
+#: The candidate splits of per-step balancing, in the order of ``ReplicaBalancer.candidates``.
+SPLITS = ("planned", "plan's share", "even share")
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,7 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
     ours_share = None  # the static table's: an even share
     current = {policy: static for policy in POLICIES}
     tallies = {policy: Tally() for policy in POLICIES}
+    kept = dict.fromkeys(SPLITS, 0)  # which split ours kept, per judged window
     for window in range(1, args.windows):
         measured, upcoming = loads[window - 1], loads[window]
         judged = window > args.warmup_replans  # the first re-plans leave the static placement
@@ -240,10 +244,11 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
             if policy == "ours":  # the dispatcher splits replicated experts from the step's counts
                 if plan is not current[policy]:  # the callback's new table carries the plan's load shares (and prices)
                     ours_share = planned_load_share(plan, measured)
-                fitted = balanced_fractions(
-                    plan.routing_fractions_RER, holders_RE(plan), node_of_rank, torch.from_numpy(upcoming), ours_share, prices
-                )
-                routed = PlacementPlan(plan.experts_per_rank, fitted)
+                balancer = ReplicaBalancer(plan.routing_fractions_RER, holders_RE(plan), node_of_rank, ours_share, prices)
+                routed = PlacementPlan(plan.experts_per_rank, balancer.fractions(torch.from_numpy(upcoming)))
+                if judged:
+                    choice = int(balancer.cheapest(torch.from_numpy(upcoming)))
+                    kept[SPLITS[choice] if len(balancer.targets_TR) > 1 or choice == 0 else "even share"] += 1
             estimate = estimate_plan(routed, upcoming, topology, cost)
             moved = migration_transfers(current[policy].experts_per_rank, plan.experts_per_rank, topology)
             current[policy] = plan
@@ -260,6 +265,7 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
     floor = np.mean([cross_node_floor(load, topology, slots) for load in loads[1 + args.warmup_replans :]])
     rows["floor"] = {"cross_gb": floor * cost.token_bytes * cost.all_to_all_passes / 1e9}
     expert_loads = [load.sum(axis=0) for load in loads]
+    rows["splits"] = kept
     rows["drift"] = {
         "cosine": float(np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(expert_loads, expert_loads[1:])]))
     }
@@ -295,6 +301,7 @@ def print_table(title: str, rows: dict[str, dict[str, float]]) -> None:
             f"{row['cross_gb']:.3f} | {row['moved_gb']:.2f} | {plan_s} |"
         )
     print(f"| floor (no placement crosses less) | | | | {rows['floor']['cross_gb']:.3f} | | |")
+    print("\nours' per-step split, judged windows: " + ", ".join(f"{name} {count}" for name, count in rows["splits"].items()))
     sys.stdout.flush()
 
 

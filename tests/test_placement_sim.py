@@ -65,4 +65,7 @@ def test_main_prints_a_table_per_configuration_and_the_goals(capsys):
     lines = output.splitlines()
     assert sum(line.startswith("| ours |") for line in lines) == 2  # one table per configuration
     assert sum(line.startswith("| 8x2x256x512 2x2 160/50 GB/s") for line in lines) == 2  # the summary
+    # Which split per-step balancing kept, once per judged window (one here: 3 windows, 1 warm-up).
+    assert all(sum(rows["splits"].values()) == 1 for rows in results.values())
+    assert sum(line.startswith("ours' per-step split, judged windows: planned") for line in lines) == 2
     assert "## Goals" not in output  # the goals belong to 2x8 at 160/50 GB/s

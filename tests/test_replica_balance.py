@@ -181,6 +181,7 @@ def test_the_choice_is_the_cost_models_cheapest_on_random_steps():
                                 for c in candidates])
         fractions_RER = balancer.fractions(counts_RE)
         index = next(i for i, c in enumerate(candidates) if torch.equal(c, fractions_RER))
+        assert int(balancer.cheapest(counts_RE)) == index
         assert seconds[index] <= seconds.min() * (1 + 1e-12), (trial, seconds)
         winners.add(index)
     assert winners == {0, 1, 2}  # each candidate is the cheapest somewhere: the choice matters

@@ -116,6 +116,13 @@ class ReplicaBalancer:
             candidates_CRER[:, :, self.replicated_X] = self._replicated_candidates(counts_RE)[1]
         return candidates_CRER
 
+    def cheapest(self, counts_RE: torch.Tensor) -> torch.Tensor:
+        """The index into :meth:`candidates` of the one :meth:`fractions` keeps under ``counts_RE``
+        (a 0-d tensor on the balancer's device; 0 without replicas)."""
+        if not self.has_replicas:
+            return torch.zeros((), dtype=torch.long, device=self.fractions_RER.device)
+        return torch.argmin(self._seconds(self._replicated_candidates(counts_RE.to(self.fractions_RER))[0]))
+
     def fractions(self, counts_RE: torch.Tensor, source_rank: int | None = None) -> torch.Tensor:
         """The cheapest candidate under ``counts_RE`` (the assignments each source rank routes to each
         expert now): ``[R, E, R]``, or source rank ``source_rank``'s ``[E, R]``. Rows sum to 1 and only
