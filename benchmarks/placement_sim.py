@@ -245,9 +245,10 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
                 if plan is not current[policy]:  # the callback's new table carries the plan's load shares (and prices)
                     ours_share = planned_load_share(plan, measured)
                 balancer = ReplicaBalancer(plan.routing_fractions_RER, holders_RE(plan), node_of_rank, ours_share, prices)
-                routed = PlacementPlan(plan.experts_per_rank, balancer.fractions(torch.from_numpy(upcoming)))
-                if judged:
-                    choice = int(balancer.cheapest(torch.from_numpy(upcoming)))
+                choice, fitted = balancer.choose(torch.from_numpy(upcoming))
+                routed = PlacementPlan(plan.experts_per_rank, fitted)
+                if judged:  # with an even plan share there is one fit, the even one
+                    choice = int(choice)
                     kept[SPLITS[choice] if len(balancer.targets_TR) > 1 or choice == 0 else "even share"] += 1
             estimate = estimate_plan(routed, upcoming, topology, cost)
             moved = migration_transfers(current[policy].experts_per_rank, plan.experts_per_rank, topology)

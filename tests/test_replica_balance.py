@@ -13,7 +13,7 @@ import torch
 from scipy.optimize import linprog
 
 from lightning_moe.parallel.placement import ExpertPlacement
-from lightning_moe.parallel.replica_balance import ReplicaBalancer, balanced_fractions
+from lightning_moe.parallel.replica_balance import ReplicaBalancer
 from lightning_moe.planning import LayerCost, PlacementPlan, Topology
 from lightning_moe.planning.cost_model import assignment_seconds, estimate_plan
 
@@ -57,7 +57,8 @@ def test_fitted_fractions_even_out_a_load_the_plan_did_not_expect():
     assert (fitted_RER * ~placement.holders_RE.t()[None]).abs().max() == 0
     # The same counts give the same fractions (every rank computes them alone), and a rank's own
     # row alone (what the dispatcher asks for) is that row of the whole.
-    assert torch.equal(balanced_fractions(placement.routing_fractions_RER, placement.holders_RE, nodes, counts_RE), fitted_RER)
+    again = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes)  # another rank's
+    assert torch.equal(again.fractions(counts_RE), fitted_RER)
     for rank in range(4):
         torch.testing.assert_close(balancer.fractions(counts_RE, source_rank=rank), fitted_RER[rank])
 
@@ -73,7 +74,7 @@ def test_a_local_plan_stays_local_when_that_balances():
     plan_RER = torch.where(local_RER.sum(-1, keepdim=True) > 0, local_RER, holders_RE.t()[None].double().expand(4, -1, -1))
     placement = ExpertPlacement.from_experts_per_rank(experts_per_rank, plan_RER / plan_RER.sum(-1, keepdim=True))
     counts_RE = torch.tensor([[30, 10, 10, 10, 10, 10]] * 4)
-    fitted_RER = balanced_fractions(placement.routing_fractions_RER, placement.holders_RE, nodes, counts_RE)
+    fitted_RER = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes).fractions(counts_RE)
     fitted = _loads(counts_RE, fitted_RER)
     assert fitted.max() < 1.005 * _best_max_load(counts_RE, placement.holders_RE)
     crossing = sum(float(counts_RE[r].double() @ fitted_RER[r][:, nodes != nodes[r]].sum(dim=-1)) for r in range(4))
@@ -94,7 +95,8 @@ def test_within_half_a_percent_of_the_best_balance_on_random_loads():
         skew_E = torch.rand(8, generator=generator) ** 3 * 50 + 1
         counts_RE = torch.poisson(skew_E.expand(4, 8).contiguous(), generator=generator).long()
         nodes = torch.tensor([0, 0, 1, 1])
-        fitted = _loads(counts_RE, balanced_fractions(placement.routing_fractions_RER, placement.holders_RE, nodes, counts_RE))
+        balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes)
+        fitted = _loads(counts_RE, balancer.fractions(counts_RE))
         assert fitted.max() < 1.005 * _best_max_load(counts_RE, placement.holders_RE), (trial, table)
 
 
@@ -181,7 +183,8 @@ def test_the_choice_is_the_cost_models_cheapest_on_random_steps():
                                 for c in candidates])
         fractions_RER = balancer.fractions(counts_RE)
         index = next(i for i, c in enumerate(candidates) if torch.equal(c, fractions_RER))
-        assert int(balancer.cheapest(counts_RE)) == index
+        chosen_index, chosen_RER = balancer.choose(counts_RE)
+        assert int(chosen_index) == index and torch.equal(chosen_RER, fractions_RER)
         assert seconds[index] <= seconds.min() * (1 + 1e-12), (trial, seconds)
         winners.add(index)
     assert winners == {0, 1, 2}  # each candidate is the cheapest somewhere: the choice matters

@@ -46,11 +46,9 @@ def choose_replica_ranks(
     cumulative_NR = cumulative_ER[expert_sorted_N]
     if allowed_ranks_NR is not None:
         cumulative_NR = cumulative_NR.double()
-        fractions_NR = torch.diff(cumulative_NR, dim=1, prepend=torch.zeros_like(cumulative_NR[:, :1]))
-        allowed_sorted_NR = allowed_ranks_NR[order_N].to(fractions_NR.dtype)
-        fractions_NR = fractions_NR.clamp_min(0) * allowed_sorted_NR
-        fractions_NR = torch.where(fractions_NR.sum(dim=1, keepdim=True) > 0, fractions_NR, allowed_sorted_NR)
-        cumulative_NR = fractions_NR.cumsum(dim=1) / fractions_NR.sum(dim=1, keepdim=True)
+        fractions_NR = torch.diff(cumulative_NR, dim=1, prepend=torch.zeros_like(cumulative_NR[:, :1])).clamp_min(0)
+        fractions_NR = restrict_to_allowed(fractions_NR, allowed_ranks_NR[order_N])
+        cumulative_NR = fractions_NR.cumsum(dim=1)
         # Exactly 1 from the last allowed replica on, so that rounding cannot carry an assignment
         # past it to a rank that does not hold its expert.
         ranks_R = torch.arange(cumulative_NR.shape[1], device=cumulative_NR.device)
@@ -74,3 +72,13 @@ def allowed_replicas(
         return None
     holders_RE = holders_RE.to(expert_index_N.device)
     return allowed_devices_TG[token_index_N] & holders_RE.t()[expert_index_N]
+
+
+def restrict_to_allowed(fractions_XR: torch.Tensor, allowed_XR: torch.Tensor) -> torch.Tensor:
+    """Each row's fractions over the ranks it may use (``allowed_XR``, booleans), renormalised to sum to
+    1; a row whose fractions give its allowed ranks nothing splits evenly over them (a plan that sent
+    this source's tokens for the expert to another holder). Every row must allow some rank."""
+    allowed_XR = allowed_XR.to(fractions_XR.dtype)
+    kept_XR = fractions_XR * allowed_XR
+    kept_XR = torch.where(kept_XR.sum(dim=-1, keepdim=True) > 0, kept_XR, allowed_XR)
+    return kept_XR / kept_XR.sum(dim=-1, keepdim=True)

@@ -115,25 +115,21 @@ class ExpertPlacement:
     def _load_share(self, load_share_R: torch.Tensor | None) -> torch.Tensor:
         if load_share_R is None:
             return torch.full((self.ep_size,), 1.0 / self.ep_size, dtype=torch.float64)
-        share = torch.as_tensor(load_share_R, dtype=torch.float64)
-        if tuple(share.shape) != (self.ep_size,) or (share < 0).any() or not torch.isfinite(share).all() or share.sum() <= 0:
-            raise ValueError(
-                f"ExpertPlacement: `load_share_R` must be {self.ep_size} finite, non-negative shares with a positive "
-                f"sum (one per EP rank), got {share.tolist()}."
-            )
+        share = _checked_weights(
+            load_share_R, self.ep_size, "load_share_R",
+            f"{self.ep_size} finite, non-negative shares with a positive sum (one per EP rank)",
+        )
         return share / share.sum()
 
     @staticmethod
     def _assignment_seconds(assignment_seconds: torch.Tensor | None) -> torch.Tensor:
         if assignment_seconds is None:
             return torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
-        prices = torch.as_tensor(assignment_seconds, dtype=torch.float64)
-        if tuple(prices.shape) != (3,) or (prices < 0).any() or not torch.isfinite(prices).all() or prices.sum() <= 0:
-            raise ValueError(
-                f"ExpertPlacement: `assignment_seconds` must be 3 finite, non-negative prices with a positive sum "
-                f"(computing one assignment, sending it within a node, sending it across nodes), got {prices.tolist()}."
-            )
-        return prices.clone()
+        return _checked_weights(
+            assignment_seconds, 3, "assignment_seconds",
+            "3 finite, non-negative prices with a positive sum (computing one assignment, sending it within a "
+            "node, sending it across nodes)",
+        )
 
     # ----------------------------------------------------------------------------------- constructors
 
@@ -227,3 +223,11 @@ class ExpertPlacement:
         fractions = "" if not self.has_replicas else ", routing_fractions_RER=..."
         return f"ExpertPlacement(experts_per_rank={self.experts_per_rank()}{fractions})"
 
+
+def _checked_weights(values: Any, length: int, field: str, expected: str) -> torch.Tensor:
+    """``values`` as a float64 vector of ``length`` finite, non-negative numbers with a positive sum, or
+    a ``ValueError`` naming ``field`` and what it ``expected``."""
+    vector = torch.as_tensor(values, dtype=torch.float64).clone()
+    if tuple(vector.shape) != (length,) or (vector < 0).any() or not torch.isfinite(vector).all() or vector.sum() <= 0:
+        raise ValueError(f"ExpertPlacement: `{field}` must be {expected}, got {vector.tolist()}.")
+    return vector

@@ -116,26 +116,31 @@ class ReplicaBalancer:
             candidates_CRER[:, :, self.replicated_X] = self._replicated_candidates(counts_RE)[1]
         return candidates_CRER
 
-    def cheapest(self, counts_RE: torch.Tensor) -> torch.Tensor:
-        """The index into :meth:`candidates` of the one :meth:`fractions` keeps under ``counts_RE``
-        (a 0-d tensor on the balancer's device; 0 without replicas)."""
-        if not self.has_replicas:
-            return torch.zeros((), dtype=torch.long, device=self.fractions_RER.device)
-        return torch.argmin(self._seconds(self._replicated_candidates(counts_RE.to(self.fractions_RER))[0]))
+    def choose(self, counts_RE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index into :meth:`candidates` of the cheapest candidate under ``counts_RE`` (a 0-d tensor
+        on the balancer's device; 0 without replicas) and its fractions ``[R, E, R]``."""
+        return self._choose(counts_RE, None)
 
     def fractions(self, counts_RE: torch.Tensor, source_rank: int | None = None) -> torch.Tensor:
         """The cheapest candidate under ``counts_RE`` (the assignments each source rank routes to each
         expert now): ``[R, E, R]``, or source rank ``source_rank``'s ``[E, R]``. Rows sum to 1 and only
         reach holders. Deterministic: the same counts give the same fractions on every rank, and the
         choice is an index on the device, not a branch on the host."""
+        fractions_RER = self._choose(counts_RE, source_rank)[1]
+        return fractions_RER if source_rank is None else fractions_RER[0]
+
+    def _choose(self, counts_RE: torch.Tensor, source_rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cheapest candidate's index and its fractions, for every source or ``source_rank``'s row."""
         counts_RE = counts_RE.to(self.fractions_RER)
         fractions_RER = self.fractions_RER if source_rank is None else self.fractions_RER[source_rank : source_rank + 1]
         fractions_RER = fractions_RER.clone()
-        if self.has_replicas:
-            traffic_CRR, candidates_CRXR = self._replicated_candidates(counts_RE)
-            chosen_RXR = candidates_CRXR[torch.argmin(self._seconds(traffic_CRR))]
-            fractions_RER[:, self.replicated_X] = chosen_RXR if source_rank is None else chosen_RXR[source_rank : source_rank + 1]
-        return fractions_RER if source_rank is None else fractions_RER[0]
+        if not self.has_replicas:
+            return torch.zeros((), dtype=torch.long, device=fractions_RER.device), fractions_RER
+        traffic_CRR, candidates_CRXR = self._replicated_candidates(counts_RE)
+        index = torch.argmin(self._seconds(traffic_CRR))
+        chosen_RXR = candidates_CRXR[index]
+        fractions_RER[:, self.replicated_X] = chosen_RXR if source_rank is None else chosen_RXR[source_rank : source_rank + 1]
+        return index, fractions_RER
 
     def _replicated_candidates(self, counts_RE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each candidate's traffic ``[C, R, R]`` (assignments rank ``r`` sends rank ``d``, every expert)
@@ -189,18 +194,6 @@ class ReplicaBalancer:
                      "targets_TR", "within_node_RR", "across_nodes_RR"):
             setattr(moved, name, getattr(self, name).to(device))
         return moved
-
-
-def balanced_fractions(
-    planned_RER: torch.Tensor,
-    holders_RE: torch.Tensor,
-    node_of_rank_R: torch.Tensor,
-    counts_RE: torch.Tensor,
-    target_share_R: torch.Tensor | None = None,
-    assignment_seconds: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``[R, E, R]`` routing fractions for ``counts_RE`` (:class:`ReplicaBalancer`, once)."""
-    return ReplicaBalancer(planned_RER, holders_RE, node_of_rank_R, target_share_R, assignment_seconds).fractions(counts_RE)
 
 
 def _scaled(weights_RXR: torch.Tensor, log_scale_TR: torch.Tensor) -> torch.Tensor:

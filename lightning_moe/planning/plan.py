@@ -198,4 +198,3 @@ def check_shape(num_experts: int, num_ranks: int, slots_per_rank: int, *, where:
             f"{where}: slots_per_rank={slots_per_rank} exceeds num_experts={num_experts}; a rank would hold two "
             f"replicas of one expert. Use at most {num_experts} slots per rank."
         )
-

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_moe.layers.gates.base import AuxLoss, Routing
-from lightning_moe.layers.replicas import allowed_replicas, choose_replica_ranks
+from lightning_moe.layers.replicas import allowed_replicas, choose_replica_ranks, restrict_to_allowed
 from lightning_moe.ops.counting import count_per_expert, positions_in_groups
 from lightning_moe.validation import check_non_negative
 
@@ -148,11 +148,8 @@ class DeviceBalance:
             share_TKG = share_GE.t()[topk_ids_TK]
             if routing.allowed_devices_TG is not None:  # replicas only on the token's kept devices
                 # As the replica choice does: their shares renormalised, or even when they have none.
-                allowed_TKG = (routing.allowed_devices_TG.unsqueeze(1) & self.devices.holders_GE.t()[topk_ids_TK])
-                allowed_TKG = allowed_TKG.to(share_TKG.dtype)
-                share_TKG = share_TKG * allowed_TKG
-                share_TKG = torch.where(share_TKG.sum(dim=-1, keepdim=True) > 0, share_TKG, allowed_TKG)
-                share_TKG = share_TKG / share_TKG.sum(dim=-1, keepdim=True)
+                allowed_TKG = routing.allowed_devices_TG.unsqueeze(1) & self.devices.holders_GE.t()[topk_ids_TK]
+                share_TKG = restrict_to_allowed(share_TKG, allowed_TKG)
             sent_TG = 1.0 - (1.0 - share_TKG).prod(dim=1)  # P(token t reaches device g)
             sent_load_G = num_devices / (reach * max(num_tokens, 1)) * sent_TG.sum(dim=0)  # f''_g
             loss = (sent_load_G.detach() * device_affinity_G).sum()
