@@ -74,7 +74,7 @@ from lightning_moe.planning.cost_model import assignment_seconds, estimate_plan,
 from lightning_moe.planning.trigger import MigrationTrigger
 
 POLICIES = ("static", "eplb", "smartmoe", "planner", "ours", "ours_fixed", "oracle")
-#: The candidate splits of per-step balancing, in the order of ``ReplicaBalancer.candidates``.
+#: The splits per-step balancing may keep, as printed, in the order of ``replica_balance.SPLITS``.
 SPLITS = ("planned", "plan's share", "even share")
 
 
@@ -247,9 +247,8 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
                 balancer = ReplicaBalancer(plan.routing_fractions_RER, holders_RE(plan), node_of_rank, ours_share, prices)
                 choice, fitted = balancer.choose(torch.from_numpy(upcoming))
                 routed = PlacementPlan(plan.experts_per_rank, fitted)
-                if judged:  # with an even plan share there is one fit, the even one
-                    choice = int(choice)
-                    kept[SPLITS[choice] if len(balancer.targets_TR) > 1 or choice == 0 else "even share"] += 1
+                if judged:
+                    kept[SPLITS[int(balancer.split_of_candidate[choice])]] += 1
             estimate = estimate_plan(routed, upcoming, topology, cost)
             moved = migration_transfers(current[policy].experts_per_rank, plan.experts_per_rank, topology)
             current[policy] = plan

@@ -144,7 +144,7 @@ def worker(out_dir: Path) -> None:
 
     # Replica balancing: the plan sends every token of experts 0 and 1 to rank 0 (16 of the 23
     # assignments); fitted to the step's counts, the split evens the ranks out. Same function.
-    sent = {}
+    sent, kept = {}, {}
     for balance in (False, True):
         dispatcher, local, _ = shard(full, REPLICATED_PLACEMENT, rank, ALL_TO_RANK_0, balance_replicas=balance)
         x_TD, routing, grad_TD = inputs_of(rank)
@@ -152,6 +152,7 @@ def worker(out_dir: Path) -> None:
         torch.testing.assert_close(y_TD, y_ref)
         torch.testing.assert_close(x_TD.grad, x_grad_ref)
         sent[str(balance)] = balanced.assignments_sent_per_rank.tolist()
+        kept[str(balance)] = None if balanced.replica_split is None else balanced.replica_split.tolist()
     # The table's prices reach the balancer: balancing the plan that keeps tokens on their rank costs
     # 1.5 more assignments sent, so when only sending costs, the plan's split is kept.
     for name, prices in PRICES.items():
@@ -160,8 +161,9 @@ def worker(out_dir: Path) -> None:
         y_TD, priced = run(dispatcher, local, x_TD, routing, grad_TD)
         torch.testing.assert_close(y_TD, y_ref)
         sent[name] = priced.assignments_sent_per_rank.tolist()
+        kept[name] = priced.replica_split.tolist()
     (out_dir / f"rank{rank}.json").write_text(
-        json.dumps({"tokens_sent": traffic.tokens_sent_per_rank.tolist(), "assignments_sent": sent})
+        json.dumps({"tokens_sent": traffic.tokens_sent_per_rank.tolist(), "assignments_sent": sent, "kept": kept})
     )
     dist.destroy_process_group()
 
@@ -182,6 +184,13 @@ def test_tokens_cross_once_per_rank_and_results_match_one_process(tmp_path):
     assert abs(received["True"][0] - received["True"][1]) <= 2, received  # fitted to the step: 11.5 each
     assert abs(received["compute"][0] - received["compute"][1]) <= 2, received  # balanced
     assert received["sending"] == [10, 13], received  # the plan's split: nothing more crosses
+    # Which split each step kept (planned, plan's share, even share), the same on every rank: none
+    # without balancing; a fit where it balanced; the planned fractions where only sending costs.
+    kept = [json.loads((tmp_path / f"rank{r}.json").read_text())["kept"] for r in range(WORLD)]
+    assert all(k == kept[0] for k in kept)
+    assert kept[0]["False"] is None
+    assert kept[0]["True"][0] == 0 and kept[0]["compute"][0] == 0 and sum(kept[0]["True"]) == sum(kept[0]["compute"]) == 1
+    assert kept[0]["sending"] == [1, 0, 0]
 
 
 if __name__ == "__main__":

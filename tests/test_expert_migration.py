@@ -63,6 +63,15 @@ def test_migrates_on_a_skewed_load_and_keeps_the_loss(world4, name):
     assert all(r["assignment_seconds"] == results[0]["assignment_seconds"] for r in results)
     # Migration moves experts, not the function: the loss of the run without it (EP tolerance).
     np.testing.assert_allclose(step_losses(results), step_losses(static), rtol=1e-4)
+    if name == "migrate_with_monitor":
+        # The monitor counts which split per-step replica balancing kept in every dispatch (the spare
+        # slots hold replicas from the start): each window of 2 steps has 2 x 2 micro-batches on
+        # each of the 4 ranks. This run keeps the planned fractions and, on some steps, a fit.
+        splits = results[0]["replica_split"]
+        assert all(r["replica_split"] == splits for r in results)
+        assert len(splits) == 6 and all(sum(kept) == 16 for window in splits for kept in window)
+        totals = np.sum(splits, axis=(0, 1))
+        assert totals[0] > 0 and totals[1] + totals[2] > 0, totals
 
 
 def test_planning_that_fails_on_one_rank_stops_every_rank(world4):
@@ -84,6 +93,12 @@ def test_tensorboard_holds_the_migration_scalars_and_placement_images(world4):
     assert [e.step for e in events.Scalars("moe/migration/experts_moved")] == [4, 8]
     images = [tag for tag in events.Tags()["images"] if tag.endswith("/placement")]
     assert images and events.Images(images[0])[0].step == 4
+    # With the monitor: which split per-step replica balancing kept, as shares of the dispatches.
+    (event_file,) = (world4 / "migrate_with_monitor" / "tb").rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file.parent), size_guidance={"scalars": 0})
+    events.Reload()
+    shares = [events.Scalars(f"moe/replica_split_{name}") for name in ("planned", "plan_share", "even_share")]
+    assert shares[0] and all(sum(e.value for e in same_step) == pytest.approx(1.0) for same_step in zip(*shares))
 
 
 def test_the_migration_recipe_runs_on_two_processes(tmp_path):

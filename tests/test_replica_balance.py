@@ -185,9 +185,16 @@ def test_the_choice_is_the_cost_models_cheapest_on_random_steps():
         index = next(i for i, c in enumerate(candidates) if torch.equal(c, fractions_RER))
         chosen_index, chosen_RER = balancer.choose(counts_RE)
         assert int(chosen_index) == index and torch.equal(chosen_RER, fractions_RER)
+        mine, my_RER = balancer.choose(counts_RE, source_rank=trial % 4)  # the dispatcher's call
+        assert int(mine) == index and torch.equal(my_RER, fractions_RER[trial % 4])
         assert seconds[index] <= seconds.min() * (1 + 1e-12), (trial, seconds)
         winners.add(index)
     assert winners == {0, 1, 2}  # each candidate is the cheapest somewhere: the choice matters
+    # The candidates' names (planned, plan's share, even share): with an even plan share there is
+    # one fit, the even one.
+    assert balancer.split_of_candidate.tolist() == [0, 1, 2]
+    even = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes)
+    assert len(even.candidates(counts_RE)) == 2 and even.split_of_candidate.tolist() == [0, 2]
 
 
 def test_load_shares_are_checked_and_travel_with_the_table(tmp_path):

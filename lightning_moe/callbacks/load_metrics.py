@@ -18,10 +18,13 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from lightning_moe.parallel.replica_balance import SPLITS
+
 # Columns of the per-layer counters: assignments before capacity drops, assignments dropped, router
 # entropy weighted by the tokens of its micro-batch, tokens, and the tokens that came with an entropy.
 _ROUTED, _DROPPED, _ENTROPY_SUM, _TOKENS, _ENTROPY_TOKENS = range(5)
 _NUM_COUNTERS = 5
+_NUM_SPLITS = len(SPLITS)
 
 
 @dataclass
@@ -45,6 +48,10 @@ class LoadWindow:
         source_load: per layer, assignments ``[P, E]`` from each source EP rank to each logical
             expert (after capacity drops), summed over expert-data-parallel replicas: what a placement
             planner needs (which ranks send tokens to which experts).
+        replica_split: per layer, how many of the window's dispatches kept each split of replicated
+            experts' tokens, ``[3]`` over :data:`~lightning_moe.parallel.replica_balance.SPLITS`
+            (planned fractions, fit to the plan's share, fit to an even share), summed over processes
+            (every process of an EP group keeps the same split); zeros without per-step balancing.
     """
 
     step: int
@@ -56,6 +63,7 @@ class LoadWindow:
     router_entropy: list[float | None] = field(default_factory=list)
     rank_load: list[torch.Tensor] = field(default_factory=list)
     source_load: list[torch.Tensor] = field(default_factory=list)
+    replica_split: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -73,6 +81,7 @@ class LoadWindow:
             "router_entropy": list(self.router_entropy),
             "rank_load": [t.clone() for t in self.rank_load],
             "source_load": [t.clone() for t in self.source_load],
+            "replica_split": [t.clone() for t in self.replica_split],
         }
 
     @classmethod
@@ -113,6 +122,7 @@ class ExpertLoadMetric(Metric):
         self.add_state(
             "source_load_LPM", torch.zeros(num_layers, ep_size, widest, dtype=torch.long), dist_reduce_fx="sum"
         )
+        self.add_state("replica_split_LK", torch.zeros(num_layers, _NUM_SPLITS, dtype=torch.long), dist_reduce_fx="sum")
         # NOTE: float64 counters hold integer counts exactly up to 2**53 and the entropy sums.
         self.add_state("counters_LC", torch.zeros(num_layers, _NUM_COUNTERS, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -144,6 +154,8 @@ class ExpertLoadMetric(Metric):
             if layer.traffic is not None:
                 self.traffic_LPP[index, dispatcher.ep_rank] += layer.traffic.tokens_sent_per_rank.to(device)
                 self.rank_load_LP[index] += layer.traffic.assignments_sent_per_rank.to(device)
+                if layer.traffic.replica_split is not None:
+                    self.replica_split_LK[index] += layer.traffic.replica_split.to(device)
             num_tokens = float(layer.num_tokens)
             entropy = layer.stats.get("router_entropy")
             entropy_sum = (
@@ -160,7 +172,7 @@ class ExpertLoadMetric(Metric):
         self.counters_LC[:, _TOKENS:] += torch.tensor(on_host, dtype=torch.float64).to(device, non_blocking=True)
 
     def compute(self) -> tuple[torch.Tensor, ...]:
-        """The summed states ``([L, M], [L, P, P], [L, P], [L, C], [L, P, M])`` on the CPU (a
+        """The summed states ``([L, M], [L, P, P], [L, P], [L, C], [L, P, M], [L, 3])`` on the CPU (a
         collective: call on every rank).
 
         NOTE: torchmetrics squeezes one-element tensors of the result (``[1, 1, 1]`` traffic of one
@@ -168,7 +180,7 @@ class ExpertLoadMetric(Metric):
         """
         return (
             self.tokens_per_expert_LM.cpu(), self.traffic_LPP.cpu(), self.rank_load_LP.cpu(), self.counters_LC.cpu(),
-            self.source_load_LPM.cpu(),
+            self.source_load_LPM.cpu(), self.replica_split_LK.cpu(),
         )
 
     def compute_window(self, step: int) -> LoadWindow:
@@ -176,13 +188,14 @@ class ExpertLoadMetric(Metric):
 
         A collective when running distributed: every rank must call it.
         """
-        tokens_LM, traffic_LPP, rank_load_LP, counters_LC, source_load_LPM = self.compute()
+        tokens_LM, traffic_LPP, rank_load_LP, counters_LC, source_load_LPM, replica_split_LK = self.compute()
         num_layers = len(self.num_experts)
         tokens_LM = tokens_LM.reshape(num_layers, max(self.num_experts))
         traffic_LPP = traffic_LPP.reshape(num_layers, self.ep_size, self.ep_size)
         rank_load_LP = rank_load_LP.reshape(num_layers, self.ep_size)
         counters_LC = counters_LC.reshape(num_layers, _NUM_COUNTERS)
         source_load_LPM = source_load_LPM.reshape(num_layers, self.ep_size, max(self.num_experts))
+        replica_split_LK = replica_split_LK.reshape(num_layers, _NUM_SPLITS)
         entropy = []
         for row in counters_LC:
             tokens_with_entropy = row[_ENTROPY_TOKENS].item()
@@ -197,6 +210,7 @@ class ExpertLoadMetric(Metric):
             router_entropy=entropy,
             rank_load=[t.clone() for t in rank_load_LP],
             source_load=[source_load_LPM[index, :, :num].clone() for index, num in enumerate(self.num_experts)],
+            replica_split=[t.clone() for t in replica_split_LK],
         )
 
 
@@ -227,8 +241,11 @@ def summarize(window: LoadWindow, run_tokens_per_expert: Sequence[torch.Tensor])
     the window), ``dropped_fraction`` (dropped / routed assignments), ``experts_per_token`` (routed
     assignments / tokens: ``k`` for top-k, variable for the dynamic gate), ``router_entropy`` (when
     the gate reports it) and, under expert parallelism, ``ep_max_vio`` (MaxVio of the rows each EP
-    rank processed). Run-level: the mean over layers of each, except ``dead_experts`` (a sum) and
-    ``dropped_fraction`` (over all layers' assignments).
+    rank processed) and, with per-step replica balancing, ``replica_split_planned``,
+    ``replica_split_plan_share`` and ``replica_split_even_share`` (the share of the window's
+    dispatches that kept each split, :mod:`lightning_moe.parallel.replica_balance`). Run-level: the
+    mean over layers of each, except ``dead_experts`` (a sum) and ``dropped_fraction`` (over all
+    layers' assignments).
     """
     metrics: dict[str, float] = {}
     per_layer: dict[str, list[float]] = {}
@@ -250,6 +267,10 @@ def summarize(window: LoadWindow, run_tokens_per_expert: Sequence[torch.Tensor])
         rank_load_P = window.rank_load[index]
         if rank_load_P.shape[0] > 1:
             put(index, "ep_max_vio", max_violation(rank_load_P))
+        kept_K = window.replica_split[index] if window.replica_split else None
+        if kept_K is not None and kept_K.sum() > 0:
+            for name, share in zip(SPLITS, (kept_K.double() / kept_K.sum()).tolist()):
+                put(index, f"replica_split_{name}", share)
 
     for name, values in per_layer.items():
         metrics[f"moe/{name}"] = sum(values) / len(values)

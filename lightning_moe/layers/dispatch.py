@@ -65,10 +65,15 @@ class DispatchTraffic:
         tokens_sent_per_rank: distinct tokens sent to each rank: one hidden row each, what crosses
             the network.
         assignments_sent_per_rank: assignments sent to each rank's experts: their work.
+        replica_split: with per-step replica balancing, which split of replicated experts' tokens
+            the step kept, one-hot ``[3]`` over
+            :data:`~lightning_moe.parallel.replica_balance.SPLITS` (planned, plan's share, even
+            share); ``None`` otherwise.
     """
 
     tokens_sent_per_rank: torch.Tensor
     assignments_sent_per_rank: torch.Tensor
+    replica_split: torch.Tensor | None = None
 
 
 class Dispatched(NamedTuple):

@@ -48,7 +48,7 @@ from lightning_moe.layers.gates.base import Routing
 from lightning_moe.layers.replicas import allowed_replicas, choose_replica_ranks
 from lightning_moe.ops.counting import count_per_expert
 from lightning_moe.parallel.placement import ExpertPlacement
-from lightning_moe.parallel.replica_balance import ReplicaBalancer
+from lightning_moe.parallel.replica_balance import SPLITS, ReplicaBalancer
 
 
 @dataclass
@@ -131,11 +131,13 @@ class AllToAllDispatcher:
         # 1. Destination rank and physical position of each assignment; sorted by position,
         # assignments are grouped by destination rank and, inside a rank, by slot.
         expert_N = routing.expert_index_N
+        replica_split = None
         if routing.device_index_N is not None:
             rank_N = routing.device_index_N
         elif placement.has_replicas:
             allowed_NR = allowed_replicas(routing.allowed_devices_TG, routing.token_index_N, expert_N, placement.holders_RE)
-            rank_N = choose_replica_ranks(expert_N, self._replica_cumulative_ER(expert_N), allowed_NR)
+            cumulative_ER, replica_split = self._replica_cumulative_ER(expert_N)
+            rank_N = choose_replica_ranks(expert_N, cumulative_ER, allowed_NR)
         else:
             rank_N = placement.file_rank_E.to(device)[expert_N]  # each expert's only holder
         physical_N = rank_N * slots + placement.slot_of_expert_ER.to(device)[expert_N, rank_N]
@@ -163,7 +165,7 @@ class AllToAllDispatcher:
         sizes = torch.stack([pairs_per_rank_R, pairs_received_R, assignments_RL.sum(1), received_RL.sum(1)])
         pairs_sent, pairs_received, assignments_sent, assignments_received = sizes.tolist()
         traffic = DispatchTraffic(
-            tokens_sent_per_rank=pairs_per_rank_R, assignments_sent_per_rank=assignments_RL.sum(1)
+            tokens_sent_per_rank=pairs_per_rank_R, assignments_sent_per_rank=assignments_RL.sum(1), replica_split=replica_split
         )
 
         # 4. Pair rows and assignment weights differentiably; pair indices as plain int32.
@@ -194,12 +196,14 @@ class AllToAllDispatcher:
         )
         return Dispatched(x_received_VD[pair_of_row_M], received_RL.sum(dim=0), context, traffic)
 
-    def _replica_cumulative_ER(self, expert_N: torch.Tensor) -> torch.Tensor:
+    def _replica_cumulative_ER(self, expert_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's cumulative routing fractions ``[E, R]``: the placement's, or, with replica
-        balancing, chosen for this step's counts of every rank of the EP group (one all-reduce)."""
+        balancing, chosen for this step's counts of every rank of the EP group (one all-reduce); and,
+        with balancing, which split the step kept (one-hot ``[3]`` over ``replica_balance.SPLITS``,
+        on the device: nothing is read back)."""
         placement = self.placement
         if not self.balance_replicas:
-            return placement.cumulative_fractions_RER[self.ep_rank]
+            return placement.cumulative_fractions_RER[self.ep_rank], None
         device = expert_N.device
         if self._balancer is None or self._balancer.fractions_RER.device != device:
             nodes = self.node_of_rank if self.node_of_rank is not None else torch.zeros(self.ep_size, dtype=torch.long)
@@ -210,9 +214,11 @@ class AllToAllDispatcher:
         counts_RE = torch.zeros(self.ep_size, self.num_experts, dtype=torch.int64, device=device)
         counts_RE[self.ep_rank] = count_per_expert(expert_N, self.num_experts)
         dist.all_reduce(counts_RE, group=self.ep_group)
-        cumulative_ER = self._balancer.fractions(counts_RE, source_rank=self.ep_rank).cumsum(dim=-1)
+        index, fractions_ER = self._balancer.choose(counts_RE, source_rank=self.ep_rank)
+        cumulative_ER = fractions_ER.cumsum(dim=-1)
         cumulative_ER[:, -1] = 1.0  # no assignment may fall past the last replica
-        return cumulative_ER
+        split = torch.nn.functional.one_hot(self._balancer.split_of_candidate[index], len(SPLITS))
+        return cumulative_ER, split
 
     def combine(self, y_MD: torch.Tensor, context: DispatchContext) -> torch.Tensor:
         """``[T, D]``: each token's expert outputs, weighted by the gate and summed, back on the rank

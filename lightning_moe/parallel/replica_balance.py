@@ -43,6 +43,9 @@ ROUNDS = 50
 #: Positions in ``assignment_seconds``: the seconds one assignment costs when computed, and when
 #: sent to a rank of the same node or of another node (over every all-to-all of the step).
 COMPUTE, WITHIN_NODE, ACROSS_NODES = range(3)
+#: The splits a step may keep, as :attr:`ReplicaBalancer.split_of_candidate` numbers them: the planned
+#: fractions, the fit to the plan's share of load per rank, the fit to an even share.
+SPLITS = ("planned", "plan_share", "even_share")
 
 
 def balancing_weights(fractions_RER: torch.Tensor, holders_RE: torch.Tensor, node_of_rank_R: torch.Tensor) -> torch.Tensor:
@@ -86,6 +89,8 @@ class ReplicaBalancer:
         share_R = share_R / share_R.sum()
         # The fits' targets: the plan's share, then an even one (a second fit only when they differ).
         self.targets_TR = torch.stack([share_R, even_R]) if not torch.allclose(share_R, even_R) else share_R[None]
+        #: Which of :data:`SPLITS` each candidate is (with an even plan share, the one fit is the even one).
+        self.split_of_candidate = torch.tensor([0, 1, 2] if len(self.targets_TR) > 1 else [0, 2])
         prices = [1.0, 0.0, 0.0] if assignment_seconds is None else torch.as_tensor(assignment_seconds).tolist()
         # Plain floats: pricing the candidates reads no tensor back from the device.
         self.prices = (float(prices[COMPUTE]), float(prices[WITHIN_NODE]), float(prices[ACROSS_NODES]))
@@ -116,31 +121,26 @@ class ReplicaBalancer:
             candidates_CRER[:, :, self.replicated_X] = self._replicated_candidates(counts_RE)[1]
         return candidates_CRER
 
-    def choose(self, counts_RE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The index into :meth:`candidates` of the cheapest candidate under ``counts_RE`` (a 0-d tensor
-        on the balancer's device; 0 without replicas) and its fractions ``[R, E, R]``."""
-        return self._choose(counts_RE, None)
-
-    def fractions(self, counts_RE: torch.Tensor, source_rank: int | None = None) -> torch.Tensor:
-        """The cheapest candidate under ``counts_RE`` (the assignments each source rank routes to each
-        expert now): ``[R, E, R]``, or source rank ``source_rank``'s ``[E, R]``. Rows sum to 1 and only
-        reach holders. Deterministic: the same counts give the same fractions on every rank, and the
-        choice is an index on the device, not a branch on the host."""
-        fractions_RER = self._choose(counts_RE, source_rank)[1]
-        return fractions_RER if source_rank is None else fractions_RER[0]
-
-    def _choose(self, counts_RE: torch.Tensor, source_rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cheapest candidate's index and its fractions, for every source or ``source_rank``'s row."""
+    def choose(self, counts_RE: torch.Tensor, source_rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index into :meth:`candidates` of the cheapest candidate under ``counts_RE`` (the
+        assignments each source rank routes to each expert now; a 0-d tensor on the balancer's device,
+        0 without replicas) and its fractions: ``[R, E, R]``, or source rank ``source_rank``'s
+        ``[E, R]``. Rows sum to 1 and only reach holders. Deterministic: the same counts give the same
+        fractions on every rank, and the choice is an index on the device, not a branch on the host."""
         counts_RE = counts_RE.to(self.fractions_RER)
         fractions_RER = self.fractions_RER if source_rank is None else self.fractions_RER[source_rank : source_rank + 1]
         fractions_RER = fractions_RER.clone()
-        if not self.has_replicas:
-            return torch.zeros((), dtype=torch.long, device=fractions_RER.device), fractions_RER
-        traffic_CRR, candidates_CRXR = self._replicated_candidates(counts_RE)
-        index = torch.argmin(self._seconds(traffic_CRR))
-        chosen_RXR = candidates_CRXR[index]
-        fractions_RER[:, self.replicated_X] = chosen_RXR if source_rank is None else chosen_RXR[source_rank : source_rank + 1]
-        return index, fractions_RER
+        index = torch.zeros((), dtype=torch.long, device=fractions_RER.device)
+        if self.has_replicas:
+            traffic_CRR, candidates_CRXR = self._replicated_candidates(counts_RE)
+            index = torch.argmin(self._seconds(traffic_CRR))
+            chosen_RXR = candidates_CRXR[index]
+            fractions_RER[:, self.replicated_X] = chosen_RXR if source_rank is None else chosen_RXR[source_rank : source_rank + 1]
+        return index, fractions_RER if source_rank is None else fractions_RER[0]
+
+    def fractions(self, counts_RE: torch.Tensor, source_rank: int | None = None) -> torch.Tensor:
+        """The fractions of :meth:`choose`."""
+        return self.choose(counts_RE, source_rank)[1]
 
     def _replicated_candidates(self, counts_RE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each candidate's traffic ``[C, R, R]`` (assignments rank ``r`` sends rank ``d``, every expert)
@@ -191,7 +191,7 @@ class ReplicaBalancer:
         moved = object.__new__(ReplicaBalancer)
         moved.rounds, moved.prices, moved.has_replicas = self.rounds, self.prices, self.has_replicas
         for name in ("fractions_RER", "replicated_X", "fixed_F", "holder_of_fixed_FR", "weights_RXR", "planned_RXR",
-                     "targets_TR", "within_node_RR", "across_nodes_RR"):
+                     "targets_TR", "within_node_RR", "across_nodes_RR", "split_of_candidate"):
             setattr(moved, name, getattr(self, name).to(device))
         return moved
 

@@ -54,9 +54,10 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     CountingTrigger.calls, CountingTrigger.fail_on_rank = 0, scenario.get("fail_on_rank")
     model = skewed_model()
     callbacks = []
-    migration = None
+    migration = monitor = None
     if scenario.get("monitor"):
-        callbacks.append(ExpertLoadMonitor(every_n_steps=2, log_histograms=False, image_every_n_steps=2))
+        monitor = ExpertLoadMonitor(every_n_steps=2, log_histograms=False, image_every_n_steps=2)
+        callbacks.append(monitor)
     if scenario.get("migrate"):
         migration = ExpertMigration(every_n_steps=scenario.get("every", 4))
         migration.trigger = CountingTrigger(**vars(migration.trigger))
@@ -80,6 +81,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "placements": {name: p.experts_per_rank() for name, p in trainer.strategy.placements().items()},
         "load_shares": {name: p.load_share_R.tolist() for name, p in trainer.strategy.placements().items()},
         "assignment_seconds": {name: p.assignment_seconds.tolist() for name, p in trainer.strategy.placements().items()},
+        "replica_split": [[kept.tolist() for kept in window.replica_split] for window in monitor.history] if monitor else [],
     }
 
 
