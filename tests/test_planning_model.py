@@ -291,18 +291,23 @@ def test_trigger_needs_a_real_gain_and_a_move_that_pays():
         MigrationTrigger(horizon_steps=10, history_windows=0)
 
 
-def test_plans_for_a_load_that_steps_back_and_forth():
-    # Two states of one load: experts 2 and 3 trade 600 tokens back and forth. A plan made for
-    # both windows is balanced in both states; made for the last window alone, it is off balance as
-    # soon as the load steps back. The trigger plans for the windows it has seen.
+def _one_node_of_four_planner():
+    """A planner for 4 experts on one node of 4 ranks with 2 slots each, and the default trigger."""
     from lightning_moe.planning import PlacementPlanner
     from lightning_moe.planning.trigger import MigrationTrigger
 
     topology = Topology(1, 4, intra_node_bandwidth=1e11, inter_node_bandwidth=1e10)
     planner = PlacementPlanner(topology, 4, 2, token_bytes=1e3, seconds_per_token=1e-6, expert_bytes=1e3)
+    return planner, MigrationTrigger(horizon_steps=100)
+
+
+def test_plans_for_a_load_that_steps_back_and_forth():
+    # Two states of one load: experts 2 and 3 trade 600 tokens back and forth. A plan made for
+    # both windows is balanced in both states; made for the last window alone, it is off balance as
+    # soon as the load steps back. The trigger plans for the windows it has seen.
+    planner, trigger = _one_node_of_four_planner()
     state_a = np.tile([4000.0, 2000.0, 1400.0, 600.0], (4, 1))
     state_b = np.tile([4000.0, 2000.0, 800.0, 1200.0], (4, 1))
-    trigger = MigrationTrigger(horizon_steps=100)
     first = trigger.choose(PlacementPlan.default(4, 4, 2), [state_a, state_a], planner)
 
     def balance(plan):
@@ -383,3 +388,23 @@ def test_trigger_does_not_follow_a_hot_expert_that_rotates():
     assert step(bet_on_1, [hot(1), hot(1)]) is bet_on_1
     with pytest.raises(ValueError, match="at least the latest window"):
         trigger.choose(default, [], planner)
+
+
+def test_trigger_does_not_move_to_a_plan_for_old_windows_that_loses_on_the_latest():
+    # Three windows with expert 0 hot, then one with expert 3 hot, and the plan in force made for
+    # the latest. A plan for all four windows wins on their mean (the old state is 3 of 4), but it
+    # loses on the window that just ended: moving would pay only if the load went back. The trigger
+    # keeps the slots; with the old state latest, the same plan is worth the move.
+    planner, trigger = _one_node_of_four_planner()
+    old = np.tile([5000.0, 1000.0, 1000.0, 1000.0], (4, 1))
+    new = np.tile([1000.0, 1000.0, 1000.0, 5000.0], (4, 1))
+    for_new = planner.plan(new)
+    windows = [new, old, old, old]
+    for_all = planner.plan(np.stack(windows), for_new)
+    assert for_all.experts_per_rank != for_new.experts_per_rank
+    mean = lambda plan: np.mean([planner.estimate(plan, window).layer_seconds for window in windows])  # noqa: E731
+    assert mean(for_all) < 0.9 * mean(for_new)  # the hysteresis alone would move
+    assert planner.estimate(for_all, new).layer_seconds > planner.estimate(for_new, new).layer_seconds
+    kept = trigger.choose(for_new, windows, planner)
+    assert kept.experts_per_rank == for_new.experts_per_rank
+    assert trigger.choose(for_new, [old, old, old, new], planner).experts_per_rank != for_new.experts_per_rank

@@ -12,8 +12,11 @@ cost model's, averaged over the windows planned for):
     gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)           (hysteresis)
     gain * horizon_steps                        >  migration_margin * migration_time   (cost of moving)
 
-When it does not, the slots in force stay but get fresh routing fractions for the windows: changing
-fractions moves no data, so every re-plan takes them.
+A plan made for several windows must also be no slower than ``now`` on the latest of them: one that
+wins on their mean but loses on the window that just ended pays for its move only if the load goes
+back to older states, a bet the data of the last window speaks against. When the plan is not taken,
+the slots in force stay but get fresh routing fractions for the windows: changing fractions moves no
+data, so every re-plan takes them.
 
 Which windows are planned for is itself checked on the past (a backtest on the slots in force):
 fractions fitted to the windows before the last one are compared, on the last one, with fractions
@@ -111,7 +114,10 @@ class MigrationTrigger:
             kept = candidate  # the planner kept the slots: its fractions are the fresh ones
         else:
             migration = planner.estimate(candidate, latest, now).migration_seconds
-            if self.accepts(_mean_seconds(planner, now, windows), _mean_seconds(planner, candidate, windows), migration):
+            pays = self.accepts(_mean_seconds(planner, now, windows), _mean_seconds(planner, candidate, windows), migration)
+            # A plan for several windows must not lose on the latest (see the module docstring).
+            holds_now = len(windows) == 1 or _mean_seconds(planner, candidate, windows[:1]) <= _mean_seconds(planner, now, windows[:1])
+            if pays and holds_now:
                 return candidate
             kept = planner.route(now, windows)  # the slots in force, fresh fractions: nothing moves
         return now if kept.same_as(now) else kept
