@@ -69,3 +69,27 @@ def test_main_prints_a_table_per_configuration_and_the_goals(capsys):
     assert all(sum(rows["splits"].values()) == 1 for rows in results.values())
     assert sum(line.startswith("ours' per-step split, judged windows: planned") for line in lines) == 2
     assert "## Goals" not in output  # the goals belong to 2x8 at 160/50 GB/s
+
+
+def test_several_seeds_give_the_means_of_the_draws_and_each_draws_goals(capsys):
+    options = ["--clusters", "2x2", "--bandwidths", "160/50", "--models", "8x2x256x512", "--workloads", "zipf1",
+               "--windows", "3", "--steps-per-window", "50", "--tokens-per-rank", "256", "--mc-samples", "512"]
+    draws = [sim.main([*options, "--seed", str(seed)]) for seed in (3, 4)]
+    (key,) = draws[0]
+    draws = [draw[key] for draw in draws]
+    both = sim.main([*options, "--seed", "3", "--seeds", "2"])[key]
+    assert "means over seeds 3 to 4" in capsys.readouterr().out
+    for policy in ("static", "eplb", "ours", "oracle"):
+        for field in ("layer_ms", "max_over_mean", "cross_gb", "moved_gb"):
+            assert both[policy][field] == pytest.approx((draws[0][policy][field] + draws[1][policy][field]) / 2)
+    assert both["splits"] == {s: draws[0]["splits"][s] + draws[1]["splits"][s] for s in both["splits"]}
+    assert draws[0]["ours"]["layer_ms"] != draws[1]["ours"]["layer_ms"]  # two different draws
+    # The goals on the means, with each draw's value.
+    lines = sim.check_goals(key, both, draws)
+    ratio = both["eplb"]["layer_ms"] / both["ours"]["layer_ms"]
+    per_seed = [draw["eplb"]["layer_ms"] / draw["ours"]["layer_ms"] for draw in draws]
+    assert lines[1] == (f"{key}: ours vs EPLB, layer time {ratio:.2f}x (goal >= 1.1x) {'met' if ratio >= 1.1 else 'NOT MET'} "
+                        f"(per seed: {per_seed[0]:.2f}x, {per_seed[1]:.2f}x)")
+    assert "(per seed: " not in sim.check_goals(key, draws[0])[1]
+    with pytest.raises(SystemExit):
+        sim.parse_args(["--seeds", "0"])
