@@ -93,12 +93,17 @@ def test_tensorboard_holds_the_migration_scalars_and_placement_images(world4):
     assert [e.step for e in events.Scalars("moe/migration/experts_moved")] == [4, 8]
     images = [tag for tag in events.Tags()["images"] if tag.endswith("/placement")]
     assert images and events.Images(images[0])[0].step == 4
-    # With the monitor: which split per-step replica balancing kept, as shares of the dispatches.
+    # With the monitor: which split per-step replica balancing kept, as shares of each window's
+    # dispatches (the run-level tag: the mean over the layers), from the counts the worker read.
     (event_file,) = (world4 / "migrate_with_monitor" / "tb").rglob("events.out.tfevents.*")
     events = EventAccumulator(str(event_file.parent), size_guidance={"scalars": 0})
     events.Reload()
-    shares = [events.Scalars(f"moe/replica_split_{name}") for name in ("planned", "plan_share", "even_share")]
-    assert shares[0] and all(sum(e.value for e in same_step) == pytest.approx(1.0) for same_step in zip(*shares))
+    counts_WLK = np.array(read(world4, "migrate_with_monitor")[0]["replica_split"], dtype=float)
+    expected_WK = (counts_WLK / counts_WLK.sum(axis=2, keepdims=True)).mean(axis=1)
+    for column, name in enumerate(("planned", "plan_share", "even_share")):
+        logged = events.Scalars(f"moe/replica_split_{name}")
+        assert [e.step for e in logged] == [2, 4, 6, 8, 10, 12]
+        np.testing.assert_allclose([e.value for e in logged], expected_WK[:, column], rtol=1e-6)
 
 
 def test_the_migration_recipe_runs_on_two_processes(tmp_path):

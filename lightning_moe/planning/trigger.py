@@ -114,10 +114,10 @@ class MigrationTrigger:
             kept = candidate  # the planner kept the slots: its fractions are the fresh ones
         else:
             migration = planner.estimate(candidate, latest, now).migration_seconds
-            pays = self.accepts(_mean_seconds(planner, now, windows), _mean_seconds(planner, candidate, windows), migration)
-            # A plan for several windows must not lose on the latest (see the module docstring).
-            holds_now = len(windows) == 1 or _mean_seconds(planner, candidate, windows[:1]) <= _mean_seconds(planner, now, windows[:1])
-            if pays and holds_now:
+            now_W, new_W = _seconds_per_window(planner, now, windows), _seconds_per_window(planner, candidate, windows)
+            # The plan must not lose on the latest window (windows[0]; see the module docstring). With
+            # one window the hysteresis implies it; with several it is a check of its own.
+            if self.accepts(now_W.mean(), new_W.mean(), migration) and new_W[0] <= now_W[0]:
                 return candidate
             kept = planner.route(now, windows)  # the slots in force, fresh fractions: nothing moves
         return now if kept.same_as(now) else kept
@@ -135,6 +135,6 @@ class MigrationTrigger:
         return with_history <= (1 + self.min_gain / 2) * alone
 
 
-def _mean_seconds(planner: PlacementPlanner, plan: PlacementPlan, windows: np.ndarray) -> float:
-    """The modelled layer time of ``plan``, averaged over ``windows``."""
-    return float(np.mean([planner.estimate(plan, window).layer_seconds for window in windows]))
+def _seconds_per_window(planner: PlacementPlanner, plan: PlacementPlan, windows: np.ndarray) -> np.ndarray:
+    """``[W]``: the modelled layer time of ``plan`` on each of ``windows``."""
+    return np.array([planner.estimate(plan, window).layer_seconds for window in windows])
