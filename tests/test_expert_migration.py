@@ -28,6 +28,8 @@ def world4(tmp_path_factory) -> Path:
         {"name": "migrate", "migrate": True, "every": 4},
         {"name": "migrate_with_monitor", "migrate": True, "every": 4, "monitor": True},
         {"name": "planning_fails_on_rank_1", "migrate": True, "every": 4, "steps": 6, "fail_on_rank": 1},
+        {"name": "measured_links", "migrate": True, "every": 4, "steps": 2,
+         "measure_links": {"message_bytes": 1 << 16, "repetitions": 2}},
     ]))
     launch(WORKER, [str(out / "scenarios.json"), str(out)], world_size=4, timeout=300, log_dir=out / "logs")
     return out
@@ -78,6 +80,21 @@ def test_planning_that_fails_on_one_rank_stops_every_rank(world4):
     """Rank 1 plans a layer and fails: every rank raises the same error (none waits in the gather)."""
     for result in read(world4, "planning_fails_on_rank_1"):
         assert "rank 1, layer 'blocks." in result["error"] and "the planner broke here" in result["error"], result
+
+
+def test_measure_links_plans_with_the_links_it_timed_the_same_on_every_rank(world4):
+    """`measure_links`: the callback times the link inside the node (EP 2 on one machine: no link
+    across nodes to time) when training starts; every rank plans with the same figures."""
+    from lightning_moe import Topology
+
+    declared = Topology(1, 2)
+    topologies = [result["topology"] for result in read(world4, "measured_links")]
+    assert all(topology == topologies[0] for topology in topologies)
+    measured = topologies[0]
+    assert (measured["num_nodes"], measured["ranks_per_node"]) == (1, 2)
+    assert measured["intra_node_bandwidth"] != declared.intra_node_bandwidth and measured["intra_node_bandwidth"] > 0
+    assert measured["intra_node_latency"] > 0
+    assert measured["inter_node_bandwidth"] == declared.inter_node_bandwidth  # not probed, as declared
 
 
 def test_tensorboard_holds_the_migration_scalars_and_placement_images(world4):
@@ -162,3 +179,21 @@ def test_callback_state_survives_a_safe_checkpoint_round_trip(tmp_path):
     old = dict(callback.state_dict(), previous_loads={"model.layers.0.moe": windows[0].tolist()})
     restored.load_state_dict(old)
     np.testing.assert_array_equal(np.stack(restored._previous_loads["model.layers.0.moe"]), windows[0][None])
+
+
+@pytest.mark.parametrize(
+    "measure_links, message",
+    [
+        ("yes", "`measure_links` must be true, false, or a dict"),
+        ({"message_bytes": 1 << 20, "group": None}, "`measure_links` must be true, false, or a dict"),
+        ({"repetitions": 2.5}, "`measure_links` must be true, false, or a dict"),
+        ({"message_bytes": 16}, "needs message_bytes >= 1024"),
+    ],
+)
+def test_a_bad_measure_links_fails_at_construction_naming_the_field(measure_links, message):
+    from lightning_moe import ExpertMigration
+
+    with pytest.raises(ValueError, match=message):
+        ExpertMigration(every_n_steps=4, measure_links=measure_links)
+    assert ExpertMigration(measure_links=True).link_probe_options == {}
+    assert ExpertMigration().link_probe_options is None

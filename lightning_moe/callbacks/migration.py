@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_moe.callbacks.expert_load import ExpertLoadMonitor, _tensorboard_writers
@@ -79,6 +79,11 @@ class ExpertMigration(Callback):
         every_n_steps: optimizer steps between re-plans (the window of load each plan reads).
         topology: the cluster as the planner sees one EP group; ``None`` builds it from the trainer's
             nodes and devices (:meth:`Topology.from_trainer`, default link bandwidths).
+        measure_links: probe the real links when training starts (:meth:`Topology.measure`: timed
+            transfers inside a node and across nodes, the same figures on every rank) and plan
+            with the measured bandwidths and latencies instead of the declared ones. ``True`` probes
+            with the defaults (64 MiB messages); a dict passes ``message_bytes`` and
+            ``repetitions``.
         horizon_steps: steps a new plan is expected to stay in force, over which its gain is
             counted; ``None`` is ``every_n_steps``.
         migration_margin: the gain over the horizon must exceed this many times the move's time.
@@ -98,6 +103,7 @@ class ExpertMigration(Callback):
         every_n_steps: int = 500,
         *,
         topology: Topology | None = None,
+        measure_links: bool | dict[str, int] = False,
         horizon_steps: int | None = None,
         migration_margin: float = 2.0,
         min_gain: float = 0.05,
@@ -120,6 +126,7 @@ class ExpertMigration(Callback):
             raise ValueError(f"ExpertMigration: `flops_per_second` must be > 0, got {flops_per_second!r}.")
         self.every_n_steps = every_n_steps
         self.topology = topology
+        self.link_probe_options = _link_probe_options(measure_links)
         self.horizon_steps = horizon_steps or every_n_steps
         self.migration_margin = float(migration_margin)
         self.min_gain = float(min_gain)
@@ -169,6 +176,11 @@ class ExpertMigration(Callback):
                 f"ExpertMigration: `topology` has {self.topology.num_ranks} ranks but the EP groups have {ep_size}. "
                 f"Describe one EP group: num_nodes * ranks_per_node = expert_parallel_size."
             )
+        if self.link_probe_options is not None:
+            # A collective over the world (the first EP group's links are probed, every rank gets
+            # the same figures), on every rank: on_train_start runs on all of them.
+            self.topology = self.topology.measure(**self.link_probe_options)
+            rank_zero_info(f"ExpertMigration: measured links: {self.topology}")
         monitors = [c for c in trainer.callbacks if isinstance(c, ExpertLoadMonitor)]
         self._monitor = next((m for m in monitors if self.every_n_steps % m.every_n_steps == 0), None)
         if self._monitor is None:
@@ -409,3 +421,21 @@ def _world_max(value: float, device: torch.device) -> float:
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
 
+
+def _link_probe_options(measure_links: bool | dict[str, int]) -> dict[str, int] | None:
+    """The options of :meth:`Topology.measure` that ``measure_links`` asks for (``None``: no probe)."""
+    if isinstance(measure_links, bool):
+        return {} if measure_links else None
+    allowed = {"message_bytes", "repetitions"}
+    if not isinstance(measure_links, dict) or set(measure_links) - allowed or not all(
+        isinstance(value, int) and not isinstance(value, bool) for value in measure_links.values()
+    ):
+        raise ValueError(
+            f"ExpertMigration: `measure_links` must be true, false, or a dict of integer `message_bytes` and "
+            f"`repetitions` for Topology.measure, got {measure_links!r}."
+        )
+    if measure_links.get("message_bytes", 1024) < 1024 or measure_links.get("repetitions", 1) < 1:
+        raise ValueError(
+            f"ExpertMigration: `measure_links` needs message_bytes >= 1024 and repetitions >= 1, got {measure_links!r}."
+        )
+    return dict(measure_links)

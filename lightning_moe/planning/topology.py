@@ -11,6 +11,7 @@ Shape legend: ``R`` EP ranks of the group.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,11 +159,12 @@ class Topology:
         return cls(num_nodes=ep // devices_per_node, ranks_per_node=devices_per_node, **links)
 
     def measure(self, **probe_options: Any) -> Topology:
-        """This topology with its bandwidths and latencies measured on the real links.
+        """This topology with its bandwidths and latencies measured on the real links (its shape is
+        kept; a level it does not have, no second node or one rank per node, keeps its figures).
 
         A collective: every rank of the process group must call it. See
-        :func:`lightning_moe.planning.link_probe.measure_links` for the options and the method.
+        :func:`lightning_moe.parallel.link_probe.measure_links` for the options and the method.
         """
-        from lightning_moe.planning.link_probe import measure_links
+        from lightning_moe.parallel.link_probe import measure_links  # collectives live in parallel/
 
-        return measure_links(self, **probe_options)
+        return dataclasses.replace(self, **measure_links(self.num_nodes, self.ranks_per_node, **probe_options))

@@ -7,6 +7,7 @@ Usage: ``python migration_worker.py SCENARIOS.json OUT_DIR`` (started by tests/d
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         monitor = ExpertLoadMonitor(every_n_steps=2, log_histograms=False, image_every_n_steps=2)
         callbacks.append(monitor)
     if scenario.get("migrate"):
-        migration = ExpertMigration(every_n_steps=scenario.get("every", 4))
+        migration = ExpertMigration(every_n_steps=scenario.get("every", 4), measure_links=scenario.get("measure_links", False))
         migration.trigger = CountingTrigger(**vars(migration.trigger))
         callbacks.append(migration)
     trainer = L.Trainer(
@@ -81,6 +82,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "placements": {name: p.experts_per_rank() for name, p in trainer.strategy.placements().items()},
         "load_shares": {name: p.load_share_R.tolist() for name, p in trainer.strategy.placements().items()},
         "assignment_seconds": {name: p.assignment_seconds.tolist() for name, p in trainer.strategy.placements().items()},
+        "topology": dataclasses.asdict(migration.topology) if migration is not None else None,
         "replica_split": [[kept.tolist() for kept in window.replica_split] for window in monitor.history] if monitor else [],
     }
 

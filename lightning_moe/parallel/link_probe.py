@@ -1,45 +1,53 @@
-"""Measure the links of a :class:`~lightning_moe.planning.topology.Topology` with timed transfers.
+"""Measure the links of an expert-parallel group with timed transfers (behind
+:meth:`lightning_moe.Topology.measure`).
 
 Method: EP rank 0 of the first EP group ping-pongs a message with EP rank 1 (same node) and with EP
 rank ``ranks_per_node`` (the first rank of the next node): it sends ``message_bytes``, the peer
 sends them back, and half the round trip is one one-way transfer. The same with an 8-byte message
 gives the latency; the bandwidth is ``message_bytes / (one_way_time - latency)``. Each figure is the
 median of ``repetitions`` round trips after one warm-up. EP rank 0 then broadcasts the figures so
-every rank returns the same topology (plans computed from it stay identical on every rank).
+every rank returns the same figures (plans computed from them stay identical on every rank).
+
+Only the group's shape comes in and only numbers go out, so this module, which holds the
+collectives, needs nothing from :mod:`lightning_moe.planning`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
-from lightning_moe.planning.topology import Topology
-
 _LATENCY_BYTES = 8
 
 
 def measure_links(
-    topology: Topology,
+    num_nodes: int,
+    ranks_per_node: int,
     *,
     group: dist.ProcessGroup | None = None,
     message_bytes: int = 1 << 26,
     repetitions: int = 5,
     device: torch.device | str | None = None,
-) -> Topology:
-    """Time point-to-point transfers inside a node and across nodes; return the measured topology.
+) -> dict[str, float]:
+    """Time point-to-point transfers inside a node and across nodes.
 
     A collective: every rank of ``group`` must call it (ranks outside the probed pairs only wait
-    for the result). Levels the topology does not have (no second node, one rank per node) keep
-    their declared figures.
+    for the result).
+
+    Returns:
+        The measured figures, as :class:`~lightning_moe.planning.topology.Topology` fields:
+        ``intra_node_bandwidth`` and ``intra_node_latency`` when a node holds two ranks or more,
+        ``inter_node_bandwidth`` and ``inter_node_latency`` when the group spans two nodes or more
+        (a level the group does not have is not measured, and not returned).
 
     Args:
-        topology: the declared topology; its shape (nodes, ranks per node) is kept.
-        group: the process group whose first ``topology.num_ranks`` ranks form the EP group to
-            probe (default: the world).
+        num_nodes: nodes the EP group spans.
+        ranks_per_node: EP ranks on each node.
+        group: the process group whose first ``num_nodes * ranks_per_node`` ranks form the EP group
+            to probe (default: the world).
         message_bytes: bytes of the bandwidth message (64 MiB by default; a few MiB is enough on CPU).
         repetitions: timed round trips per figure; the median is taken.
         device: where the messages live (default: the current CUDA device under NCCL, else CPU).
@@ -52,10 +60,10 @@ def measure_links(
             f"least 1."
         )
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    if len(ranks) < topology.num_ranks:
+    if len(ranks) < num_nodes * ranks_per_node:
         raise ValueError(
-            f"Topology.measure: the process group has {len(ranks)} ranks, fewer than the {topology.num_ranks} of the "
-            f"topology ({topology.num_nodes} nodes x {topology.ranks_per_node})."
+            f"Topology.measure: the process group has {len(ranks)} ranks, fewer than the {num_nodes * ranks_per_node} "
+            f"of the topology ({num_nodes} nodes x {ranks_per_node})."
         )
     if device is None:
         on_nccl = dist.get_backend(group) == "nccl"
@@ -65,10 +73,10 @@ def measure_links(
 
     figures = {}
     probes = []
-    if topology.ranks_per_node > 1:
+    if ranks_per_node > 1:
         probes.append(("intra_node", ranks[0], ranks[1]))
-    if topology.num_nodes > 1:
-        probes.append(("inter_node", ranks[0], ranks[topology.ranks_per_node]))
+    if num_nodes > 1:
+        probes.append(("inter_node", ranks[0], ranks[ranks_per_node]))
     for level, first, peer in probes:
         latency = _one_way_seconds(first, peer, me, _LATENCY_BYTES, repetitions, device, group)
         one_way = _one_way_seconds(first, peer, me, message_bytes, repetitions, device, group)
@@ -83,11 +91,11 @@ def measure_links(
     dist.broadcast(result, src=ranks[0], group=group)
     intra_bandwidth, intra_latency, inter_bandwidth, inter_latency = result.tolist()
     measured = {}
-    if topology.ranks_per_node > 1:
+    if ranks_per_node > 1:
         measured.update(intra_node_bandwidth=intra_bandwidth, intra_node_latency=intra_latency)
-    if topology.num_nodes > 1:
+    if num_nodes > 1:
         measured.update(inter_node_bandwidth=inter_bandwidth, inter_node_latency=inter_latency)
-    return dataclasses.replace(topology, **measured)
+    return measured
 
 
 def _one_way_seconds(
