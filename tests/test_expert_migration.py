@@ -185,9 +185,9 @@ def test_callback_state_survives_a_safe_checkpoint_round_trip(tmp_path):
     "measure_links, message",
     [
         ("yes", "`measure_links` must be true, false, or a dict"),
-        ({"message_bytes": 1 << 20, "group": None}, "`measure_links` must be true, false, or a dict"),
-        ({"repetitions": 2.5}, "`measure_links` must be true, false, or a dict"),
-        ({"message_bytes": 16}, "needs message_bytes >= 1024"),
+        ({"message_bytes": 1 << 20, "group": None}, "`measure_links`: unknown link probe option `group`"),
+        ({"repetitions": 2.5}, "`measure_links`: `repetitions` must be an integer >= 1, got 2.5"),
+        ({"message_bytes": 16}, "`measure_links`: `message_bytes` must be an integer >= 1024, got 16"),
     ],
 )
 def test_a_bad_measure_links_fails_at_construction_naming_the_field(measure_links, message):

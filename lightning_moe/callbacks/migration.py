@@ -46,6 +46,7 @@ from lightning_moe.callbacks.expert_load import ExpertLoadMonitor, _tensorboard_
 from lightning_moe.callbacks.load_metrics import ExpertLoadMetric
 from lightning_moe.callbacks.plots import render_placement
 from lightning_moe.layers import MoELayer
+from lightning_moe.parallel.link_probe import check_probe_options
 from lightning_moe.parallel.migration import slot_tensors
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.planning import LayerCost, PlacementPlanner, Topology
@@ -423,19 +424,14 @@ def _world_max(value: float, device: torch.device) -> float:
 
 
 def _link_probe_options(measure_links: bool | dict[str, int]) -> dict[str, int] | None:
-    """The options of :meth:`Topology.measure` that ``measure_links`` asks for (``None``: no probe)."""
+    """The options of :meth:`Topology.measure` that ``measure_links`` asks for (``None``: no probe),
+    checked before training starts."""
     if isinstance(measure_links, bool):
         return {} if measure_links else None
-    allowed = {"message_bytes", "repetitions"}
-    if not isinstance(measure_links, dict) or set(measure_links) - allowed or not all(
-        isinstance(value, int) and not isinstance(value, bool) for value in measure_links.values()
-    ):
+    if not isinstance(measure_links, dict):
         raise ValueError(
-            f"ExpertMigration: `measure_links` must be true, false, or a dict of integer `message_bytes` and "
-            f"`repetitions` for Topology.measure, got {measure_links!r}."
+            f"ExpertMigration: `measure_links` must be true, false, or a dict of `message_bytes` and `repetitions` "
+            f"for Topology.measure, got {measure_links!r}."
         )
-    if measure_links.get("message_bytes", 1024) < 1024 or measure_links.get("repetitions", 1) < 1:
-        raise ValueError(
-            f"ExpertMigration: `measure_links` needs message_bytes >= 1024 and repetitions >= 1, got {measure_links!r}."
-        )
+    check_probe_options("ExpertMigration: `measure_links`", **measure_links)
     return dict(measure_links)

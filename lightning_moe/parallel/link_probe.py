@@ -54,11 +54,7 @@ def measure_links(
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("Topology.measure: torch.distributed is not initialized; call it inside a running job.")
-    if message_bytes < 1024 or repetitions < 1:
-        raise ValueError(
-            f"Topology.measure: message_bytes={message_bytes} must be at least 1024 and repetitions={repetitions} at "
-            f"least 1."
-        )
+    check_probe_options("Topology.measure", message_bytes=message_bytes, repetitions=repetitions)
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
     if len(ranks) < num_nodes * ranks_per_node:
         raise ValueError(
@@ -96,6 +92,18 @@ def measure_links(
     if num_nodes > 1:
         measured.update(inter_node_bandwidth=inter_bandwidth, inter_node_latency=inter_latency)
     return measured
+
+
+def check_probe_options(where: str, **options: object) -> None:
+    """Fail, naming ``where``, unless ``options`` are integer ``message_bytes`` (at least 1024) and
+    ``repetitions`` (at least 1), either of them left out. Local; no collective: a caller checks
+    its options before training starts."""
+    lowest = {"message_bytes": 1024, "repetitions": 1}
+    for name, value in options.items():
+        if name not in lowest:
+            raise ValueError(f"{where}: unknown link probe option `{name}`; the options are `message_bytes` and `repetitions`.")
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest[name]:
+            raise ValueError(f"{where}: `{name}` must be an integer >= {lowest[name]}, got {value!r}.")
 
 
 def _one_way_seconds(
