@@ -246,11 +246,29 @@ def render_html(run: RunLog, out: Path) -> None:
     out.write_text(page + "\n".join(body) + "</body></html>\n", encoding="utf-8")
 
 
+def _measured_links(run: RunLog) -> list[str]:
+    """HTML: the links ExpertMigration measured when training started (``measure_links``), if it did."""
+    def first(name: str) -> float | None:
+        _, values = run.scalars.get(f"{_MIGRATION}{name}", (None, np.array([])))
+        return float(values[0]) if len(values) else None
+
+    intra, inter = first("intra_node_bandwidth"), first("inter_node_bandwidth")
+    if intra is None or inter is None:
+        return []
+    intra_latency, inter_latency = first("intra_node_latency") or 0.0, first("inter_node_latency") or 0.0
+    return [
+        f"<p>Links the planner used (measured when training started): {intra / 1e9:.2f} GB/s and "
+        f"{intra_latency * 1e6:.0f} us inside a node, {inter / 1e9:.2f} GB/s and {inter_latency * 1e6:.0f} us "
+        f"across nodes.</p>"
+    ]
+
+
 def _migration_section(run: RunLog, img) -> list[str]:
     """HTML: one row per re-plan of ExpertMigration that moved something, and the latest placements."""
     steps = run.migration_steps()
+    links = _measured_links(run)
     if not len(steps):
-        return []
+        return links
 
     def value(name: str, step: int) -> float:
         tag_steps, values = run.scalars.get(f"{_MIGRATION}{name}", (np.array([]), np.array([])))
@@ -267,7 +285,7 @@ def _migration_section(run: RunLog, img) -> list[str]:
     section = [
         "<h2>Expert migrations</h2>",
         "<table><tr><th>step</th><th>layers moved</th><th>slots moved</th><th>MiB</th>"
-        "<th>predicted max/mean</th><th>step ms before</th></tr>", *rows, "</table>",
+        "<th>predicted max/mean</th><th>step ms before</th></tr>", *rows, "</table>", *links,
     ]
     placements = sorted((int(m.group(1)), tag) for tag in run.images if (m := _PLACEMENT_TAG.match(tag)))
     for _, tag in placements:

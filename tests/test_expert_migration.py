@@ -95,6 +95,15 @@ def test_measure_links_plans_with_the_links_it_timed_the_same_on_every_rank(worl
     assert measured["intra_node_bandwidth"] != declared.intra_node_bandwidth and measured["intra_node_bandwidth"] > 0
     assert measured["intra_node_latency"] > 0
     assert measured["inter_node_bandwidth"] == declared.inter_node_bandwidth  # not probed, as declared
+    # What the planner works with is in TensorBoard, logged when training starts.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event_file,) = (world4 / "measured_links" / "tb").rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file.parent), size_guidance={"scalars": 0})
+    events.Reload()
+    for field in ("intra_node_bandwidth", "inter_node_bandwidth", "intra_node_latency"):
+        (logged,) = events.Scalars(f"moe/migration/{field}")
+        assert logged.step == 0 and logged.value == pytest.approx(measured[field], rel=1e-6), field
 
 
 def test_tensorboard_holds_the_migration_scalars_and_placement_images(world4):

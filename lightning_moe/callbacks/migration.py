@@ -82,9 +82,10 @@ class ExpertMigration(Callback):
             nodes and devices (:meth:`Topology.from_trainer`, default link bandwidths).
         measure_links: probe the real links when training starts (:meth:`Topology.measure`: timed
             transfers inside a node and across nodes, the same figures on every rank) and plan
-            with the measured bandwidths and latencies instead of the declared ones. ``True`` probes
-            with the defaults (64 MiB messages); a dict passes ``message_bytes`` and
-            ``repetitions``.
+            with the measured bandwidths and latencies instead of the declared ones (logged as
+            ``moe/migration/{intra,inter}_node_{bandwidth,latency}``, bytes/s and seconds).
+            ``True`` probes with the defaults (64 MiB messages); a dict passes ``message_bytes``
+            and ``repetitions``.
         horizon_steps: steps a new plan is expected to stay in force, over which its gain is
             counted; ``None`` is ``every_n_steps``.
         migration_margin: the gain over the horizon must exceed this many times the move's time.
@@ -182,6 +183,11 @@ class ExpertMigration(Callback):
             # the same figures), on every rank: on_train_start runs on all of them.
             self.topology = self.topology.measure(**self.link_probe_options)
             rank_zero_info(f"ExpertMigration: measured links: {self.topology}")
+            for logger in trainer.loggers:  # loggers write on rank 0 only
+                logger.log_metrics({
+                    f"moe/migration/{field}": float(getattr(self.topology, field))
+                    for field in ("intra_node_bandwidth", "inter_node_bandwidth", "intra_node_latency", "inter_node_latency")
+                }, step=trainer.global_step)
         monitors = [c for c in trainer.callbacks if isinstance(c, ExpertLoadMonitor)]
         self._monitor = next((m for m in monitors if self.every_n_steps % m.every_n_steps == 0), None)
         if self._monitor is None:
