@@ -252,15 +252,12 @@ def _measured_links(run: RunLog) -> list[str]:
         _, values = run.scalars.get(f"{_MIGRATION}{name}", (None, np.array([])))
         return float(values[0]) if len(values) else None
 
-    intra, inter = first("intra_node_bandwidth"), first("inter_node_bandwidth")
-    if intra is None or inter is None:
-        return []
-    intra_latency, inter_latency = first("intra_node_latency") or 0.0, first("inter_node_latency") or 0.0
-    return [
-        f"<p>Links the planner used (measured when training started): {intra / 1e9:.2f} GB/s and "
-        f"{intra_latency * 1e6:.0f} us inside a node, {inter / 1e9:.2f} GB/s and {inter_latency * 1e6:.0f} us "
-        f"across nodes.</p>"
-    ]
+    levels = []
+    for level, where in (("intra", "inside a node"), ("inter", "across nodes")):
+        bandwidth, latency = first(f"{level}_node_bandwidth"), first(f"{level}_node_latency")
+        if bandwidth is not None:
+            levels.append(f"{bandwidth / 1e9:.2f} GB/s and {(latency or 0.0) * 1e6:.0f} us {where}")
+    return [f"<p>Links measured when training started, which the planner used: {', '.join(levels)}.</p>"] if levels else []
 
 
 def _migration_section(run: RunLog, img) -> list[str]:

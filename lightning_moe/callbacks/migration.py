@@ -83,7 +83,8 @@ class ExpertMigration(Callback):
         measure_links: probe the real links when training starts (:meth:`Topology.measure`: timed
             transfers inside a node and across nodes, the same figures on every rank) and plan
             with the measured bandwidths and latencies instead of the declared ones (logged as
-            ``moe/migration/{intra,inter}_node_{bandwidth,latency}``, bytes/s and seconds).
+            ``moe/migration/{intra,inter}_node_{bandwidth,latency}``, bytes/s and seconds, for the
+            levels the group has).
             ``True`` probes with the defaults (64 MiB messages); a dict passes ``message_bytes``
             and ``repetitions``.
         horizon_steps: steps a new plan is expected to stay in force, over which its gain is
@@ -183,11 +184,14 @@ class ExpertMigration(Callback):
             # the same figures), on every rank: on_train_start runs on all of them.
             self.topology = self.topology.measure(**self.link_probe_options)
             rank_zero_info(f"ExpertMigration: measured links: {self.topology}")
+            levels = [level for level, probed in (("intra", self.topology.ranks_per_node > 1),
+                                                  ("inter", self.topology.num_nodes > 1)) if probed]
+            measured = {
+                f"moe/migration/{level}_node_{figure}": float(getattr(self.topology, f"{level}_node_{figure}"))
+                for level in levels for figure in ("bandwidth", "latency")
+            }
             for logger in trainer.loggers:  # loggers write on rank 0 only
-                logger.log_metrics({
-                    f"moe/migration/{field}": float(getattr(self.topology, field))
-                    for field in ("intra_node_bandwidth", "inter_node_bandwidth", "intra_node_latency", "inter_node_latency")
-                }, step=trainer.global_step)
+                logger.log_metrics(measured, step=trainer.global_step)
         monitors = [c for c in trainer.callbacks if isinstance(c, ExpertLoadMonitor)]
         self._monitor = next((m for m in monitors if self.every_n_steps % m.every_n_steps == 0), None)
         if self._monitor is None:
