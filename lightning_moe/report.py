@@ -52,9 +52,13 @@ class RunLog:
     expert_load: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     images: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
+    def migration_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of ``moe/migration/{name}`` (empty when it was not logged)."""
+        return self.scalars.get(f"{_MIGRATION}{name}", (np.array([]), np.array([])))
+
     def migration_steps(self) -> np.ndarray:
         """Steps at which :class:`~lightning_moe.ExpertMigration` moved at least one layer."""
-        steps, values = self.scalars.get(f"{_MIGRATION}layers_moved", (np.array([]), np.array([])))
+        steps, values = self.migration_series("layers_moved")
         return steps[values > 0]
 
     def layer_scalars(self, name: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -249,7 +253,7 @@ def render_html(run: RunLog, out: Path) -> None:
 def _measured_links(run: RunLog) -> list[str]:
     """HTML: the links ExpertMigration measured when training started (``measure_links``), if it did."""
     def first(name: str) -> float | None:
-        _, values = run.scalars.get(f"{_MIGRATION}{name}", (None, np.array([])))
+        values = run.migration_series(name)[1]
         return float(values[0]) if len(values) else None
 
     levels = []
@@ -268,7 +272,7 @@ def _migration_section(run: RunLog, img) -> list[str]:
         return links
 
     def value(name: str, step: int) -> float:
-        tag_steps, values = run.scalars.get(f"{_MIGRATION}{name}", (np.array([]), np.array([])))
+        tag_steps, values = run.migration_series(name)
         hits = values[tag_steps == step]
         return float(hits[-1]) if len(hits) else float("nan")
 

@@ -46,7 +46,7 @@ from lightning_moe.callbacks.expert_load import ExpertLoadMonitor, _tensorboard_
 from lightning_moe.callbacks.load_metrics import ExpertLoadMetric
 from lightning_moe.callbacks.plots import render_placement
 from lightning_moe.layers import MoELayer
-from lightning_moe.parallel.link_probe import check_probe_options
+from lightning_moe.parallel.link_probe import check_probe_options, probed_levels
 from lightning_moe.parallel.migration import slot_tensors
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.planning import LayerCost, PlacementPlanner, Topology
@@ -184,11 +184,10 @@ class ExpertMigration(Callback):
             # the same figures), on every rank: on_train_start runs on all of them.
             self.topology = self.topology.measure(**self.link_probe_options)
             rank_zero_info(f"ExpertMigration: measured links: {self.topology}")
-            levels = [level for level, probed in (("intra", self.topology.ranks_per_node > 1),
-                                                  ("inter", self.topology.num_nodes > 1)) if probed]
             measured = {
-                f"moe/migration/{level}_node_{figure}": float(getattr(self.topology, f"{level}_node_{figure}"))
-                for level in levels for figure in ("bandwidth", "latency")
+                f"moe/migration/{level}_{figure}": float(getattr(self.topology, f"{level}_{figure}"))
+                for level in probed_levels(self.topology.num_nodes, self.topology.ranks_per_node)
+                for figure in ("bandwidth", "latency")
             }
             for logger in trainer.loggers:  # loggers write on rank 0 only
                 logger.log_metrics(measured, step=trainer.global_step)

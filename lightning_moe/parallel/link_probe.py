@@ -67,31 +67,30 @@ def measure_links(
     device = torch.device(device)
     me = dist.get_rank()
 
-    figures = {}
-    probes = []
-    if ranks_per_node > 1:
-        probes.append(("intra_node", ranks[0], ranks[1]))
-    if num_nodes > 1:
-        probes.append(("inter_node", ranks[0], ranks[ranks_per_node]))
-    for level, first, peer in probes:
+    levels = probed_levels(num_nodes, ranks_per_node)
+    # Bandwidth and latency of each level, in the order of `levels` (a fixed size, so that a group
+    # with no level still broadcasts something); every rank returns what EP rank 0 measured.
+    figures = torch.zeros(4, dtype=torch.float64, device=device)
+    for index, level in enumerate(levels):
+        # EP rank 0 with EP rank 1 (its node) or with EP rank `ranks_per_node` (the next node).
+        first, peer = ranks[0], ranks[1] if level == "intra_node" else ranks[ranks_per_node]
         latency = _one_way_seconds(first, peer, me, _LATENCY_BYTES, repetitions, device, group)
         one_way = _one_way_seconds(first, peer, me, message_bytes, repetitions, device, group)
-        figures[level] = (message_bytes / max(one_way - latency, 1e-9), latency)
+        if me == first:
+            figures[2 * index] = message_bytes / max(one_way - latency, 1e-9)
+            figures[2 * index + 1] = latency
+    dist.broadcast(figures, src=ranks[0], group=group)
+    values = figures.tolist()
+    return {
+        f"{level}_{figure}": values[2 * index + offset]
+        for index, level in enumerate(levels) for offset, figure in enumerate(("bandwidth", "latency"))
+    }
 
-    # Every rank returns what EP rank 0 measured.
-    result = torch.zeros(4, dtype=torch.float64, device=device)
-    if me == ranks[0]:
-        for index, level in enumerate(("intra_node", "inter_node")):
-            if level in figures:
-                result[2 * index : 2 * index + 2] = torch.tensor(figures[level], dtype=torch.float64)
-    dist.broadcast(result, src=ranks[0], group=group)
-    intra_bandwidth, intra_latency, inter_bandwidth, inter_latency = result.tolist()
-    measured = {}
-    if ranks_per_node > 1:
-        measured.update(intra_node_bandwidth=intra_bandwidth, intra_node_latency=intra_latency)
-    if num_nodes > 1:
-        measured.update(inter_node_bandwidth=inter_bandwidth, inter_node_latency=inter_latency)
-    return measured
+
+def probed_levels(num_nodes: int, ranks_per_node: int) -> tuple[str, ...]:
+    """The levels of link a group of this shape has, which :func:`measure_links` measures:
+    ``"intra_node"`` with two ranks or more on a node, ``"inter_node"`` with two nodes or more."""
+    return tuple(level for level, present in (("intra_node", ranks_per_node > 1), ("inter_node", num_nodes > 1)) if present)
 
 
 def check_probe_options(where: str, **options: object) -> None:
