@@ -160,7 +160,7 @@ def test_summary_formulas():
         num_tokens=[25, 10],
         router_entropy=[None, 0.5],
         rank_load=[torch.tensor([20, 20]), torch.tensor([10, 0])],
-        replica_split=[torch.tensor([3, 1, 0]), torch.tensor([0, 0, 0])],
+        replica_split=[torch.tensor([2, 1, 0, 0, 1]), torch.tensor([0, 0, 0, 0, 0])],
     )
     run = [torch.tensor([10, 10, 40, 20]), torch.tensor([6, 4])]
     metrics = summarize(window, run)
@@ -178,13 +178,16 @@ def test_summary_formulas():
     assert metrics["moe/dead_experts"] == 2
     assert metrics["moe/dropped_fraction"] == pytest.approx(10 / 60)
     assert metrics["moe/router_entropy"] == pytest.approx(0.5)
-    # Per-step replica balancing kept the planned split in 3 of layer 0's 4 dispatches; layer 1 has
-    # no replicas to split (nothing logged), so the run-level share is layer 0's.
-    assert metrics["moe/layer0/replica_split_planned"] == pytest.approx(0.75)
+    # Per-step replica balancing kept the planned split in 2 of layer 0's 4 dispatches, the fit to
+    # the plan's share in one and the even fit's local twin in one; layer 1 has no replicas to split
+    # (nothing logged), so the run-level share is layer 0's.
+    assert metrics["moe/layer0/replica_split_planned"] == pytest.approx(0.5)
     assert metrics["moe/layer0/replica_split_plan_share"] == pytest.approx(0.25)
     assert metrics["moe/layer0/replica_split_even_share"] == 0.0
+    assert metrics["moe/layer0/replica_split_plan_share_local"] == 0.0
+    assert metrics["moe/layer0/replica_split_even_share_local"] == pytest.approx(0.25)
     assert "moe/layer1/replica_split_planned" not in metrics
-    assert metrics["moe/replica_split_planned"] == pytest.approx(0.75)
+    assert metrics["moe/replica_split_planned"] == pytest.approx(0.5)
 
 
 def test_resume_restores_the_callback_state(tmp_path):

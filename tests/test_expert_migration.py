@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
 
 from launch import launch, read_results, step_losses as per_step_losses  # noqa: E402
 
+from lightning_moe.parallel.replica_balance import SPLITS  # noqa: E402
+
 WORKER = Path(__file__).resolve().parent / "dist_workers" / "migration_worker.py"
 ACCUMULATE = 2
 
@@ -127,7 +129,7 @@ def test_tensorboard_holds_the_migration_scalars_and_placement_images(world4):
     events.Reload()
     counts_WLK = np.array(read(world4, "migrate_with_monitor")[0]["replica_split"], dtype=float)
     expected_WK = (counts_WLK / counts_WLK.sum(axis=2, keepdims=True)).mean(axis=1)
-    for column, name in enumerate(("planned", "plan_share", "even_share")):
+    for column, name in enumerate(SPLITS):
         logged = events.Scalars(f"moe/replica_split_{name}")
         assert [e.step for e in logged] == [2, 4, 6, 8, 10, 12]
         np.testing.assert_allclose([e.value for e in logged], expected_WK[:, column], rtol=1e-6)

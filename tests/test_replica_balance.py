@@ -13,7 +13,7 @@ import torch
 from scipy.optimize import linprog
 
 from lightning_moe.parallel.placement import ExpertPlacement
-from lightning_moe.parallel.replica_balance import ReplicaBalancer
+from lightning_moe.parallel.replica_balance import SPLITS, ReplicaBalancer
 from lightning_moe.planning import LayerCost, PlacementPlan, Topology
 from lightning_moe.planning.cost_model import assignment_seconds, estimate_plan
 
@@ -122,12 +122,17 @@ def test_a_fit_aims_at_the_plans_share_of_load():
         placement.routing_fractions_RER, placement.holders_RE, torch.zeros(4, dtype=torch.long), placement.load_share_R
     )
     counts_RE = torch.tensor([[12, 10, 9, 11, 5, 5, 5, 5]] * 4)
-    planned, to_share, to_even = (_loads(counts_RE, c) for c in balancer.candidates(counts_RE))
+    planned, to_share, to_even, share_local, even_local = (_loads(counts_RE, c) for c in balancer.candidates(counts_RE))
+    torch.testing.assert_close(share_local, to_share)  # the local twins: the same load per rank
+    torch.testing.assert_close(even_local, to_even)
     torch.testing.assert_close(planned, _loads(counts_RE, placement.routing_fractions_RER))
     torch.testing.assert_close(to_share / to_share.sum(), placement.load_share_R, atol=2e-3, rtol=0)
     assert to_even.max() / to_even.mean() < 1.01
-    # Only compute costs (the default prices): the even fit is the cheapest.
-    torch.testing.assert_close(_loads(counts_RE, balancer.fractions(counts_RE)), to_even)
+    # Only compute costs (the default prices): the even fit is the cheapest, and of it and its local
+    # twin, the same load, the twin, which sends fewer tokens to other ranks (the ties' breaker).
+    index, chosen_RER = balancer.choose(counts_RE)
+    torch.testing.assert_close(_loads(counts_RE, chosen_RER), to_even)
+    assert SPLITS[int(balancer.split_of_candidate[index])] == "even_share_local"
 
 
 def _local_plan(experts_per_rank, nodes):
@@ -189,12 +194,79 @@ def test_the_choice_is_the_cost_models_cheapest_on_random_steps():
         assert int(mine) == index and torch.equal(my_RER, fractions_RER[trial % 4])
         assert seconds[index] <= seconds.min() * (1 + 1e-12), (trial, seconds)
         winners.add(index)
-    assert winners == {0, 1, 2}  # each candidate is the cheapest somewhere: the choice matters
-    # The candidates' names (planned, plan's share, even share): with an even plan share there is
-    # one fit, the even one.
-    assert balancer.split_of_candidate.tolist() == [0, 1, 2]
+    assert winners == {0, 1, 2, 3, 4}  # each candidate is the cheapest somewhere: the choice matters
+    # The candidates' names (planned, plan's share, even share, and the fits' local twins): with an
+    # even plan share there is one fit, the even one.
+    assert balancer.split_of_candidate.tolist() == [0, 1, 2, 3, 4]
     even = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes)
-    assert len(even.candidates(counts_RE)) == 2 and even.split_of_candidate.tolist() == [0, 2]
+    assert len(even.candidates(counts_RE)) == 3 and even.split_of_candidate.tolist() == [0, 2, 4]
+
+
+def _crossing(counts_RE: torch.Tensor, fractions_RER: torch.Tensor, nodes: torch.Tensor) -> float:
+    """Assignments sent to a rank of another node."""
+    across_RR = (nodes[:, None] != nodes[None, :]).double()
+    return float(torch.einsum("re,red,rd->", counts_RE.double(), fractions_RER, across_RR))
+
+
+def test_a_local_twin_keeps_each_ranks_load_and_sends_the_nearest_replicas_first():
+    """Experts 0 and 1 have a replica on each node, and the planned fractions (a plan for another
+    load) split each source's tokens evenly over them. A fit keeps that mix, its one factor per
+    rank being the same for every source, so half of those tokens cross nodes; its local twin gives
+    every replica the same tokens from its own node. Where crossing costs, the twin is chosen."""
+    experts_per_rank = [[0, 2], [1, 3], [0, 4], [1, 5]]
+    nodes = torch.tensor([0, 0, 1, 1])
+    placement = ExpertPlacement.from_experts_per_rank(experts_per_rank)  # even over replicas
+    counts_RE = torch.tensor([[30, 20, 10, 10, 10, 10], [30, 20, 10, 10, 10, 10], [40, 10, 10, 10, 10, 10], [20, 30, 10, 10, 10, 10]])
+    topology = Topology(2, 2, intra_node_bandwidth=1e12, inter_node_bandwidth=1e9)
+    cost = LayerCost(token_bytes=1000.0, seconds_per_token=1e-6)
+    balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes, None,
+                               assignment_seconds(cost, topology))
+    planned, even, even_local = balancer.candidates(counts_RE)
+    # The twin: the same tokens per replica (so per rank), valid fractions.
+    torch.testing.assert_close(torch.einsum("re,red->ed", counts_RE.double(), even_local),
+                               torch.einsum("re,red->ed", counts_RE.double(), even))
+    torch.testing.assert_close(even_local.sum(dim=-1), torch.ones(4, 6, dtype=torch.float64))
+    assert (even_local * ~placement.holders_RE.t()[None]).abs().max() == 0 and even_local.min() >= 0
+    # Experts 2 to 5 have one holder each: 10 of their assignments from each of the 2 ranks of the
+    # other node cross, 80 in all. Experts 0 and 1 (100 assignments each, 50 per node) need not cross
+    # at all once the fit has split them 50/50 over the nodes; the fit sends half across.
+    assert _crossing(counts_RE, even, nodes) > 80 + 50
+    assert _crossing(counts_RE, even_local, nodes) == pytest.approx(80)
+    # A source that holds a replica sends it its own tokens first: rank 0 keeps its 30 for expert 0.
+    assert float(even_local[0, 0, 0]) == pytest.approx(1.0)
+    seconds = [estimate_plan(PlacementPlan(experts_per_rank, c), counts_RE.double(), topology, cost).layer_seconds
+               for c in (planned, even, even_local)]
+    index, chosen_RER = balancer.choose(counts_RE)
+    assert int(balancer.split_of_candidate[index]) == 4 and torch.equal(chosen_RER, even_local)
+    assert seconds[2] < min(seconds[:2])
+
+
+def test_a_local_twin_spreads_what_must_cross_and_keeps_rows_without_tokens():
+    """Three nodes; random holders and counts: every twin keeps every replica's tokens, sends no more
+    across nodes than its fit, and leaves a (source, expert) row with no tokens as the fit had it."""
+    from lightning_moe.parallel.replica_balance import localized, localized_amounts
+
+    generator = torch.Generator().manual_seed(3)
+    nodes = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    node_of_rank_RN = torch.nn.functional.one_hot(nodes).double()
+    for trial in range(20):
+        holders_RX = torch.rand(8, 5, generator=generator) < 0.4
+        holders_RX[trial % 8] = True  # every expert held somewhere
+        fractions_TRXR = torch.rand(2, 8, 5, 8, generator=generator, dtype=torch.float64) * holders_RX.t()[None, None]
+        fractions_TRXR = fractions_TRXR / fractions_TRXR.sum(dim=-1, keepdim=True)
+        counts_RX = torch.poisson(torch.rand(8, 5, generator=generator) * 40)
+        counts_RX[trial % 8, trial % 5] = 0
+        twin_TRXR = localized(fractions_TRXR, counts_RX, node_of_rank_RN)
+        # The assignments pricing reads are the twin's fractions times the counts.
+        torch.testing.assert_close(localized_amounts(fractions_TRXR, counts_RX, node_of_rank_RN),
+                                   counts_RX.double()[None, :, :, None] * twin_TRXR)
+        torch.testing.assert_close(torch.einsum("rx,trxd->txd", counts_RX.double(), twin_TRXR),
+                                   torch.einsum("rx,trxd->txd", counts_RX.double(), fractions_TRXR))
+        torch.testing.assert_close(twin_TRXR.sum(dim=-1), torch.ones(2, 8, 5, dtype=torch.float64))
+        assert twin_TRXR.min() >= 0 and (twin_TRXR * ~holders_RX.t()[None, None]).abs().max() == 0
+        for t in range(2):
+            assert _crossing(counts_RX, twin_TRXR[t], nodes) <= _crossing(counts_RX, fractions_TRXR[t], nodes) + 1e-9
+        torch.testing.assert_close(twin_TRXR[:, trial % 8, trial % 5], fractions_TRXR[:, trial % 8, trial % 5])
 
 
 def test_load_shares_are_checked_and_travel_with_the_table(tmp_path):

@@ -20,11 +20,23 @@ tokens over a slow link between nodes; the plan's own share (``ExpertPlacement.l
 planner may accept a little imbalance for fewer bytes across nodes) keeps that choice, but it was
 fitted to past windows and may hold on to an imbalance the step does not need; and the planned
 fractions themselves are sometimes best, when re-balancing would only shift load onto the slowest
-link. So every step prices three candidates with the planner's cost model on the step's counts
+link.
+
+A fit also cannot choose *which* sources feed a replica: its one factor per destination is the same
+for every source, so a replica's tokens come from every node in proportion to the prior, where the
+same amounts could come from the replica's own node. So each fit has a local twin
+(:func:`localized`): the same tokens per replica, so the same compute on every rank, with each
+source's tokens sent first to a replica on its own rank (no transfer), then to the replicas on its
+own node, and only what its node's replicas cannot take across nodes. Fewer bytes cross, but the
+crossing ones concentrate on the replicas whose node sends them too little, so the twin is not always
+the faster; it is a candidate, not a replacement.
+
+Every step prices the candidates with the planner's cost model on the step's counts
 (:mod:`lightning_moe.planning.cost_model`: the busiest rank's compute plus the slowest link of the
-all-to-alls) and keeps the cheapest: the planned fractions, the fit to the plan's share and the fit
-to an even share. The prices of one assignment (``ExpertPlacement.assignment_seconds``: computed,
-sent within a node, sent across nodes) come with the table; by default only compute counts.
+all-to-alls) and keeps the cheapest: the planned fractions, the fit to the plan's share, the fit to
+an even share, and the local twins of the two fits. The prices of one assignment
+(``ExpertPlacement.assignment_seconds``: computed, sent within a node, sent across nodes) come with
+the table; by default only compute counts (transfers only break its ties, :data:`DEFAULT_PRICES`).
 
 Shape legend: ``R`` EP ranks, ``E`` logical experts, ``X`` experts with replicas, ``F`` experts
 without, ``C`` candidates.
@@ -43,9 +55,14 @@ ROUNDS = 50
 #: Positions in ``assignment_seconds``: the seconds one assignment costs when computed, and when
 #: sent to a rank of the same node or of another node (over every all-to-all of the step).
 COMPUTE, WITHIN_NODE, ACROSS_NODES = range(3)
+#: Prices of one assignment when the table has none: compute, and a transfer at a millionth of it,
+#: which only breaks ties between candidates of the same compute (a fit and its local twin) towards
+#: fewer bytes on the busiest link.
+DEFAULT_PRICES = (1.0, 1e-6, 1e-6)
 #: The splits a step may keep, as :attr:`ReplicaBalancer.split_of_candidate` numbers them: the planned
-#: fractions, the fit to the plan's share of load per rank, the fit to an even share.
-SPLITS = ("planned", "plan_share", "even_share")
+#: fractions, the fit to the plan's share of load per rank, the fit to an even share, and the two
+#: fits' local twins (:func:`localized`).
+SPLITS = ("planned", "plan_share", "even_share", "plan_share_local", "even_share_local")
 
 
 def balancing_weights(fractions_RER: torch.Tensor, holders_RE: torch.Tensor, node_of_rank_R: torch.Tensor) -> torch.Tensor:
@@ -68,7 +85,7 @@ class ReplicaBalancer:
         node_of_rank_R: ``[R]``, the node of each EP rank.
         target_share_R: ``[R]``, the plan's share of the load per rank; ``None``: an even share.
         assignment_seconds: ``[3]``, the seconds of one assignment computed, sent within a node and
-            sent across nodes (see :data:`COMPUTE`); ``None``: only compute counts.
+            sent across nodes (see :data:`COMPUTE`); ``None``: :data:`DEFAULT_PRICES` (compute).
         rounds: rounds of proportional fitting.
     """
 
@@ -90,8 +107,9 @@ class ReplicaBalancer:
         # The fits' targets: the plan's share, then an even one (a second fit only when they differ).
         self.targets_TR = torch.stack([share_R, even_R]) if not torch.allclose(share_R, even_R) else share_R[None]
         #: Which of :data:`SPLITS` each candidate is (with an even plan share, the one fit is the even one).
-        self.split_of_candidate = torch.tensor([0, 1, 2] if len(self.targets_TR) > 1 else [0, 2])
-        prices = [1.0, 0.0, 0.0] if assignment_seconds is None else torch.as_tensor(assignment_seconds).tolist()
+        self.split_of_candidate = torch.tensor([0, 1, 2, 3, 4] if len(self.targets_TR) > 1 else [0, 2, 4])
+        self.node_of_rank_RN = torch.nn.functional.one_hot(node_of_rank_R).to(torch.float64)
+        prices = DEFAULT_PRICES if assignment_seconds is None else torch.as_tensor(assignment_seconds).tolist()
         # Plain floats: pricing the candidates reads no tensor back from the device.
         self.prices = (float(prices[COMPUTE]), float(prices[WITHIN_NODE]), float(prices[ACROSS_NODES]))
         same_node_RR = node_of_rank_R[:, None] == node_of_rank_R[None, :]
@@ -113,10 +131,11 @@ class ReplicaBalancer:
         self.planned_RXR = self.fractions_RER[:, self.replicated_X]
 
     def candidates(self, counts_RE: torch.Tensor) -> torch.Tensor:
-        """``[C, R, E, R]``: the planned fractions, the fit to the plan's share and (when the share is
-        not even) the fit to an even share, under ``counts_RE``."""
+        """``[C, R, E, R]``: the planned fractions, the fit to the plan's share, (when the share is
+        not even) the fit to an even share, and the fits' local twins, under ``counts_RE``; named
+        by :attr:`split_of_candidate`."""
         counts_RE = counts_RE.to(self.fractions_RER)
-        candidates_CRER = self.fractions_RER.expand(1 + len(self.targets_TR), -1, -1, -1).clone()
+        candidates_CRER = self.fractions_RER.expand(1 + 2 * len(self.targets_TR), -1, -1, -1).clone()
         if self.has_replicas:
             candidates_CRER[:, :, self.replicated_X] = self._replicated_candidates(counts_RE)[1]
         return candidates_CRER
@@ -132,24 +151,34 @@ class ReplicaBalancer:
         fractions_RER = fractions_RER.clone()
         index = torch.zeros((), dtype=torch.long, device=fractions_RER.device)
         if self.has_replicas:
-            traffic_CRR, candidates_CRXR = self._replicated_candidates(counts_RE)
+            traffic_CRR, candidates_CRXR = self._replicated_candidates(counts_RE, source_rank)
             index = torch.argmin(self._seconds(traffic_CRR))
-            chosen_RXR = candidates_CRXR[index]
-            fractions_RER[:, self.replicated_X] = chosen_RXR if source_rank is None else chosen_RXR[source_rank : source_rank + 1]
+            fractions_RER[:, self.replicated_X] = candidates_CRXR[index]
         return index, fractions_RER if source_rank is None else fractions_RER[0]
 
     def fractions(self, counts_RE: torch.Tensor, source_rank: int | None = None) -> torch.Tensor:
         """The fractions of :meth:`choose`."""
         return self.choose(counts_RE, source_rank)[1]
 
-    def _replicated_candidates(self, counts_RE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _replicated_candidates(self, counts_RE: torch.Tensor, source_rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each candidate's traffic ``[C, R, R]`` (assignments rank ``r`` sends rank ``d``, every expert)
-        and its fractions for the replicated experts, ``[C, R, X, R]``."""
+        and its fractions for the replicated experts, ``[C, R, X, R]`` (``[C, 1, X, R]``: source rank
+        ``source_rank``'s only; pricing needs every row's traffic, the dispatcher only its own
+        fractions, and the twins' fractions are a division over the whole ``[R, X, R]``)."""
         fixed_traffic_RR = counts_RE[:, self.fixed_F] @ self.holder_of_fixed_FR
         counts_RX = counts_RE[:, self.replicated_X]
         fitted_TRXR = _scaled(self.weights_RXR, self._fit(fixed_traffic_RR.sum(dim=0), counts_RX))
-        candidates_CRXR = torch.cat([self.planned_RXR[None], fitted_TRXR])
-        traffic_CRR = fixed_traffic_RR + torch.einsum("rx,crxd->crd", counts_RX, candidates_CRXR)
+        local_amounts_TRXR = localized_amounts(fitted_TRXR, counts_RX, self.node_of_rank_RN)
+        traffic_CRR = fixed_traffic_RR + torch.cat([
+            torch.einsum("rx,rxd->rd", counts_RX, self.planned_RXR)[None],
+            torch.einsum("rx,trxd->trd", counts_RX, fitted_TRXR),
+            local_amounts_TRXR.sum(dim=2),
+        ])
+        rows = slice(None) if source_rank is None else slice(source_rank, source_rank + 1)
+        candidates_CRXR = torch.cat([
+            self.planned_RXR[None, rows], fitted_TRXR[:, rows],
+            _as_fractions(local_amounts_TRXR[:, rows], counts_RX[rows], fitted_TRXR[:, rows]),
+        ])
         return traffic_CRR, candidates_CRXR
 
     def _fit(self, fixed_R: torch.Tensor, counts_RX: torch.Tensor) -> torch.Tensor:
@@ -191,7 +220,7 @@ class ReplicaBalancer:
         moved = object.__new__(ReplicaBalancer)
         moved.rounds, moved.prices, moved.has_replicas = self.rounds, self.prices, self.has_replicas
         for name in ("fractions_RER", "replicated_X", "fixed_F", "holder_of_fixed_FR", "weights_RXR", "planned_RXR",
-                     "targets_TR", "within_node_RR", "across_nodes_RR", "split_of_candidate"):
+                     "targets_TR", "node_of_rank_RN", "within_node_RR", "across_nodes_RR", "split_of_candidate"):
             setattr(moved, name, getattr(self, name).to(device))
         return moved
 
@@ -202,3 +231,63 @@ def _scaled(weights_RXR: torch.Tensor, log_scale_TR: torch.Tensor) -> torch.Tens
     log_scale_TR = log_scale_TR - log_scale_TR.amax(dim=-1, keepdim=True)
     scaled_TRXR = weights_RXR * torch.exp(log_scale_TR)[:, None, None, :]
     return scaled_TRXR / scaled_TRXR.sum(dim=-1, keepdim=True)
+
+
+def localized(fractions_TRXR: torch.Tensor, counts_RX: torch.Tensor, node_of_rank_RN: torch.Tensor) -> torch.Tensor:
+    """``[T, R, X, R]``: each split of ``fractions_TRXR`` with the same tokens per replica (so the same
+    load on every rank) but each source's tokens sent to the nearest replicas first.
+
+    Under ``counts_RX`` (assignments from each source rank to each expert), a split gives every
+    replica its quota, ``q[x, d] = sum_r c[r, x] f[r, x, d]``. Any split that keeps the quotas keeps
+    compute; among them this one keeps the most tokens on their source rank and the most on their
+    source's node, level by level:
+
+    1. a source that holds a replica keeps up to that replica's quota (no transfer);
+    2. on each node, the sources' remaining tokens fill the node's remaining quotas as far as both
+       go: each source sends the same share of what it has left, spread over the node's replicas in
+       proportion to what they have left;
+    3. what is left crosses nodes, each source's remainder spread over the remaining quotas (which
+       are all on other nodes: a node keeps sources or quotas left over, never both).
+
+    A (source, expert) row with no tokens keeps its fractions. ``node_of_rank_RN``: each rank's node,
+    one-hot. Tensor operations only, nothing read back from the device.
+    """
+    counts_RX = counts_RX.to(fractions_TRXR)
+    return _as_fractions(localized_amounts(fractions_TRXR, counts_RX, node_of_rank_RN), counts_RX, fractions_TRXR)
+
+
+def localized_amounts(fractions_TRXR: torch.Tensor, counts_RX: torch.Tensor, node_of_rank_RN: torch.Tensor) -> torch.Tensor:
+    """``[T, R, X, R]``: the assignments of :func:`localized`'s splits, ``c[r, x] f'[r, x, d]``
+    (what pricing needs: their sum over experts is each split's traffic)."""
+    tiny = 1e-12
+    counts_RX = counts_RX.to(fractions_TRXR)
+    quota_TXR = torch.einsum("rx,trxd->txd", counts_RX, fractions_TRXR)
+    # 1. Own rank: source r keeps min(its tokens, the quota of its own replica) of expert x.
+    kept_TXR = torch.minimum(counts_RX.t()[None], quota_TXR)
+    left_TRX = counts_RX[None] - kept_TXR.transpose(1, 2)
+    quota_TXR = quota_TXR - kept_TXR
+    # 2. Own node: per node, min(sources left, quotas left) stays on it, each source sending the
+    # same share of what it has left, over the node's replicas in proportion to their quotas left.
+    left_TXN = torch.einsum("trx,rn->txn", left_TRX, node_of_rank_RN)
+    quota_TXN = torch.einsum("txd,dn->txn", quota_TXR, node_of_rank_RN)
+    local_TXN = torch.minimum(left_TXN, quota_TXN)
+    sent_TRX = left_TRX * torch.einsum("txn,rn->trx", local_TXN / left_TXN.clamp_min(tiny), node_of_rank_RN)
+    node_quota_TXR = torch.einsum("txn,dn->txd", quota_TXN, node_of_rank_RN)
+    within_node_TXR = quota_TXR / node_quota_TXR.clamp_min(tiny)  # each replica's part of its node's quotas
+    same_node_RR = node_of_rank_RN @ node_of_rank_RN.t()
+    amounts_TRXR = sent_TRX[..., None] * (within_node_TXR[:, None] * same_node_RR[:, None, :])
+    left_TRX = left_TRX - sent_TRX
+    quota_TXR = quota_TXR * (1.0 - torch.einsum("txn,dn->txd", local_TXN / quota_TXN.clamp_min(tiny), node_of_rank_RN))
+    # 3. Across nodes: the remainders, spread over the remaining quotas.
+    spread_TXR = quota_TXR / quota_TXR.sum(dim=-1, keepdim=True).clamp_min(tiny)
+    amounts_TRXR += left_TRX[..., None] * spread_TXR[:, None]
+    # Step 1's tokens, on the (source r, destination r) diagonal.
+    amounts_TRXR.diagonal(dim1=1, dim2=3).add_(kept_TXR)
+    return amounts_TRXR
+
+
+def _as_fractions(amounts_TRXR: torch.Tensor, counts_RX: torch.Tensor, fallback_TRXR: torch.Tensor) -> torch.Tensor:
+    """Assignments per (source, expert, destination) as fractions of each (source, expert) row; a row
+    with no assignments takes ``fallback_TRXR``'s."""
+    fractions_TRXR = amounts_TRXR / counts_RX[None, :, :, None].clamp_min(1e-12)
+    return torch.where((counts_RX > 0)[None, :, :, None], fractions_TRXR, fallback_TRXR)
