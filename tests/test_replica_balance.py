@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.optimize import linprog
 
-from lightning_moe.parallel.placement import ExpertPlacement
+from lightning_moe.parallel.placement import DEFAULT_ASSIGNMENT_SECONDS, ExpertPlacement
 from lightning_moe.parallel.replica_balance import SPLITS, ReplicaBalancer
 from lightning_moe.planning import LayerCost, PlacementPlan, Topology
 from lightning_moe.planning.cost_model import assignment_seconds, estimate_plan
@@ -118,9 +118,15 @@ def test_a_fit_aims_at_the_plans_share_of_load():
     placement = ExpertPlacement.from_experts_per_rank(
         [[0, 1, 3], [2, 3, 0], [4, 5, 1], [6, 7, 2]], load_share_R=torch.tensor([0.31, 0.23, 0.23, 0.23])
     )
+    # The table's prices, as the dispatcher passes them: the table sets none, so the defaults.
     balancer = ReplicaBalancer(
+        placement.routing_fractions_RER, placement.holders_RE, torch.zeros(4, dtype=torch.long), placement.load_share_R,
+        placement.assignment_seconds,
+    )
+    unpriced = ReplicaBalancer(
         placement.routing_fractions_RER, placement.holders_RE, torch.zeros(4, dtype=torch.long), placement.load_share_R
     )
+    assert balancer.prices == unpriced.prices == DEFAULT_ASSIGNMENT_SECONDS
     counts_RE = torch.tensor([[12, 10, 9, 11, 5, 5, 5, 5]] * 4)
     planned, to_share, to_even, share_local, even_local = (_loads(counts_RE, c) for c in balancer.candidates(counts_RE))
     torch.testing.assert_close(share_local, to_share)  # the local twins: the same load per rank
@@ -285,7 +291,7 @@ def test_load_shares_are_checked_and_travel_with_the_table(tmp_path):
 
 def test_assignment_prices_are_checked_and_travel_with_the_table(tmp_path):
     placement = ExpertPlacement.identity(4, 2, spare_slots=1)
-    torch.testing.assert_close(placement.assignment_seconds, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(placement.assignment_seconds, torch.tensor(DEFAULT_ASSIGNMENT_SECONDS, dtype=torch.float64))
     priced = ExpertPlacement.from_experts_per_rank(placement.experts_per_rank(), assignment_seconds=[2e-6, 1e-7, 4e-7])
     assert priced != placement
     torch.save(priced.to_dict(), tmp_path / "table.pt")

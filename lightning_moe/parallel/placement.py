@@ -22,6 +22,13 @@ from typing import Any
 
 import torch
 
+#: The prices of one assignment (computed, sent to a rank of the same node, sent to another node) of
+#: a table that sets none: compute, and a transfer at a millionth of it. Splits of the same compute
+#: (a fit and its local twin in per-step replica balancing, :mod:`lightning_moe.parallel.replica_balance`)
+#: would otherwise tie up to rounding; the transfers break the tie towards fewer assignments on the
+#: busiest link, and move no other choice by more than a millionth of the step.
+DEFAULT_ASSIGNMENT_SECONDS = (1.0, 1e-6, 1e-6)
+
 
 class ExpertPlacement:
     """The slot table of one MoE layer, identical on every rank.
@@ -37,8 +44,8 @@ class ExpertPlacement:
             ``None`` gives every rank an even share.
         assignment_seconds: ``[3]``, the seconds one assignment costs when computed, when sent to a
             rank of the same node and when sent to another node (over the step's all-to-alls), the
-            prices per-step replica balancing weighs its candidates with. ``None``: ``[1, 0, 0]``,
-            only compute counts.
+            prices per-step replica balancing weighs its candidates with. ``None``:
+            :data:`DEFAULT_ASSIGNMENT_SECONDS` (compute; transfers only break ties).
     """
 
     def __init__(
@@ -124,7 +131,7 @@ class ExpertPlacement:
     @staticmethod
     def _assignment_seconds(assignment_seconds: torch.Tensor | None) -> torch.Tensor:
         if assignment_seconds is None:
-            return torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+            return torch.tensor(DEFAULT_ASSIGNMENT_SECONDS, dtype=torch.float64)
         return _checked_weights(
             assignment_seconds, 3, "assignment_seconds",
             "3 finite, non-negative prices with a positive sum (computing one assignment, sending it within a "

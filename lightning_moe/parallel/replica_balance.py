@@ -36,7 +36,8 @@ Every step prices the candidates with the planner's cost model on the step's cou
 all-to-alls) and keeps the cheapest: the planned fractions, the fit to the plan's share, the fit to
 an even share, and the local twins of the two fits. The prices of one assignment
 (``ExpertPlacement.assignment_seconds``: computed, sent within a node, sent across nodes) come with
-the table; by default only compute counts (transfers only break its ties, :data:`DEFAULT_PRICES`).
+the table; by default only compute counts (transfers only break its ties,
+:data:`~lightning_moe.parallel.placement.DEFAULT_ASSIGNMENT_SECONDS`).
 
 Shape legend: ``R`` EP ranks, ``E`` logical experts, ``X`` experts with replicas, ``F`` experts
 without, ``C`` candidates.
@@ -45,6 +46,8 @@ without, ``C`` candidates.
 from __future__ import annotations
 
 import torch
+
+from lightning_moe.parallel.placement import DEFAULT_ASSIGNMENT_SECONDS
 
 #: Share of each (source, expert) row added over the holders on the source's node (then, a tenth of
 #: it, over every holder), so that every replica can take load; see :func:`balancing_weights`.
@@ -55,10 +58,6 @@ ROUNDS = 50
 #: Positions in ``assignment_seconds``: the seconds one assignment costs when computed, and when
 #: sent to a rank of the same node or of another node (over every all-to-all of the step).
 COMPUTE, WITHIN_NODE, ACROSS_NODES = range(3)
-#: Prices of one assignment when the table has none: compute, and a transfer at a millionth of it,
-#: which only breaks ties between candidates of the same compute (a fit and its local twin) towards
-#: fewer bytes on the busiest link.
-DEFAULT_PRICES = (1.0, 1e-6, 1e-6)
 #: The splits a step may keep, as :attr:`ReplicaBalancer.split_of_candidate` numbers them: the planned
 #: fractions, the fit to the plan's share of load per rank, the fit to an even share, and the two
 #: fits' local twins (:func:`localized`).
@@ -85,7 +84,8 @@ class ReplicaBalancer:
         node_of_rank_R: ``[R]``, the node of each EP rank.
         target_share_R: ``[R]``, the plan's share of the load per rank; ``None``: an even share.
         assignment_seconds: ``[3]``, the seconds of one assignment computed, sent within a node and
-            sent across nodes (see :data:`COMPUTE`); ``None``: :data:`DEFAULT_PRICES` (compute).
+            sent across nodes (see :data:`COMPUTE`); ``None``: the prices of a table that sets none,
+            :data:`~lightning_moe.parallel.placement.DEFAULT_ASSIGNMENT_SECONDS`.
         rounds: rounds of proportional fitting.
     """
 
@@ -109,7 +109,7 @@ class ReplicaBalancer:
         #: Which of :data:`SPLITS` each candidate is (with an even plan share, the one fit is the even one).
         self.split_of_candidate = torch.tensor([0, 1, 2, 3, 4] if len(self.targets_TR) > 1 else [0, 2, 4])
         self.node_of_rank_RN = torch.nn.functional.one_hot(node_of_rank_R).to(torch.float64)
-        prices = DEFAULT_PRICES if assignment_seconds is None else torch.as_tensor(assignment_seconds).tolist()
+        prices = DEFAULT_ASSIGNMENT_SECONDS if assignment_seconds is None else torch.as_tensor(assignment_seconds).tolist()
         # Plain floats: pricing the candidates reads no tensor back from the device.
         self.prices = (float(prices[COMPUTE]), float(prices[WITHIN_NODE]), float(prices[ACROSS_NODES]))
         same_node_RR = node_of_rank_R[:, None] == node_of_rank_R[None, :]
