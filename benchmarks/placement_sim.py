@@ -20,8 +20,9 @@ the next window's load:
   (a load that cannot be followed). The plan's slots are judged with the split over replicas the
   dispatcher makes at every step (``MoEStrategy(balance_replicas=True)``, the default: of the
   planned fractions, those fractions scaled per rank until the step's counts reach the plan's share
-  or an even share of load per rank, and the two fits with each source's tokens sent to the nearest
-  replicas first, the one the cost model prices lowest on the step's counts,
+  or an even share of load per rank, the two fits with each source's tokens sent to the nearest
+  replicas first, and the two with each node's replicas given about what its sources send them, the
+  one the cost model prices lowest on the step's counts,
   :mod:`lightning_moe.parallel.replica_balance`), modelled on the window's mean load; the one small
   all-reduce of counts it costs per layer and step is not modelled;
 - ``ours_fixed``: the same plans with their fixed planned fractions (``balance_replicas=False``);
@@ -81,7 +82,8 @@ from lightning_moe.planning.trigger import MigrationTrigger
 
 POLICIES = ("static", "eplb", "smartmoe", "planner", "ours", "ours_fixed", "oracle")
 #: The splits per-step balancing may keep, as printed, in the order of ``replica_balance.SPLITS``.
-SPLITS = ("planned", "plan's share", "even share", "local plan's share", "local even share")
+SPLITS = ("planned", "plan's share", "even share", "local plan's share", "local even share", "matched plan's share",
+          "matched even share")
 
 
 @dataclass(frozen=True)

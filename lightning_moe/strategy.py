@@ -94,8 +94,9 @@ class MoEStrategy(DDPStrategy):
         balance_replicas: split each replicated expert's tokens over its replicas from every step's
             counts (one all-reduce of ``[ep, E]`` integers per MoE layer per step): of the placement's
             routing fractions, those fractions scaled per rank until each rank receives the table's
-            planned share of the step's load or an even share, and those two fits with each source's
-            tokens sent to the nearest replicas first, the split the table's prices make cheapest
+            planned share of the step's load or an even share, those two fits with each source's
+            tokens sent to the nearest replicas first, and those two with each node's replicas
+            given about what its sources send them, the split the table's prices make cheapest
             (:mod:`lightning_moe.parallel.replica_balance`). ``False`` keeps the placement's
             fixed fractions. Nothing changes without replicas.
         check_finite: once per optimizer step, stop every rank with an error naming the step and the

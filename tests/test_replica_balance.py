@@ -128,7 +128,9 @@ def test_a_fit_aims_at_the_plans_share_of_load():
     )
     assert balancer.prices == unpriced.prices == DEFAULT_ASSIGNMENT_SECONDS
     counts_RE = torch.tensor([[12, 10, 9, 11, 5, 5, 5, 5]] * 4)
+    # One node: every node already computes what its sources send, so no node-matched twins.
     planned, to_share, to_even, share_local, even_local = (_loads(counts_RE, c) for c in balancer.candidates(counts_RE))
+    assert balancer.split_of_candidate.tolist() == [0, 1, 2, 3, 4]
     torch.testing.assert_close(share_local, to_share)  # the local twins: the same load per rank
     torch.testing.assert_close(even_local, to_even)
     torch.testing.assert_close(planned, _loads(counts_RE, placement.routing_fractions_RER))
@@ -200,12 +202,12 @@ def test_the_choice_is_the_cost_models_cheapest_on_random_steps():
         assert int(mine) == index and torch.equal(my_RER, fractions_RER[trial % 4])
         assert seconds[index] <= seconds.min() * (1 + 1e-12), (trial, seconds)
         winners.add(index)
-    assert winners == {0, 1, 2, 3, 4}  # each candidate is the cheapest somewhere: the choice matters
-    # The candidates' names (planned, plan's share, even share, and the fits' local twins): with an
-    # even plan share there is one fit, the even one.
-    assert balancer.split_of_candidate.tolist() == [0, 1, 2, 3, 4]
+    assert winners == {0, 1, 2, 3, 4, 5, 6}, winners  # each kind of candidate is the cheapest somewhere: the choice matters
+    # The candidates' names (planned, plan's share, even share, the fits' local and node-matched
+    # twins): with an even plan share there is one fit, the even one.
+    assert balancer.split_of_candidate.tolist() == [0, 1, 2, 3, 4, 5, 6]
     even = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes)
-    assert len(even.candidates(counts_RE)) == 3 and even.split_of_candidate.tolist() == [0, 2, 4]
+    assert len(even.candidates(counts_RE)) == 4 and even.split_of_candidate.tolist() == [0, 2, 4, 6]
 
 
 def _crossing(counts_RE: torch.Tensor, fractions_RER: torch.Tensor, nodes: torch.Tensor) -> float:
@@ -227,7 +229,7 @@ def test_a_local_twin_keeps_each_ranks_load_and_sends_the_nearest_replicas_first
     cost = LayerCost(token_bytes=1000.0, seconds_per_token=1e-6)
     balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes, None,
                                assignment_seconds(cost, topology))
-    planned, even, even_local = balancer.candidates(counts_RE)
+    planned, even, even_local, _ = balancer.candidates(counts_RE)
     # The twin: the same tokens per replica (so per rank), valid fractions.
     torch.testing.assert_close(torch.einsum("re,red->ed", counts_RE.double(), even_local),
                                torch.einsum("re,red->ed", counts_RE.double(), even))
@@ -273,6 +275,64 @@ def test_a_local_twin_spreads_what_must_cross_and_keeps_rows_without_tokens():
         for t in range(2):
             assert _crossing(counts_RX, twin_TRXR[t], nodes) <= _crossing(counts_RX, fractions_TRXR[t], nodes) + 1e-9
         torch.testing.assert_close(twin_TRXR[:, trial % 8, trial % 5], fractions_TRXR[:, trial % 8, trial % 5])
+
+
+def test_a_node_matched_twin_gives_each_node_what_its_sources_send():
+    """Experts 0 and 1 have a replica on each node, on ranks 0 and 2 (which hold both); node 0's
+    sources send expert 0 three times what they send expert 1, node 1's the reverse. The even fit
+    keeps about the plan's even mix on ranks 0 and 2 (near 40 of each expert each), so whichever
+    source feeds them, near 20 assignments of each expert cross nodes; the node-matched twin gives rank 0 node 0's 60
+    and 20 and rank 2 node 1's, the same 80 per rank, and nothing of theirs crosses. Where crossing
+    costs, the node-matched twin is chosen."""
+    experts_per_rank = [[0, 1], [2, 3], [0, 1], [2, 3]]
+    nodes = torch.tensor([0, 0, 1, 1])
+    placement = ExpertPlacement.from_experts_per_rank(experts_per_rank)  # even over replicas
+    counts_RE = torch.tensor([[30, 10, 10, 10], [30, 10, 10, 10], [10, 30, 10, 10], [10, 30, 10, 10]])
+    topology = Topology(2, 2, intra_node_bandwidth=1e12, inter_node_bandwidth=1e9)
+    cost = LayerCost(token_bytes=1000.0, seconds_per_token=1e-6)
+    balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes, None,
+                               assignment_seconds(cost, topology))
+    planned, even, even_local, even_matched = balancer.candidates(counts_RE)
+    torch.testing.assert_close(_loads(counts_RE, even_matched), _loads(counts_RE, even))  # 80, 40, 80, 40
+    torch.testing.assert_close(even_matched.sum(dim=-1), torch.ones(4, 4, dtype=torch.float64))
+    assert (even_matched * ~placement.holders_RE.t()[None]).abs().max() == 0 and even_matched.min() >= 0
+    assert _crossing(counts_RE, even_local, nodes) > 35
+    assert _crossing(counts_RE, even_matched, nodes) == pytest.approx(0, abs=1e-3)
+    index, chosen_RER = balancer.choose(counts_RE)
+    assert SPLITS[int(balancer.split_of_candidate[index])] == "even_share_matched" and torch.equal(chosen_RER, even_matched)
+
+
+def test_node_matched_quotas_split_the_counts_and_keep_the_rank_loads():
+    """Three nodes, random holders, splits and counts: the node-matched fractions are a split of every
+    expert's tokens over its holders and keep every rank's load to within 1% of the mean rank load;
+    once localized, they send fewer assignments across nodes than the split's local twin in most
+    splits, and fewer in all (a heuristic, not a bound: a few send more, and the cost model chooses)."""
+    from lightning_moe.parallel.replica_balance import localized, node_matched
+
+    generator = torch.Generator().manual_seed(5)
+    nodes = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    node_of_rank_RN = torch.nn.functional.one_hot(nodes).double()
+    fewer, crossing_local, crossing_matched = 0, 0.0, 0.0
+    for trial in range(40):
+        holders_RX = torch.rand(8, 5, generator=generator) < 0.4
+        holders_RX[trial % 8] = True  # every expert held somewhere
+        fractions_TRXR = torch.rand(2, 8, 5, 8, generator=generator, dtype=torch.float64) * holders_RX.t()[None, None]
+        fractions_TRXR = fractions_TRXR / fractions_TRXR.sum(dim=-1, keepdim=True)
+        counts_RX = torch.poisson(torch.rand(8, 5, generator=generator) * 40, generator=generator)
+        counts_RX[:, trial % 5] = 0  # an expert without tokens keeps the split's fractions
+        matched_TRXR = node_matched(fractions_TRXR, counts_RX, holders_RX.t().double(), node_of_rank_RN)
+        torch.testing.assert_close(matched_TRXR.sum(dim=-1), torch.ones(2, 8, 5, dtype=torch.float64))
+        assert matched_TRXR.min() >= 0 and (matched_TRXR * ~holders_RX.t()[None, None]).abs().max() == 0
+        torch.testing.assert_close(matched_TRXR[:, :, trial % 5], fractions_TRXR[:, :, trial % 5])
+        loads_TR = torch.einsum("rx,trxd->td", counts_RX.double(), fractions_TRXR)
+        matched_loads_TR = torch.einsum("rx,trxd->td", counts_RX.double(), matched_TRXR)
+        assert ((matched_loads_TR - loads_TR).abs() / loads_TR.mean(dim=-1, keepdim=True)).max() < 0.01
+        for t in range(2):
+            local = _crossing(counts_RX, localized(fractions_TRXR, counts_RX, node_of_rank_RN)[t], nodes)
+            matched = _crossing(counts_RX, localized(matched_TRXR, counts_RX, node_of_rank_RN)[t], nodes)
+            fewer += matched < local - 1e-6 * float(counts_RX.sum())
+            crossing_local, crossing_matched = crossing_local + local, crossing_matched + matched
+    assert fewer >= 60 and crossing_matched < 0.9 * crossing_local  # of 80 splits (72 and 0.83 when written)
 
 
 def test_load_shares_are_checked_and_travel_with_the_table(tmp_path):

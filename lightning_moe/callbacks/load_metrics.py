@@ -49,9 +49,9 @@ class LoadWindow:
             expert (after capacity drops), summed over expert-data-parallel replicas: what a placement
             planner needs (which ranks send tokens to which experts).
         replica_split: per layer, how many of the window's dispatches kept each split of replicated
-            experts' tokens, ``[5]`` over :data:`~lightning_moe.parallel.replica_balance.SPLITS`
+            experts' tokens, ``[7]`` over :data:`~lightning_moe.parallel.replica_balance.SPLITS`
             (planned fractions, fit to the plan's share, fit to an even share, the two fits' local
-            twins), summed over processes (every process of an EP group keeps the same split); zeros
+            and node-matched twins; a window saved before the node-matched twins has ``[5]``), summed over processes (every process of an EP group keeps the same split); zeros
             without per-step balancing.
     """
 
@@ -243,8 +243,9 @@ def summarize(window: LoadWindow, run_tokens_per_expert: Sequence[torch.Tensor])
     assignments / tokens: ``k`` for top-k, variable for the dynamic gate), ``router_entropy`` (when
     the gate reports it) and, under expert parallelism, ``ep_max_vio`` (MaxVio of the rows each EP
     rank processed) and, with per-step replica balancing, ``replica_split_planned``,
-    ``replica_split_plan_share``, ``replica_split_even_share``, ``replica_split_plan_share_local``
-    and ``replica_split_even_share_local`` (the share of the window's dispatches that kept each
+    ``replica_split_plan_share``, ``replica_split_even_share``, ``replica_split_plan_share_local``,
+    ``replica_split_even_share_local``, ``replica_split_plan_share_matched`` and
+    ``replica_split_even_share_matched`` (the share of the window's dispatches that kept each
     split, :mod:`lightning_moe.parallel.replica_balance`). Run-level: the
     mean over layers of each, except ``dead_experts`` (a sum) and ``dropped_fraction`` (over all
     layers' assignments).

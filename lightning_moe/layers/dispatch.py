@@ -66,9 +66,9 @@ class DispatchTraffic:
             the network.
         assignments_sent_per_rank: assignments sent to each rank's experts: their work.
         replica_split: with per-step replica balancing, which split of replicated experts' tokens
-            the step kept, one-hot ``[5]`` over
+            the step kept, one-hot ``[7]`` over
             :data:`~lightning_moe.parallel.replica_balance.SPLITS` (planned, plan's share, even
-            share, and the two shares' local twins); ``None`` otherwise.
+            share, and the two shares' local and node-matched twins); ``None`` otherwise.
     """
 
     tokens_sent_per_rank: torch.Tensor

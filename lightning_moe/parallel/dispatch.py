@@ -199,7 +199,7 @@ class AllToAllDispatcher:
     def _replica_cumulative_ER(self, expert_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's cumulative routing fractions ``[E, R]``: the placement's, or, with replica
         balancing, chosen for this step's counts of every rank of the EP group (one all-reduce); and,
-        with balancing, which split the step kept (one-hot ``[5]`` over ``replica_balance.SPLITS``,
+        with balancing, which split the step kept (one-hot ``[7]`` over ``replica_balance.SPLITS``,
         on the device: nothing is read back)."""
         placement = self.placement
         if not self.balance_replicas:
