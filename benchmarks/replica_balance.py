@@ -3,9 +3,10 @@ step's counts (:class:`~lightning_moe.parallel.replica_balance.ReplicaBalancer`)
 
 For each EP size and expert count, the default table with one spare slot per rank (so ``ep``
 experts have a replica), an uneven planned share of load (so both fits run, as after a re-plan of
-``ExpertMigration``), Poisson counts around a random skew; the fits, their local and node-matched
-twins, the pricing of the seven candidates and the choice for rank 0's row, timed over ``--repeats`` calls after a
-warm-up (the all-reduce of the counts before it is not included). Prints the median per call, in ms.
+``ExpertMigration``), Poisson counts around a random skew; the fits, their local and (on several
+nodes) node-matched twins, the pricing of the candidates and the choice for rank 0's row, timed
+over ``--repeats`` calls after a warm-up (the all-reduce of the counts before it is not included).
+Prints the median per call, in ms.
 
 Usage::
 
@@ -26,8 +27,8 @@ from lightning_moe.parallel.replica_balance import ReplicaBalancer
 
 
 def time_choice(ep_size: int, num_experts: int, repeats: int, device: torch.device, ranks_per_node: int) -> float:
-    """Median seconds of one choice of rank 0's fractions (two fits, their local and node-matched twins,
-    seven candidates priced)."""
+    """Median seconds of one choice of rank 0's fractions (two fits, their local and, on several nodes,
+    node-matched twins, every candidate priced)."""
     placement = ExpertPlacement.identity(num_experts, ep_size, spare_slots=1)
     nodes = torch.arange(ep_size) // ranks_per_node
     share_R = torch.linspace(0.9, 1.1, ep_size)  # an uneven plan share: the fit runs twice, as after a re-plan

@@ -184,9 +184,8 @@ def test_tokens_cross_once_per_rank_and_results_match_one_process(tmp_path):
     assert abs(received["True"][0] - received["True"][1]) <= 2, received  # fitted to the step: 11.5 each
     assert abs(received["compute"][0] - received["compute"][1]) <= 2, received  # balanced
     assert received["sending"] == [10, 13], received  # the plan's split: nothing more crosses
-    # Which split each step kept (planned, plan's share, even share, their local and node-matched
-    # twins; on one node the node-matched twin is the local one, and a tie keeps the first), the same on
-    # every rank: none without balancing; a fit where it balanced; the planned fractions where only
+    # Which split each step kept (planned, plan's share, even share, their local twins, and their
+    # node-matched twins, which one node, as here, does not have), the same on every rank: none without balancing; a fit where it balanced; the planned fractions where only
     # sending costs. Under the table's default prices (compute, transfers breaking ties) the even
     # fit's local twin: the same load per rank, and rank 0 keeps all 6 of its assignments of the
     # replicated experts, of which the fit sends 0.013 to rank 1 (in expectation).

@@ -202,7 +202,7 @@ def test_the_choice_is_the_cost_models_cheapest_on_random_steps():
         assert int(mine) == index and torch.equal(my_RER, fractions_RER[trial % 4])
         assert seconds[index] <= seconds.min() * (1 + 1e-12), (trial, seconds)
         winners.add(index)
-    assert winners == {0, 1, 2, 3, 4, 5, 6}, winners  # each kind of candidate is the cheapest somewhere: the choice matters
+    assert winners == {0, 1, 2, 3, 4, 5, 6}, winners  # each candidate is the cheapest somewhere: the choice matters
     # The candidates' names (planned, plan's share, even share, the fits' local and node-matched
     # twins): with an even plan share there is one fit, the even one.
     assert balancer.split_of_candidate.tolist() == [0, 1, 2, 3, 4, 5, 6]
@@ -281,9 +281,9 @@ def test_a_node_matched_twin_gives_each_node_what_its_sources_send():
     """Experts 0 and 1 have a replica on each node, on ranks 0 and 2 (which hold both); node 0's
     sources send expert 0 three times what they send expert 1, node 1's the reverse. The even fit
     keeps about the plan's even mix on ranks 0 and 2 (near 40 of each expert each), so whichever
-    source feeds them, near 20 assignments of each expert cross nodes; the node-matched twin gives rank 0 node 0's 60
-    and 20 and rank 2 node 1's, the same 80 per rank, and nothing of theirs crosses. Where crossing
-    costs, the node-matched twin is chosen."""
+    source feeds them, near 20 assignments of each expert cross nodes; the node-matched twin gives
+    rank 0 node 0's 60 and 20 and rank 2 node 1's, the same 80 per rank, and nothing of theirs
+    crosses. Where crossing costs, the node-matched twin is chosen."""
     experts_per_rank = [[0, 1], [2, 3], [0, 1], [2, 3]]
     nodes = torch.tensor([0, 0, 1, 1])
     placement = ExpertPlacement.from_experts_per_rank(experts_per_rank)  # even over replicas

@@ -51,8 +51,9 @@ class LoadWindow:
         replica_split: per layer, how many of the window's dispatches kept each split of replicated
             experts' tokens, ``[7]`` over :data:`~lightning_moe.parallel.replica_balance.SPLITS`
             (planned fractions, fit to the plan's share, fit to an even share, the two fits' local
-            and node-matched twins; a window saved before the node-matched twins has ``[5]``), summed over processes (every process of an EP group keeps the same split); zeros
-            without per-step balancing.
+            and node-matched twins; a window saved before the node-matched twins has ``[5]``),
+            summed over processes (every process of an EP group keeps the same split); zeros without
+            per-step balancing.
     """
 
     step: int

@@ -72,7 +72,9 @@ COMPUTE, WITHIN_NODE, ACROSS_NODES = range(3)
 #: The splits a step may keep, as :attr:`ReplicaBalancer.split_of_candidate` numbers them: the planned
 #: fractions, the fit to the plan's share of load per rank, the fit to an even share, the two fits'
 #: local twins (:func:`localized`) and their node-matched twins (:func:`node_matched`).
-SPLITS = ("planned", "plan_share", "even_share", "plan_share_local", "even_share_local", "plan_share_matched", "even_share_matched")
+SPLITS = (
+    "planned", "plan_share", "even_share", "plan_share_local", "even_share_local", "plan_share_matched", "even_share_matched",
+)
 
 
 def balancing_weights(fractions_RER: torch.Tensor, holders_RE: torch.Tensor, node_of_rank_R: torch.Tensor) -> torch.Tensor:
@@ -273,14 +275,13 @@ def node_matched(
     first half of the rounds over all three, the node step taken halfway (each node's part moved to
     the mean of itself and its target: sums that pull against each other settle rather than
     oscillate, and a replica whose node sends its expert nothing is not zeroed at once, which would
-    leave the rank steps nothing to scale); in the second
-    half over the rank and expert sums alone, which the split shows can both hold, so that the
-    node step's pull is kept only as far as the rank loads allow. The expert sums are restored last:
-    the quotas are always a split of the counts, and the rank loads hold to within 1% of the mean load
-    on all but 3 of 2000 random instances on three nodes (3.3% at worst; the cost model prices what
-    they are). The fractions returned are the
-    quotas over the counts, the same for every source; :func:`localized` decides which source feeds
-    which replica. ``holders_XR``: ``[X, R]``, which ranks hold each expert (1 or 0). Tensor
+    leave the rank steps nothing to scale); in the second half over the rank and expert sums alone,
+    which the split shows can both hold, so that the node step's pull is kept only as far as the
+    rank loads allow. The expert sums are restored last: the quotas are always a split of the
+    counts, and the rank loads hold to within 1% of the mean load on all but 3 of 2000 random
+    instances on three nodes (3.3% at worst; the cost model prices what they are). The fractions
+    returned are the quotas over the counts, the same for every source; :func:`localized` decides
+    which source feeds which replica. ``holders_XR``: ``[X, R]``, which ranks hold each expert (1 or 0). Tensor
     operations only, nothing read back from the device.
     """
     tiny = 1e-12
