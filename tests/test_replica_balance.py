@@ -300,6 +300,13 @@ def test_a_node_matched_twin_gives_each_node_what_its_sources_send():
     assert _crossing(counts_RE, even_matched, nodes) == pytest.approx(0, abs=1e-3)
     index, chosen_RER = balancer.choose(counts_RE)
     assert SPLITS[int(balancer.split_of_candidate[index])] == "even_share_matched" and torch.equal(chosen_RER, even_matched)
+    moved = balancer.to(torch.device("cpu"))  # what the dispatcher holds
+    assert torch.equal(moved.choose(counts_RE, source_rank=2)[1], even_matched[2])
+    # The strategy numbers nodes across the world: an EP group inside one node (node 3, say) has no
+    # node-matched twins, as on node 0.
+    inside = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, torch.full((4,), 3), None,
+                             assignment_seconds(cost, topology))
+    assert inside.split_of_candidate.tolist() == [0, 2, 4] and len(inside.candidates(counts_RE)) == 3
 
 
 def test_node_matched_quotas_split_the_counts_and_keep_the_rank_loads():

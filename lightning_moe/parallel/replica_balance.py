@@ -119,8 +119,9 @@ class ReplicaBalancer:
         share_R = share_R / share_R.sum()
         # The fits' targets: the plan's share, then an even one (a second fit only when they differ).
         self.targets_TR = torch.stack([share_R, even_R]) if not torch.allclose(share_R, even_R) else share_R[None]
-        # On one node every node already computes what its sources send: no node-matched twins.
-        self.several_nodes = bool(node_of_rank_R.max() > 0)
+        # On one node every node already computes what its sources send: no node-matched twins. (The
+        # strategy numbers nodes across the world: an EP group inside node 3 is [3, 3, ...].)
+        self.several_nodes = bool((node_of_rank_R != node_of_rank_R[0]).any())
         #: Which of :data:`SPLITS` each candidate is (with an even plan share, the one fit is the even
         #: one; on one node, no node-matched twins).
         splits = [0, 1, 2, 3, 4, 5, 6] if len(self.targets_TR) > 1 else [0, 2, 4, 6]
