@@ -279,8 +279,9 @@ def node_matched(
     leave the rank steps nothing to scale); in the second half over the rank and expert sums alone,
     which the split shows can both hold, so that the node step's pull is kept only as far as the
     rank loads allow. The expert sums are restored last: the quotas are always a split of the
-    counts, and the rank loads hold to within 1% of the mean load on all but 3 of 2000 random
-    instances on three nodes (3.3% at worst; the cost model prices what they are). The fractions
+    counts, and the rank loads hold to within 1% of the mean load on the random instances of
+    tests/test_replica_balance.py (a few in a thousand, in a throwaway sweep, went to 3%; the cost
+    model prices what they are). The fractions
     returned are the quotas over the counts, the same for every source; :func:`localized` decides
     which source feeds which replica. ``holders_XR``: ``[X, R]``, which ranks hold each expert (1 or 0). Tensor
     operations only, nothing read back from the device.
