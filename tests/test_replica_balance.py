@@ -310,33 +310,38 @@ def test_a_node_matched_twin_gives_each_node_what_its_sources_send():
 
 
 def test_node_matched_quotas_split_the_counts_and_keep_the_rank_loads():
-    """Three nodes, random holders, splits and counts: the node-matched fractions are a split of every
+    """Three nodes, random holders, splits and counts: the node-matched quotas are a split of every
     expert's tokens over its holders and keep every rank's load to within 1% of the mean rank load;
-    once localized, they send fewer assignments across nodes than the split's local twin in most
+    sent nearest first, they send fewer assignments across nodes than the split's local twin in most
     splits, and fewer in all (a heuristic, not a bound: a few send more, and the cost model chooses)."""
-    from lightning_moe.parallel.replica_balance import localized, node_matched
+    from lightning_moe.parallel.replica_balance import localized, nearest_first, node_matched
 
     generator = torch.Generator().manual_seed(5)
     nodes = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
     node_of_rank_RN = torch.nn.functional.one_hot(nodes).double()
+    across_RR = (nodes[:, None] != nodes[None, :]).double()
     fewer, crossing_local, crossing_matched = 0, 0.0, 0.0
     for trial in range(40):
         holders_RX = torch.rand(8, 5, generator=generator) < 0.4
         holders_RX[trial % 8] = True  # every expert held somewhere
         fractions_TRXR = torch.rand(2, 8, 5, 8, generator=generator, dtype=torch.float64) * holders_RX.t()[None, None]
         fractions_TRXR = fractions_TRXR / fractions_TRXR.sum(dim=-1, keepdim=True)
-        counts_RX = torch.poisson(torch.rand(8, 5, generator=generator) * 40, generator=generator)
-        counts_RX[:, trial % 5] = 0  # an expert without tokens keeps the split's fractions
-        matched_TRXR = node_matched(fractions_TRXR, counts_RX, holders_RX.t().double(), node_of_rank_RN)
-        torch.testing.assert_close(matched_TRXR.sum(dim=-1), torch.ones(2, 8, 5, dtype=torch.float64))
-        assert matched_TRXR.min() >= 0 and (matched_TRXR * ~holders_RX.t()[None, None]).abs().max() == 0
-        torch.testing.assert_close(matched_TRXR[:, :, trial % 5], fractions_TRXR[:, :, trial % 5])
-        loads_TR = torch.einsum("rx,trxd->td", counts_RX.double(), fractions_TRXR)
-        matched_loads_TR = torch.einsum("rx,trxd->td", counts_RX.double(), matched_TRXR)
+        counts_RX = torch.poisson(torch.rand(8, 5, generator=generator) * 40, generator=generator).double()
+        counts_RX[:, trial % 5] = 0  # an expert without tokens
+        quota_TXR = torch.einsum("rx,trxd->txd", counts_RX, fractions_TRXR)
+        matched_TXR = node_matched(quota_TXR, counts_RX, holders_RX.t().double(), node_of_rank_RN)
+        torch.testing.assert_close(matched_TXR.sum(dim=-1), counts_RX.sum(dim=0).expand(2, -1))
+        assert matched_TXR.min() >= 0 and (matched_TXR * ~holders_RX.t()[None]).abs().max() == 0
+        loads_TR, matched_loads_TR = quota_TXR.sum(dim=1), matched_TXR.sum(dim=1)
         assert ((matched_loads_TR - loads_TR).abs() / loads_TR.mean(dim=-1, keepdim=True)).max() < 0.01
+        # Sent nearest first: every replica gets its quota, and the split's own quotas give
+        # localized's assignments.
+        local_TRXR, matched_TRXR = (nearest_first(q, counts_RX, node_of_rank_RN) for q in (quota_TXR, matched_TXR))
+        torch.testing.assert_close(matched_TRXR.sum(dim=1), matched_TXR)
+        torch.testing.assert_close(local_TRXR, counts_RX[None, :, :, None] * localized(fractions_TRXR, counts_RX, node_of_rank_RN))
         for t in range(2):
-            local = _crossing(counts_RX, localized(fractions_TRXR, counts_RX, node_of_rank_RN)[t], nodes)
-            matched = _crossing(counts_RX, localized(matched_TRXR, counts_RX, node_of_rank_RN)[t], nodes)
+            local = float(torch.einsum("rxd,rd->", local_TRXR[t], across_RR))
+            matched = float(torch.einsum("rxd,rd->", matched_TRXR[t], across_RR))
             fewer += matched < local - 1e-6 * float(counts_RX.sum())
             crossing_local, crossing_matched = crossing_local + local, crossing_matched + matched
     assert fewer >= 60 and crossing_matched < 0.9 * crossing_local  # of 80 splits (72 and 0.83 when written)

@@ -112,16 +112,17 @@ class ReplicaBalancer:
         rounds: int = ROUNDS,
     ) -> None:
         num_ranks = holders_RE.shape[0]
-        node_of_rank_R = torch.as_tensor(node_of_rank_R).long().cpu()
+        # Nodes numbered 0, 1, ... within the group (the strategy numbers them across the world: an EP
+        # group inside node 3 is [3, 3, ...]), so the one-hot below has no empty nodes.
+        node_of_rank_R = torch.unique(torch.as_tensor(node_of_rank_R).long().cpu(), return_inverse=True)[1]
         self.rounds = rounds
         even_R = torch.full((num_ranks,), 1.0 / num_ranks, dtype=torch.float64)
         share_R = even_R if target_share_R is None else torch.as_tensor(target_share_R, dtype=torch.float64).cpu()
         share_R = share_R / share_R.sum()
         # The fits' targets: the plan's share, then an even one (a second fit only when they differ).
         self.targets_TR = torch.stack([share_R, even_R]) if not torch.allclose(share_R, even_R) else share_R[None]
-        # On one node every node already computes what its sources send: no node-matched twins. (The
-        # strategy numbers nodes across the world: an EP group inside node 3 is [3, 3, ...].)
-        self.several_nodes = bool((node_of_rank_R != node_of_rank_R[0]).any())
+        # On one node every node already computes what its sources send: no node-matched twins.
+        self.several_nodes = bool(node_of_rank_R.max() > 0)
         #: Which of :data:`SPLITS` each candidate is (with an even plan share, the one fit is the even
         #: one; on one node, no node-matched twins).
         splits = [0, 1, 2, 3, 4, 5, 6] if len(self.targets_TR) > 1 else [0, 2, 4, 6]
@@ -187,10 +188,11 @@ class ReplicaBalancer:
         fixed_traffic_RR = counts_RE[:, self.fixed_F] @ self.holder_of_fixed_FR
         counts_RX = counts_RE[:, self.replicated_X]
         fitted_TRXR = _scaled(self.weights_RXR, self._fit(fixed_traffic_RR.sum(dim=0), counts_RX))
-        twins_TRXR = [localized_amounts(fitted_TRXR, counts_RX, self.node_of_rank_RN)]
+        # Each twin is made from the fit's tokens per replica (its quotas), then sent nearest first.
+        quotas_TXR = [torch.einsum("rx,trxd->txd", counts_RX, fitted_TRXR)]
         if self.several_nodes:
-            matched_TRXR = node_matched(fitted_TRXR, counts_RX, self.holder_of_replicated_XR, self.node_of_rank_RN, self.rounds)
-            twins_TRXR.append(localized_amounts(matched_TRXR, counts_RX, self.node_of_rank_RN))
+            quotas_TXR.append(node_matched(quotas_TXR[0], counts_RX, self.holder_of_replicated_XR, self.node_of_rank_RN, self.rounds))
+        twins_TRXR = [nearest_first(quota_TXR, counts_RX, self.node_of_rank_RN) for quota_TXR in quotas_TXR]
         traffic_CRR = fixed_traffic_RR + torch.cat([
             torch.einsum("rx,rxd->rd", counts_RX, self.planned_RXR)[None],
             torch.einsum("rx,trxd->trd", counts_RX, fitted_TRXR),
@@ -258,42 +260,39 @@ def _scaled(weights_RXR: torch.Tensor, log_scale_TR: torch.Tensor) -> torch.Tens
 
 
 def node_matched(
-    fractions_TRXR: torch.Tensor,
+    quota_TXR: torch.Tensor,
     counts_RX: torch.Tensor,
     holders_XR: torch.Tensor,
     node_of_rank_RN: torch.Tensor,
     rounds: int = ROUNDS,
 ) -> torch.Tensor:
-    """``[T, R, X, R]``: for each split of ``fractions_TRXR``, fractions with the same load on every
-    rank whose tokens per replica follow where each expert's tokens come from.
+    """``[T, X, R]``: for each split's tokens per replica ``quota_TXR`` (``q[x, d] = sum_r c[r, x]
+    f[r, x, d]`` under ``counts_RX``), tokens per replica with the same load on every rank that follow
+    where each expert's tokens come from.
 
-    Under ``counts_RX`` a split gives replica ``(x, d)`` the quota ``q[x, d] = sum_r c[r, x] f[r, x, d]``.
-    These quotas keep every rank's total ``sum_x q[x, d]`` and every expert's ``sum_d q[x, d] =
-    sum_r c[r, x]``, and aim each node's part of an expert, ``sum_{d on n} q[x, d]``, at what the
+    The quotas returned keep every rank's total ``sum_x q[x, d]`` and every expert's ``sum_d q[x, d]
+    = sum_r c[r, x]``, and aim each node's part of an expert, ``sum_{d on n} q[x, d]``, at what the
     node's sources send it (a node without a replica of ``x`` has its demand shared by the nodes with
     one, in proportion to their parts). The three sets of sums cannot always all hold together (the
-    split itself meets the first two); the quotas are found by iterative proportional fitting: in the
+    split itself meets the first two); they are found by iterative proportional fitting: in the
     first half of the rounds over all three, the node step taken halfway (each node's part moved to
     the mean of itself and its target: sums that pull against each other settle rather than
     oscillate, and a replica whose node sends its expert nothing is not zeroed at once, which would
     leave the rank steps nothing to scale); in the second half over the rank and expert sums alone,
     which the split shows can both hold, so that the node step's pull is kept only as far as the
-    rank loads allow. The expert sums are restored last: the quotas are always a split of the
-    counts, and the rank loads hold to within 1% of the mean load on the random instances of
+    rank loads allow. The expert sums are restored last, so the quotas are always a split of the
+    counts; the rank loads hold to within 1% of the mean load on the random instances of
     tests/test_replica_balance.py (a few in a thousand, in a throwaway sweep, went to 3%; the cost
-    model prices what they are). The fractions
-    returned are the quotas over the counts, the same for every source; :func:`localized` decides
-    which source feeds which replica. ``holders_XR``: ``[X, R]``, which ranks hold each expert (1 or 0). Tensor
-    operations only, nothing read back from the device.
+    model prices what they are). :func:`nearest_first` then decides which source feeds which
+    replica. ``holders_XR``: ``[X, R]``, which ranks hold each expert (1 or 0). Tensor operations
+    only, nothing read back from the device.
     """
     tiny = 1e-12
-    counts_RX = counts_RX.to(fractions_TRXR)
-    holders_XR = holders_XR.to(fractions_TRXR)
+    counts_RX = counts_RX.to(quota_TXR)
     total_X = counts_RX.sum(dim=0)
     demand_XN = counts_RX.t() @ node_of_rank_RN
-    holds_XN = ((holders_XR @ node_of_rank_RN) > 0).to(demand_XN)
+    holds_XN = ((holders_XR.to(quota_TXR) @ node_of_rank_RN) > 0).to(demand_XN)
     held_demand_XN, unheld_X1 = demand_XN * holds_XN, (demand_XN * (1.0 - holds_XN)).sum(dim=1, keepdim=True)
-    quota_TXR = torch.einsum("rx,trxd->txd", counts_RX, fractions_TRXR)
     rank_load_TR = quota_TXR.sum(dim=1)
     for round_ in range(rounds):
         if round_ < rounds // 2:  # pull each node's part towards what its sources send
@@ -302,9 +301,7 @@ def node_matched(
             quota_TXR = quota_TXR * ((0.5 + 0.5 * target_TXN / node_part_TXN.clamp_min(tiny)) @ node_of_rank_RN.t())
         quota_TXR = quota_TXR * (rank_load_TR / quota_TXR.sum(dim=1).clamp_min(tiny))[:, None, :]
         quota_TXR = quota_TXR * (total_X / quota_TXR.sum(dim=-1).clamp_min(tiny))[..., None]
-    matched_TXR = quota_TXR / total_X[:, None].clamp_min(tiny)
-    # An expert without tokens this step keeps the split's fractions.
-    return torch.where((total_X > 0)[None, None, :, None], matched_TXR[:, None].expand_as(fractions_TRXR), fractions_TRXR)
+    return quota_TXR
 
 
 def localized(fractions_TRXR: torch.Tensor, counts_RX: torch.Tensor, node_of_rank_RN: torch.Tensor) -> torch.Tensor:
@@ -333,9 +330,16 @@ def localized(fractions_TRXR: torch.Tensor, counts_RX: torch.Tensor, node_of_ran
 def localized_amounts(fractions_TRXR: torch.Tensor, counts_RX: torch.Tensor, node_of_rank_RN: torch.Tensor) -> torch.Tensor:
     """``[T, R, X, R]``: the assignments of :func:`localized`'s splits, ``c[r, x] f'[r, x, d]``
     (what pricing needs: their sum over experts is each split's traffic)."""
-    tiny = 1e-12
     counts_RX = counts_RX.to(fractions_TRXR)
-    quota_TXR = torch.einsum("rx,trxd->txd", counts_RX, fractions_TRXR)
+    return nearest_first(torch.einsum("rx,trxd->txd", counts_RX, fractions_TRXR), counts_RX, node_of_rank_RN)
+
+
+def nearest_first(quota_TXR: torch.Tensor, counts_RX: torch.Tensor, node_of_rank_RN: torch.Tensor) -> torch.Tensor:
+    """``[T, R, X, R]``: assignments ``a[r, x, d]`` that give every replica ``(x, d)`` its quota
+    ``quota_TXR`` from the sources' counts ``counts_RX``, each source's tokens to the nearest replicas
+    first (the steps of :func:`localized`)."""
+    tiny = 1e-12
+    counts_RX = counts_RX.to(quota_TXR)
     # 1. Own rank: source r keeps min(its tokens, the quota of its own replica) of expert x.
     kept_TXR = torch.minimum(counts_RX.t()[None], quota_TXR)
     left_TRX = counts_RX[None] - kept_TXR.transpose(1, 2)
