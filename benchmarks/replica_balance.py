@@ -6,7 +6,9 @@ experts have a replica), an uneven planned share of load (so both fits run, as a
 ``ExpertMigration``), Poisson counts around a random skew; the fits, their local and (on several
 nodes) node-matched twins, the pricing of the candidates and the choice for rank 0's row, timed
 over ``--repeats`` calls after a warm-up (the all-reduce of the counts before it is not included).
-Prints the median per call, in ms.
+Prints the median per call, in ms, and the tensor operations one call runs that compute something
+(views aside): on a GPU each is a kernel launch, whatever the sizes, so their number is what the
+balancer costs there when the tensors are small.
 
 Usage::
 
@@ -21,14 +23,28 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.replica_balance import ReplicaBalancer
 
 
-def time_choice(ep_size: int, num_experts: int, repeats: int, device: torch.device, ranks_per_node: int) -> float:
+class CountOperations(TorchDispatchMode):
+    """Counts the tensor operations run inside it that compute something (not views of a tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func is not torch.ops.aten._unsafe_view.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def time_choice(ep_size: int, num_experts: int, repeats: int, device: torch.device, ranks_per_node: int) -> tuple[float, int]:
     """Median seconds of one choice of rank 0's fractions (two fits, their local and, on several nodes,
-    node-matched twins, every candidate priced)."""
+    node-matched twins, every candidate priced), and the tensor operations it runs."""
     placement = ExpertPlacement.identity(num_experts, ep_size, spare_slots=1)
     nodes = torch.arange(ep_size) // ranks_per_node
     share_R = torch.linspace(0.9, 1.1, ep_size)  # an uneven plan share: the fit runs twice, as after a re-plan
@@ -37,7 +53,8 @@ def time_choice(ep_size: int, num_experts: int, repeats: int, device: torch.devi
     generator = torch.Generator().manual_seed(0)
     skew_E = torch.rand(num_experts, generator=generator) ** 3 * 200 + 1
     counts_RE = torch.poisson(skew_E.expand(ep_size, -1).contiguous(), generator=generator).long().to(device)
-    balancer.fractions(counts_RE, source_rank=0)
+    with CountOperations() as operations:
+        balancer.fractions(counts_RE, source_rank=0)
     seconds = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -47,7 +64,7 @@ def time_choice(ep_size: int, num_experts: int, repeats: int, device: torch.devi
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return statistics.median(seconds), operations.count
 
 
 def main() -> None:
@@ -60,12 +77,13 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"Per-step replica balancing on {device} (torch {torch.__version__}, {torch.get_num_threads()} thread(s)): "
           f"one choice of one rank's fractions, median of {args.repeats}\n")
-    print("| EP size | experts | replicated experts | per call (ms) |")
-    print("|---:|---:|---:|---:|")
+    print("| EP size | experts | nodes | replicated experts | per call (ms) | tensor operations |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes.split(","):
         ep_size, num_experts = (int(v) for v in size.split("x"))
-        seconds = time_choice(ep_size, num_experts, args.repeats, device, args.ranks_per_node)
-        print(f"| {ep_size} | {num_experts} | {min(ep_size, num_experts)} | {seconds * 1e3:.2f} |")
+        seconds, operations = time_choice(ep_size, num_experts, args.repeats, device, args.ranks_per_node)
+        nodes = -(-ep_size // args.ranks_per_node)
+        print(f"| {ep_size} | {num_experts} | {nodes} | {min(ep_size, num_experts)} | {seconds * 1e3:.2f} | {operations} |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linprog
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_moe.parallel.placement import DEFAULT_ASSIGNMENT_SECONDS, ExpertPlacement
 from lightning_moe.parallel.replica_balance import SPLITS, ReplicaBalancer
@@ -345,6 +346,48 @@ def test_node_matched_quotas_split_the_counts_and_keep_the_rank_loads():
             fewer += matched < local - 1e-6 * float(counts_RX.sum())
             crossing_local, crossing_matched = crossing_local + local, crossing_matched + matched
     assert fewer >= 60 and crossing_matched < 0.9 * crossing_local  # of 80 splits (72 and 0.83 when written)
+
+
+class _CountOperations(TorchDispatchMode):
+    """Counts the tensor operations that compute something (views aside): kernel launches on a GPU;
+    and those that read a value back to the host (on a GPU, a wait for every kernel before them)."""
+
+    _READS_BACK = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.read_back = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view and func is not torch.ops.aten._unsafe_view.default
+        if func in self._READS_BACK:
+            self.read_back.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_round_is_a_handful_of_tensor_operations():
+    """The dispatcher runs the balancer in every layer at every step, and on a GPU each tensor
+    operation is a kernel launch, however small the tensors: the rounds must stay few operations. A
+    round of the two fits (side by side) is 7: two matrix products, a division, a fused
+    multiply-add, a division, a product and a clamp; a round of the node-matching 14 in its first
+    half and 8 in its second, 11 on average. Counted as the difference between 20 and 10 rounds.
+    Nothing is read back to the host: on a GPU that would wait for every kernel of the balancer."""
+    placement = ExpertPlacement.from_experts_per_rank([[0, 1, 3], [2, 3, 0], [4, 5, 1], [6, 7, 2]])
+    counts_RE = torch.tensor([[40, 30, 5, 5, 5, 5, 5, 5]] * 4)
+    share_R = torch.tensor([0.31, 0.23, 0.23, 0.23])
+    per_round = {}
+    for nodes in (torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, 1])):
+        counted = []
+        for rounds in (10, 20):
+            balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes, share_R, rounds=rounds)
+            with _CountOperations() as operations:
+                balancer.choose(counts_RE, source_rank=0)
+            counted.append(operations.count)
+            assert operations.read_back == []  # the choice stays on the device (a 0-d index would not)
+        per_round[balancer.several_nodes] = (counted[1] - counted[0]) / 10
+    assert per_round[False] <= 7  # one node: the fits alone
+    assert per_round[True] <= 7 + 11  # several nodes: and the node-matching
 
 
 def test_load_shares_are_checked_and_travel_with_the_table(tmp_path):

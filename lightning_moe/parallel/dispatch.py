@@ -25,6 +25,9 @@ on every rank of an expert-parallel (EP) group:
 5. on the expert side, gather one row per assignment from the received pairs, one contiguous block
    per local expert, for the grouped GEMM.
 
+The host reads one thing per dispatch, the split sizes of the all-to-alls (step 3, one copy);
+everything else stays on the device, so on a GPU the host waits for the kernels once per dispatch.
+
 ``combine`` weights each expert output, sums the outputs of one pair *before* sending them back
 (so the return trip also carries one row per pair), and adds the returned rows into their tokens.
 With one EP rank nothing is sent: the dispatcher is the
@@ -151,7 +154,6 @@ class AllToAllDispatcher:
         needed_RT = torch.zeros(ranks, num_tokens, dtype=torch.bool, device=device)
         needed_RT[rank_sorted_N, token_sorted_N] = True
         pair_of_cell_RT = (torch.cumsum(needed_RT.view(-1), 0) - 1).view(ranks, num_tokens)
-        token_of_pair_U = needed_RT.nonzero()[:, 1]
         pairs_per_rank_R = needed_RT.sum(dim=1)
         first_pair_R = torch.cumsum(pairs_per_rank_R, 0) - pairs_per_rank_R
         pair_in_block_N = pair_of_cell_RT[rank_sorted_N, token_sorted_N] - first_pair_R[rank_sorted_N]
@@ -164,6 +166,8 @@ class AllToAllDispatcher:
         # One device-to-host copy for all split sizes.
         sizes = torch.stack([pairs_per_rank_R, pairs_received_R, assignments_RL.sum(1), received_RL.sum(1)])
         pairs_sent, pairs_received, assignments_sent, assignments_received = sizes.tolist()
+        # The sizes known, nothing else is read back: on a GPU every read waits for the kernels before it.
+        token_of_pair_U = torch.nonzero_static(needed_RT, size=sum(pairs_sent))[:, 1]
         traffic = DispatchTraffic(
             tokens_sent_per_rank=pairs_per_rank_R, assignments_sent_per_rank=assignments_RL.sum(1), replica_split=replica_split
         )
@@ -181,7 +185,9 @@ class AllToAllDispatcher:
 
         # 5. Received assignments come in (source rank, slot) blocks; re-order them to one block per
         # slot, and point each at its source rank's pair row.
-        block_of_row_M = torch.repeat_interleave(torch.arange(ranks * slots, device=device), received_RL.reshape(-1))
+        block_of_row_M = torch.repeat_interleave(
+            torch.arange(ranks * slots, device=device), received_RL.reshape(-1), output_size=sum(assignments_received)
+        )
         source_rank_M, slot_M = block_of_row_M // slots, block_of_row_M % slots
         local_order_M = torch.argsort(slot_M * ranks + source_rank_M, stable=True)
         first_received_pair_R = torch.cumsum(pairs_received_R, 0) - pairs_received_R
@@ -217,7 +223,10 @@ class AllToAllDispatcher:
         index, fractions_ER = self._balancer.choose(counts_RE, source_rank=self.ep_rank)
         cumulative_ER = fractions_ER.cumsum(dim=-1)
         cumulative_ER[:, -1] = 1.0  # no assignment may fall past the last replica
-        split = torch.nn.functional.one_hot(self._balancer.split_of_candidate[index], len(SPLITS))
+        # A one-hot by comparison: indexing with the 0-d ``index`` or ``one_hot``'s range check would read
+        # it back to the host.
+        kept = self._balancer.split_of_candidate.index_select(0, index.view(1))
+        split = (kept == torch.arange(len(SPLITS), device=device)).long()
         return cumulative_ER, split
 
     def combine(self, y_MD: torch.Tensor, context: DispatchContext) -> torch.Tensor:

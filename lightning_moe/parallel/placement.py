@@ -85,6 +85,8 @@ class ExpertPlacement:
         ranks_RS = torch.arange(num_ranks).unsqueeze(1).expand(num_ranks, slots)
         self.slot_of_expert_ER[self.expert_of_slot_RS, ranks_RS] = torch.arange(slots).expand(num_ranks, slots)
         self.replicas_E = holders_RE.sum(dim=0)
+        #: Whether some expert has several holders (a plain bool: the dispatcher asks at every step).
+        self.has_replicas = bool((self.replicas_E > 1).any())
         #: The rank whose checkpoint file stores each expert: its first holder, so each is stored once.
         self.file_rank_E = holders_RE.int().argmax(dim=0)
         self.routing_fractions_RER = self._fractions(routing_fractions_RER)
@@ -201,10 +203,6 @@ class ExpertPlacement:
     def experts_per_rank(self) -> list[list[int]]:
         """The logical experts of every rank, in slot order."""
         return self.expert_of_slot_RS.tolist()
-
-    @property
-    def has_replicas(self) -> bool:
-        return bool((self.replicas_E > 1).any())
 
     def rank_share_ER(self, source_rank: int) -> torch.Tensor:
         """``[E, R]``: the share of source rank ``source_rank``'s assignments to each expert that each

@@ -56,6 +56,8 @@ without, ``C`` candidates.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lightning_moe.parallel.placement import DEFAULT_ASSIGNMENT_SECONDS
@@ -66,6 +68,9 @@ LOCAL_MASS = 0.05
 #: Rounds of proportional fitting; the loads are within a fraction of a percent of balanced by then
 #: on the simulator's workloads (tests/test_replica_balance.py).
 ROUNDS = 50
+#: The range of a fit's factors (``exp(-30)`` to ``exp(30)``): far enough apart to send a row all to
+#: one holder, close enough that float64 products of them and the counts stay finite.
+_SMALLEST_SCALE, _LARGEST_SCALE = math.exp(-30.0), math.exp(30.0)
 #: Positions in ``assignment_seconds``: the seconds one assignment costs when computed, and when
 #: sent to a rank of the same node or of another node (over every all-to-all of the step).
 COMPUTE, WITHIN_NODE, ACROSS_NODES = range(3)
@@ -173,7 +178,9 @@ class ReplicaBalancer:
         if self.has_replicas:
             traffic_CRR, candidates_CRXR = self._replicated_candidates(counts_RE, source_rank)
             index = torch.argmin(self._seconds(traffic_CRR))
-            fractions_RER[:, self.replicated_X] = candidates_CRXR[index]
+            # A 1-element index, not the 0-d one: indexing with a 0-d tensor reads it back to the host
+            # (``Tensor.item``), which on a GPU waits for every kernel before it.
+            fractions_RER[:, self.replicated_X] = candidates_CRXR.index_select(0, index.view(1))[0]
         return index, fractions_RER if source_rank is None else fractions_RER[0]
 
     def fractions(self, counts_RE: torch.Tensor, source_rank: int | None = None) -> torch.Tensor:
@@ -206,25 +213,29 @@ class ReplicaBalancer:
         return traffic_CRR, candidates_CRXR
 
     def _fit(self, fixed_R: torch.Tensor, counts_RX: torch.Tensor) -> torch.Tensor:
-        """``[T, R]``, ``log u`` for each target: the factors that bring each rank's load to its share
+        """``[T, R]``, the factors ``u`` for each target: those that bring each rank's load to its share
         of the step's. The fits run side by side, in the same tensor operations: per round, two small
         matrix products over the (source, replicated expert) rows ``K``, never the ``[R, X, R]``
-        fractions themselves (``load_d = u_d sum_k c_k w_kd / sum_d' w_kd' u_d'``)."""
+        fractions themselves (``load_d = u_d sum_k c_k w_kd / sum_d' w_kd' u_d'``), and five
+        element-wise operations: on a GPU every one is a kernel launch, and the rounds are most of
+        the balancer's (``tests/test_replica_balance.py`` counts them)."""
         total = fixed_R.sum() + counts_RX.sum()
         target_TR = self.targets_TR * total
         # The floor keeps an empty step finite (every factor stays 1, every candidate costs 0 and the
         # planned fractions are kept) without a branch on the counts, which would read them back.
         damping = 1e-3 * total / target_TR.shape[1] + 1e-9
+        wanted_TR, base_R = target_TR + damping, fixed_R + damping
         weights_KR = self.weights_RXR.reshape(-1, self.weights_RXR.shape[-1])
+        weights_RK = weights_KR.t()
         counts_K = counts_RX.reshape(-1)
-        log_scale_TR = torch.zeros_like(target_TR)
+        scale_TR = torch.ones_like(target_TR)
         for _ in range(self.rounds):
-            scale_TR = torch.exp(log_scale_TR - log_scale_TR.amax(dim=-1, keepdim=True))
-            load_TR = fixed_R + scale_TR * ((counts_K / (scale_TR @ weights_KR.t())) @ weights_KR)
+            # The load is the same for ``u`` and ``a u``: the factors need no normalising.
+            load_TR = torch.addcmul(base_R, scale_TR, (counts_K / (scale_TR @ weights_RK)) @ weights_KR)
             # A rank whose load no factor changes (it holds no replica anyone routes) must not
             # drift without bound: the damping terms and the clamp keep every factor finite.
-            log_scale_TR = (log_scale_TR + torch.log((target_TR + damping) / (load_TR + damping))).clamp(-30.0, 30.0)
-        return log_scale_TR
+            scale_TR = (scale_TR * (wanted_TR / load_TR)).clamp(_SMALLEST_SCALE, _LARGEST_SCALE)
+        return scale_TR
 
     def _seconds(self, traffic_CRR: torch.Tensor) -> torch.Tensor:
         """``[C]``: the cost model's step time of each candidate's traffic ``T[r, d]`` (assignments ``r``
@@ -251,11 +262,10 @@ class ReplicaBalancer:
         return moved
 
 
-def _scaled(weights_RXR: torch.Tensor, log_scale_TR: torch.Tensor) -> torch.Tensor:
-    """``[T, R, X, R]``: the weights scaled by each row of factors ``exp(log_scale_TR)`` over the
-    destination ranks, renormalised over each (source, expert) row."""
-    log_scale_TR = log_scale_TR - log_scale_TR.amax(dim=-1, keepdim=True)
-    scaled_TRXR = weights_RXR * torch.exp(log_scale_TR)[:, None, None, :]
+def _scaled(weights_RXR: torch.Tensor, scale_TR: torch.Tensor) -> torch.Tensor:
+    """``[T, R, X, R]``: the weights scaled by each row of factors ``scale_TR`` over the destination
+    ranks, renormalised over each (source, expert) row."""
+    scaled_TRXR = weights_RXR * scale_TR[:, None, None, :]
     return scaled_TRXR / scaled_TRXR.sum(dim=-1, keepdim=True)
 
 
@@ -289,18 +299,23 @@ def node_matched(
     """
     tiny = 1e-12
     counts_RX = counts_RX.to(quota_TXR)
-    total_X = counts_RX.sum(dim=0)
+    total_X1 = counts_RX.sum(dim=0)[:, None]
     demand_XN = counts_RX.t() @ node_of_rank_RN
     holds_XN = ((holders_XR.to(quota_TXR) @ node_of_rank_RN) > 0).to(demand_XN)
     held_demand_XN, unheld_X1 = demand_XN * holds_XN, (demand_XN * (1.0 - holds_XN)).sum(dim=1, keepdim=True)
-    rank_load_TR = quota_TXR.sum(dim=1)
+    # The node step's factor, 0.5 + 0.5 * target / part, with target = held demand + unheld demand *
+    # part / (the expert's total, which every round starts from): 0.5 * (1 + unheld / total) + 0.5 *
+    # held demand / part. Written so, a round's node step is six tensor operations, not twelve.
+    even_X1 = 0.5 + 0.5 * unheld_X1 / total_X1.clamp_min(tiny)
+    half_held_XN = 0.5 * held_demand_XN
+    node_of_rank_NR = node_of_rank_RN.t()
+    rank_load_T1R = quota_TXR.sum(dim=1, keepdim=True)
     for round_ in range(rounds):
         if round_ < rounds // 2:  # pull each node's part towards what its sources send
             node_part_TXN = quota_TXR @ node_of_rank_RN  # zero where the node holds no replica
-            target_TXN = held_demand_XN + unheld_X1 * node_part_TXN / node_part_TXN.sum(dim=-1, keepdim=True).clamp_min(tiny)
-            quota_TXR = quota_TXR * ((0.5 + 0.5 * target_TXN / node_part_TXN.clamp_min(tiny)) @ node_of_rank_RN.t())
-        quota_TXR = quota_TXR * (rank_load_TR / quota_TXR.sum(dim=1).clamp_min(tiny))[:, None, :]
-        quota_TXR = quota_TXR * (total_X / quota_TXR.sum(dim=-1).clamp_min(tiny))[..., None]
+            quota_TXR = quota_TXR * ((even_X1 + half_held_XN / node_part_TXN.clamp_min(tiny)) @ node_of_rank_NR)
+        quota_TXR = quota_TXR * (rank_load_T1R / quota_TXR.sum(dim=1, keepdim=True).clamp_min(tiny))
+        quota_TXR = quota_TXR * (total_X1 / quota_TXR.sum(dim=-1, keepdim=True).clamp_min(tiny))
     return quota_TXR
 
 
