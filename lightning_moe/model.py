@@ -325,6 +325,12 @@ class MoETransformer(PretrainedIO, L.LightningModule):
 
         Targets equal to -100 are ignored (padding).
         """
+        loss, tokens = self._next_token_loss(batch)
+        return loss, int(tokens)
+
+    def _next_token_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`language_model_loss` with the token count left on the device (a 0-d tensor): reading
+        it would make the host wait for the forward at every step, on a GPU."""
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise ValueError(
                 f"{OWNER} expects batches of (input_ids, target_ids), each [batch, seq_len], got "
@@ -335,10 +341,10 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         logits_BTV = self(input_ids_BT)
         # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses precision.
         loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), target_ids_BT.flatten(), ignore_index=-100)
-        return loss, int((target_ids_BT != -100).sum())
+        return loss, (target_ids_BT != -100).sum()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        ce_loss, _ = self.language_model_loss(batch)
+        ce_loss, _ = self._next_token_loss(batch)
         aux_loss = collect_aux_loss(self)
         loss = ce_loss + aux_loss
         self.log("train_loss", loss, prog_bar=True)
@@ -368,7 +374,7 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         self._log_perplexity("test")
 
     def _evaluation_step(self, batch: Any, stage: str) -> None:
-        loss, tokens = self.language_model_loss(batch)
+        loss, tokens = self._next_token_loss(batch)
         # sync_dist: under data or expert parallelism every rank sees other sequences.
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
         weighted = loss.detach() * tokens
@@ -384,7 +390,8 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         """
         device = self.device if self._eval_loss_sum is None else self._eval_loss_sum.device
         loss_sum = torch.zeros((), device=device) if self._eval_loss_sum is None else self._eval_loss_sum.float()
-        totals = torch.stack([loss_sum, torch.tensor(float(self._eval_tokens), device=device)])
+        tokens = torch.as_tensor(self._eval_tokens, dtype=loss_sum.dtype, device=device)  # 0, or a sum on the device
+        totals = torch.stack([loss_sum, tokens])
         if self._trainer is not None and self.trainer.world_size > 1:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         if totals[1] > 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from tensor_operations import TensorOperations
 
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
 
@@ -70,35 +70,16 @@ def inputs_of(rank: int):
     return x_TD, routing_of(rank, generator), grad_TD
 
 
-class ReadsBack(TorchDispatchMode):
-    """Records the tensor operations that read a value back to the host (``Tensor.item``, indexing with
-    a 0-d tensor, ``nonzero``, ``repeat_interleave`` without its output size): on a GPU each waits for
-    every kernel before it. ``Tensor.tolist``, the dispatcher's one read of the split sizes, does not
-    pass through here."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default) or (
-            func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
-        ):
-            self.reads.append(str(func))
-        return func(*args, **kwargs)
-
-
 def run(dispatcher, experts, x_TD, routing, grad_TD):
     """The output and the traffic of one dispatch, with a backward; nothing but the split sizes is
     read back to the host on the way (after a first dispatch, which builds the replica balancer of
     the placement from its host tables, once)."""
     dispatcher.dispatch(x_TD.detach(), routing)
-    with ReadsBack() as reads:
+    with TensorOperations() as operations:
         dispatched = dispatcher.dispatch(x_TD, routing)
         y_TD = dispatcher.combine(experts(dispatched.rows, dispatched.rows_per_slot), dispatched.context)
         y_TD.backward(grad_TD)
-    assert reads.reads == [] or not isinstance(dispatcher, AllToAllDispatcher), reads.reads
+    assert operations.read_back == [] or not isinstance(dispatcher, AllToAllDispatcher), operations.read_back
     return y_TD.detach(), dispatched.traffic
 
 

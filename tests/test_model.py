@@ -119,6 +119,19 @@ def test_training_step_adds_the_aux_loss():
     torch.testing.assert_close(loss, no_aux.language_model_loss(batch)[0])
 
 
+def test_a_training_step_reads_nothing_back_to_the_host():
+    """Forward, loss and backward of a training step stay on the device: on a GPU a read (the token
+    count as a Python int, say) would make the host wait for the whole forward at every step."""
+    from tensor_operations import TensorOperations
+
+    model = tiny_model()
+    tokens = torch.randint(0, 256, (2, 17))
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    with TensorOperations() as operations, pytest.warns(UserWarning, match="self.log"):
+        model.training_step(batch, 0).backward()
+    assert operations.read_back == []
+
+
 @pytest.mark.parametrize(
     "overrides, fields",
     [

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linprog
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_moe.parallel.placement import DEFAULT_ASSIGNMENT_SECONDS, ExpertPlacement
 from lightning_moe.parallel.replica_balance import SPLITS, ReplicaBalancer
 from lightning_moe.planning import LayerCost, PlacementPlan, Topology
 from lightning_moe.planning.cost_model import assignment_seconds, estimate_plan
+from tensor_operations import TensorOperations
 
 
 def _loads(counts_RE: torch.Tensor, fractions_RER: torch.Tensor) -> torch.Tensor:
@@ -348,24 +348,6 @@ def test_node_matched_quotas_split_the_counts_and_keep_the_rank_loads():
     assert fewer >= 60 and crossing_matched < 0.9 * crossing_local  # of 80 splits (72 and 0.83 when written)
 
 
-class _CountOperations(TorchDispatchMode):
-    """Counts the tensor operations that compute something (views aside): kernel launches on a GPU;
-    and those that read a value back to the host (on a GPU, a wait for every kernel before them)."""
-
-    _READS_BACK = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.read_back = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view and func is not torch.ops.aten._unsafe_view.default
-        if func in self._READS_BACK:
-            self.read_back.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_round_is_a_handful_of_tensor_operations():
     """The dispatcher runs the balancer in every layer at every step, and on a GPU each tensor
     operation is a kernel launch, however small the tensors: the rounds must stay few operations. A
@@ -381,7 +363,7 @@ def test_a_round_is_a_handful_of_tensor_operations():
         counted = []
         for rounds in (10, 20):
             balancer = ReplicaBalancer(placement.routing_fractions_RER, placement.holders_RE, nodes, share_R, rounds=rounds)
-            with _CountOperations() as operations:
+            with TensorOperations() as operations:
                 balancer.choose(counts_RE, source_rank=0)
             counted.append(operations.count)
             assert operations.read_back == []  # the choice stays on the device (a 0-d index would not)

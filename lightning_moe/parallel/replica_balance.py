@@ -11,8 +11,8 @@ A fit scales the planned fractions by one factor per destination rank, ``u_d``, 
 each (source, expert) row: ``f[r, e, d] = w[r, e, d] u_d / sum_d' w[r, e, d'] u_d'``, with ``u`` found
 by iterative proportional fitting (the destination half of Sinkhorn's matrix scaling): each round
 multiplies ``u_d`` by ``target_d / load_d``. The planned fractions are the prior, so a fit keeps
-which replicas serve which sources as far as its target allows; it is a few dozen small tensor
-operations, no solver. ``w`` is the planned fractions plus a little mass on every holder, mostly on
+which replicas serve which sources as far as its target allows; each round is seven small tensor
+operations (two matrix products among them), no solver. ``w`` is the planned fractions plus a little mass on every holder, mostly on
 the source's own node, so that any replica can take load the plan did not give it.
 
 No one target is right for every step. An even share of the load balances compute but may push
