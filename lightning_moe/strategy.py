@@ -313,10 +313,12 @@ class MoEStrategy(DDPStrategy):
         layer.gate.set_expert_groups(holders, self.device_limited_routing)
         devices = None
         if placement.ep_size > 1:
+            # On the gate's device, copied once here rather than from the host at every forward.
+            device = next(layer.gate.parameters(), torch.empty(0)).device
             devices = ExpertDevices(
-                share_GE=placement.routing_fractions_RER[rank].t().float().contiguous(),
-                cumulative_EG=placement.cumulative_fractions_RER[rank],
-                holders_GE=placement.holders_RE,
+                share_GE=placement.routing_fractions_RER[rank].t().float().contiguous().to(device),
+                cumulative_EG=placement.on_device("cumulative_fractions_RER", device)[rank],
+                holders_GE=placement.on_device("holders_RE", device),
             )
         layer.gate.set_expert_devices(devices)
 

@@ -6,6 +6,8 @@ those that read a value back to the host (``Tensor.item``, indexing with a 0-d t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -26,3 +28,25 @@ class TensorOperations(TorchDispatchMode):
         if func in _READS_BACK or (func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None):
             self.read_back.append(str(func))
         return func(*args, **kwargs)
+
+
+@contextmanager
+def copies_of(tensors: list[torch.Tensor]):
+    """Records the ``Tensor.to`` calls made on any of ``tensors`` inside it (as the names of their
+    positions in the list): on a GPU the copy of a host table to the device waits for the kernels
+    queued before it, so a hot path must not make one. (A test on a CPU cannot see the copy itself,
+    which is then a no-op; it sees the call.)"""
+    watched = {id(tensor): index for index, tensor in enumerate(tensors)}
+    calls: list[int] = []
+    original = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if id(self) in watched:
+            calls.append(watched[id(self)])
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.to = to
+    try:
+        yield calls
+    finally:
+        torch.Tensor.to = original

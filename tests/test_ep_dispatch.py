@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tensor_operations import TensorOperations
+from tensor_operations import TensorOperations, copies_of
 
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
 
@@ -72,14 +72,18 @@ def inputs_of(rank: int):
 
 def run(dispatcher, experts, x_TD, routing, grad_TD):
     """The output and the traffic of one dispatch, with a backward; nothing but the split sizes is
-    read back to the host on the way (after a first dispatch, which builds the replica balancer of
-    the placement from its host tables, once)."""
+    read back to the host on the way, and no table of the placement is copied from the host (after a
+    first dispatch, which copies them and builds the replica balancer, once per placement)."""
     dispatcher.dispatch(x_TD.detach(), routing)
-    with TensorOperations() as operations:
+    placement = getattr(dispatcher, "placement", None)
+    tables = [value for value in vars(placement).values() if isinstance(value, torch.Tensor)] if placement else []
+    with TensorOperations() as operations, copies_of(tables) as copied:
         dispatched = dispatcher.dispatch(x_TD, routing)
         y_TD = dispatcher.combine(experts(dispatched.rows, dispatched.rows_per_slot), dispatched.context)
         y_TD.backward(grad_TD)
-    assert operations.read_back == [] or not isinstance(dispatcher, AllToAllDispatcher), operations.read_back
+    if isinstance(dispatcher, AllToAllDispatcher):
+        assert operations.read_back == [], operations.read_back
+        assert copied == [], copied  # the placement's host tables reach the device once, not per step
     return y_TD.detach(), dispatched.traffic
 
 

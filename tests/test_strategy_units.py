@@ -41,6 +41,14 @@ def test_placement_identity_permuted_and_with_spare_slots():
     assert spare.routing_fractions_RER[3, 3].tolist() == [0.0, 1.0, 0.0, 0.0]
     assert ExpertPlacement.from_dict(spare.to_dict()) == spare
 
+    # What the dispatcher and the gradient hooks take at every step, made once per device: the same
+    # tensors on the second call (a copy from the host per step would wait for the GPU).
+    cpu = torch.device("cpu")
+    assert spare.on_device("slot_of_expert_ER", cpu) is spare.on_device("slot_of_expert_ER", cpu)
+    slots, rows, num_replicated = spare.replicated_slots(1, cpu)  # rank 1 holds 2, 3, 4; 2 and 4 replicated
+    assert (slots.tolist(), rows.tolist(), num_replicated) == ([0, 2], [1, 2], 4)  # rows of experts 0, 2, 4, 6
+    assert spare.replicated_slots(1, cpu)[0] is slots
+
 
 @pytest.mark.parametrize(
     ("experts_per_rank", "message"),

@@ -137,6 +137,9 @@ class LocalDispatcher:
     def __init__(self, num_experts: int, slot_of_expert_E: torch.Tensor | None = None) -> None:
         self.num_experts = num_experts
         self.slot_of_expert_E = None if slot_of_expert_E is None else torch.as_tensor(slot_of_expert_E).long()
+        # The table on each device it was used on: on a GPU a copy from the host at every dispatch
+        # would wait for the kernels queued before it.
+        self._slot_of_expert_on: dict[torch.device, torch.Tensor] = {}
 
     @property
     def num_local_experts(self) -> int:
@@ -147,7 +150,9 @@ class LocalDispatcher:
         intermediate copy), the rows per slot ``[E]``, what :meth:`combine` needs, and the traffic."""
         slot_N = routing.expert_index_N
         if self.slot_of_expert_E is not None:
-            slot_N = self.slot_of_expert_E.to(slot_N.device)[slot_N]
+            if slot_N.device not in self._slot_of_expert_on:
+                self._slot_of_expert_on[slot_N.device] = self.slot_of_expert_E.to(slot_N.device)
+            slot_N = self._slot_of_expert_on[slot_N.device][slot_N]
         order_N = torch.argsort(slot_N, stable=True)
         rows_per_slot_E = count_per_expert(slot_N, self.num_experts)
         token_index_N = routing.token_index_N[order_N]

@@ -29,14 +29,15 @@ def choose_replica_ranks(
     Args:
         expert_index_N: the logical expert of each assignment.
         cumulative_fractions_ER: ``[E, R]``, the running sum over ranks of this source rank's routing
-            fractions, with the last column exactly 1.
+            fractions, with the last column exactly 1; on the assignments' device (a copy from the
+            host at every call would wait, on a GPU, for the kernels queued before it).
         allowed_ranks_NR: ``[N, R]`` booleans, the holders of its expert each assignment may go to
             (device-limited routing: :func:`allowed_replicas`), or ``None``. An assignment then splits
             over its allowed replicas in their fractions, renormalised, or evenly when the fractions
             give them nothing (a plan that sent this source's tokens for the expert elsewhere).
     """
     num_experts = cumulative_fractions_ER.shape[0]
-    cumulative_ER = cumulative_fractions_ER.to(expert_index_N.device)
+    cumulative_ER = cumulative_fractions_ER
     order_N = torch.argsort(expert_index_N, stable=True)
     expert_sorted_N = expert_index_N[order_N]
     counts_E = count_per_expert(expert_index_N, num_experts)
@@ -67,10 +68,10 @@ def allowed_replicas(
     holders_RE: torch.Tensor,
 ) -> torch.Tensor | None:
     """``[N, R]``: the replicas each assignment may use under device-limited routing, the holders of its
-    expert among its token's kept ranks (``Routing.allowed_devices_TG``); ``None`` without a limit."""
+    expert among its token's kept ranks (``Routing.allowed_devices_TG``); ``None`` without a limit.
+    ``holders_RE`` on the assignments' device, as the fractions of :func:`choose_replica_ranks`."""
     if allowed_devices_TG is None:
         return None
-    holders_RE = holders_RE.to(expert_index_N.device)
     return allowed_devices_TG[token_index_N] & holders_RE.t()[expert_index_N]
 
 

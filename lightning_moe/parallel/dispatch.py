@@ -138,12 +138,13 @@ class AllToAllDispatcher:
         if routing.device_index_N is not None:
             rank_N = routing.device_index_N
         elif placement.has_replicas:
-            allowed_NR = allowed_replicas(routing.allowed_devices_TG, routing.token_index_N, expert_N, placement.holders_RE)
+            holders_RE = placement.on_device("holders_RE", device)
+            allowed_NR = allowed_replicas(routing.allowed_devices_TG, routing.token_index_N, expert_N, holders_RE)
             cumulative_ER, replica_split = self._replica_cumulative_ER(expert_N)
             rank_N = choose_replica_ranks(expert_N, cumulative_ER, allowed_NR)
         else:
-            rank_N = placement.file_rank_E.to(device)[expert_N]  # each expert's only holder
-        physical_N = rank_N * slots + placement.slot_of_expert_ER.to(device)[expert_N, rank_N]
+            rank_N = placement.on_device("file_rank_E", device)[expert_N]  # each expert's only holder
+        physical_N = rank_N * slots + placement.on_device("slot_of_expert_ER", device)[expert_N, rank_N]
         send_order_N = torch.argsort(physical_N, stable=True)
         assignments_RL = count_per_expert(physical_N, ranks * slots).view(ranks, slots)
         token_sorted_N = routing.token_index_N[send_order_N]
@@ -207,10 +208,9 @@ class AllToAllDispatcher:
         balancing, chosen for this step's counts of every rank of the EP group (one all-reduce); and,
         with balancing, which split the step kept (one-hot ``[7]`` over ``replica_balance.SPLITS``,
         on the device: nothing is read back)."""
-        placement = self.placement
+        placement, device = self.placement, expert_N.device
         if not self.balance_replicas:
-            return placement.cumulative_fractions_RER[self.ep_rank], None
-        device = expert_N.device
+            return placement.on_device("cumulative_fractions_RER", device)[self.ep_rank], None
         if self._balancer is None or self._balancer.fractions_RER.device != device:
             nodes = self.node_of_rank if self.node_of_rank is not None else torch.zeros(self.ep_size, dtype=torch.long)
             self._balancer = ReplicaBalancer(

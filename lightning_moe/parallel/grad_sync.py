@@ -70,13 +70,8 @@ def _sum_replica_rows(
     """Rows of ``grad_S`` (one per local slot) whose expert has replicas, summed over every rank's slots
     of the same expert. Every rank all-reduces one buffer with a row per replicated expert, in logical
     order (zeros for the experts it does not hold), so the buffer is the same on every rank."""
-    replicated_X = (placement.replicas_E > 1).nonzero().flatten()  # X: replicated experts
-    row_of_expert_E = torch.full((placement.num_experts,), -1, dtype=torch.long)
-    row_of_expert_E[replicated_X] = torch.arange(replicated_X.numel())
-    row_of_slot_S = row_of_expert_E[placement.expert_of_slot_RS[ep_rank]]
-    slots = (row_of_slot_S >= 0).nonzero().flatten().to(grad_S.device)
-    rows = row_of_slot_S[row_of_slot_S >= 0].to(grad_S.device)
-    buffer_X = grad_S.new_zeros((replicated_X.numel(), *grad_S.shape[1:]))
+    slots, rows, num_replicated = placement.replicated_slots(ep_rank, grad_S.device)
+    buffer_X = grad_S.new_zeros((num_replicated, *grad_S.shape[1:]))
     buffer_X.index_copy_(0, rows, grad_S.index_select(0, slots))
     dist.all_reduce(buffer_X, op=dist.ReduceOp.SUM, group=ep_group)
     return grad_S.index_copy(0, slots, buffer_X.index_select(0, rows))
@@ -111,9 +106,10 @@ def replica_counts_of_slots(layers: Iterable[MoELayer]) -> dict[int, torch.Tenso
     for layer in layers:
         placement = layer.dispatcher.placement
         if placement.has_replicas:
-            counts_S = placement.replicas_E[placement.expert_of_slot_RS[layer.dispatcher.ep_rank]]
             for parameter in layer.experts.parameters(recurse=False):
-                counts[id(parameter)] = counts_S
+                device = parameter.device
+                slots_S = placement.on_device("expert_of_slot_RS", device)[layer.dispatcher.ep_rank]
+                counts[id(parameter)] = placement.on_device("replicas_E", device)[slots_S]
     return counts
 
 

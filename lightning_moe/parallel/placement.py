@@ -87,6 +87,7 @@ class ExpertPlacement:
         self.replicas_E = holders_RE.sum(dim=0)
         #: Whether some expert has several holders (a plain bool: the dispatcher asks at every step).
         self.has_replicas = bool((self.replicas_E > 1).any())
+        self._on_device: dict[tuple, object] = {}  # tables copied to a device, once each (on_device)
         #: The rank whose checkpoint file stores each expert: its first holder, so each is stored once.
         self.file_rank_E = holders_RE.int().argmax(dim=0)
         self.routing_fractions_RER = self._fractions(routing_fractions_RER)
@@ -203,6 +204,31 @@ class ExpertPlacement:
     def experts_per_rank(self) -> list[list[int]]:
         """The logical experts of every rank, in slot order."""
         return self.expert_of_slot_RS.tolist()
+
+    def on_device(self, table: str, device: torch.device) -> torch.Tensor:
+        """The table named ``table`` (``"slot_of_expert_ER"``, ``"holders_RE"``, ...) on ``device``,
+        copied there once. The tables live on the host; on a GPU every copy from the host waits for
+        the kernels queued before it, so the dispatcher and the gradient hooks, which need them at
+        every step, take them from here."""
+        key = (table, torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, table).to(device)
+        return self._on_device[key]
+
+    def replicated_slots(self, ep_rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The local slots of ``ep_rank`` whose expert has replicas, each one's row in a buffer with one
+        row per replicated expert (in logical order, the same on every rank), and the number of rows:
+        what summing a gradient over the replicas needs (:mod:`~lightning_moe.parallel.grad_sync`). On
+        ``device``, computed once."""
+        key = ("replicated_slots", ep_rank, torch.device(device))
+        if key not in self._on_device:
+            replicated_X = (self.replicas_E > 1).nonzero().flatten()  # X: replicated experts
+            row_of_expert_E = torch.full((self.num_experts,), -1, dtype=torch.long)
+            row_of_expert_E[replicated_X] = torch.arange(replicated_X.numel())
+            row_of_slot_S = row_of_expert_E[self.expert_of_slot_RS[ep_rank]]
+            slots = (row_of_slot_S >= 0).nonzero().flatten()
+            self._on_device[key] = (slots.to(device), row_of_slot_S[slots].to(device), replicated_X.numel())
+        return self._on_device[key]
 
     def rank_share_ER(self, source_rank: int) -> torch.Tensor:
         """``[E, R]``: the share of source rank ``source_rank``'s assignments to each expert that each
