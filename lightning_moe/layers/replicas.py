@@ -37,14 +37,13 @@ def choose_replica_ranks(
             give them nothing (a plan that sent this source's tokens for the expert elsewhere).
     """
     num_experts = cumulative_fractions_ER.shape[0]
-    cumulative_ER = cumulative_fractions_ER
     order_N = torch.argsort(expert_index_N, stable=True)
     expert_sorted_N = expert_index_N[order_N]
     counts_E = count_per_expert(expert_index_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     position_N = torch.arange(expert_index_N.numel(), device=expert_index_N.device) - starts_E[expert_sorted_N]
     quantile_N = (position_N.float() + 0.5) / counts_E[expert_sorted_N].float()
-    cumulative_NR = cumulative_ER[expert_sorted_N]
+    cumulative_NR = cumulative_fractions_ER[expert_sorted_N]
     if allowed_ranks_NR is not None:
         cumulative_NR = cumulative_NR.double()
         fractions_NR = torch.diff(cumulative_NR, dim=1, prepend=torch.zeros_like(cumulative_NR[:, :1])).clamp_min(0)
