@@ -314,7 +314,7 @@ class MoEStrategy(DDPStrategy):
         devices = None
         if placement.ep_size > 1:
             # On the gate's device, copied once here rather than from the host at every forward.
-            device = next(layer.gate.parameters(), torch.empty(0)).device
+            device = next(layer.parameters()).device
             devices = ExpertDevices(
                 share_GE=placement.routing_fractions_RER[rank].t().float().contiguous().to(device),
                 cumulative_EG=placement.on_device("cumulative_fractions_RER", device)[rank],
