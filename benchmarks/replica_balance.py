@@ -23,23 +23,10 @@ import statistics
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_moe.ops.tensor_operations import TensorOperations
 from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.replica_balance import ReplicaBalancer
-
-
-class CountOperations(TorchDispatchMode):
-    """Counts the tensor operations run inside it that compute something (not views of a tensor)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func is not torch.ops.aten._unsafe_view.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def time_choice(ep_size: int, num_experts: int, repeats: int, device: torch.device, ranks_per_node: int) -> tuple[float, int]:
@@ -53,7 +40,7 @@ def time_choice(ep_size: int, num_experts: int, repeats: int, device: torch.devi
     generator = torch.Generator().manual_seed(0)
     skew_E = torch.rand(num_experts, generator=generator) ** 3 * 200 + 1
     counts_RE = torch.poisson(skew_E.expand(ep_size, -1).contiguous(), generator=generator).long().to(device)
-    with CountOperations() as operations:
+    with TensorOperations() as operations:
         balancer.fractions(counts_RE, source_rank=0)
     seconds = []
     for _ in range(repeats):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tensor_operations import TensorOperations, copies_of
 
+from lightning_moe.ops.tensor_operations import TensorOperations, copies_of
 from lightning_moe.parallel.dispatch import AllToAllDispatcher
 
 WORLD, NUM_EXPERTS, TOKENS, D_MODEL, D_FF = 2, 4, 6, 8, 4

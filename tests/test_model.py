@@ -122,7 +122,7 @@ def test_training_step_adds_the_aux_loss():
 def test_a_training_step_reads_nothing_back_to_the_host():
     """Forward, loss and backward of a training step stay on the device: on a GPU a read (the token
     count as a Python int, say) would make the host wait for the whole forward at every step."""
-    from tensor_operations import TensorOperations
+    from lightning_moe.ops.tensor_operations import TensorOperations
 
     model = tiny_model()
     tokens = torch.randint(0, 256, (2, 17))

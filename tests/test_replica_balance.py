@@ -12,11 +12,11 @@ import pytest
 import torch
 from scipy.optimize import linprog
 
+from lightning_moe.ops.tensor_operations import TensorOperations
 from lightning_moe.parallel.placement import DEFAULT_ASSIGNMENT_SECONDS, ExpertPlacement
 from lightning_moe.parallel.replica_balance import SPLITS, ReplicaBalancer
 from lightning_moe.planning import LayerCost, PlacementPlan, Topology
 from lightning_moe.planning.cost_model import assignment_seconds, estimate_plan
-from tensor_operations import TensorOperations
 
 
 def _loads(counts_RE: torch.Tensor, fractions_RER: torch.Tensor) -> torch.Tensor:
@@ -253,7 +253,7 @@ def test_a_local_twin_keeps_each_ranks_load_and_sends_the_nearest_replicas_first
 def test_a_local_twin_spreads_what_must_cross_and_keeps_rows_without_tokens():
     """Three nodes; random holders and counts: every twin keeps every replica's tokens, sends no more
     across nodes than its fit, and leaves a (source, expert) row with no tokens as the fit had it."""
-    from lightning_moe.parallel.replica_balance import localized, localized_amounts
+    from lightning_moe.parallel.replica_balance import _as_fractions, nearest_first
 
     generator = torch.Generator().manual_seed(3)
     nodes = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
@@ -265,10 +265,12 @@ def test_a_local_twin_spreads_what_must_cross_and_keeps_rows_without_tokens():
         fractions_TRXR = fractions_TRXR / fractions_TRXR.sum(dim=-1, keepdim=True)
         counts_RX = torch.poisson(torch.rand(8, 5, generator=generator) * 40)
         counts_RX[trial % 8, trial % 5] = 0
-        twin_TRXR = localized(fractions_TRXR, counts_RX, node_of_rank_RN)
-        # The assignments pricing reads are the twin's fractions times the counts.
-        torch.testing.assert_close(localized_amounts(fractions_TRXR, counts_RX, node_of_rank_RN),
-                                   counts_RX.double()[None, :, :, None] * twin_TRXR)
+        # The twin as the balancer makes it: the fit's tokens per replica, sent nearest first; the
+        # assignments pricing reads are the twin's fractions times the counts.
+        quota_TXR = torch.einsum("rx,trxd->txd", counts_RX.double(), fractions_TRXR)
+        amounts_TRXR = nearest_first(quota_TXR, counts_RX, node_of_rank_RN)
+        twin_TRXR = _as_fractions(amounts_TRXR, counts_RX.double(), fractions_TRXR)
+        torch.testing.assert_close(amounts_TRXR, counts_RX.double()[None, :, :, None] * twin_TRXR)
         torch.testing.assert_close(torch.einsum("rx,trxd->txd", counts_RX.double(), twin_TRXR),
                                    torch.einsum("rx,trxd->txd", counts_RX.double(), fractions_TRXR))
         torch.testing.assert_close(twin_TRXR.sum(dim=-1), torch.ones(2, 8, 5, dtype=torch.float64))
@@ -315,7 +317,7 @@ def test_node_matched_quotas_split_the_counts_and_keep_the_rank_loads():
     expert's tokens over its holders and keep every rank's load to within 1% of the mean rank load;
     sent nearest first, they send fewer assignments across nodes than the split's local twin in most
     splits, and fewer in all (a heuristic, not a bound: a few send more, and the cost model chooses)."""
-    from lightning_moe.parallel.replica_balance import localized, nearest_first, node_matched
+    from lightning_moe.parallel.replica_balance import nearest_first, node_matched
 
     generator = torch.Generator().manual_seed(5)
     nodes = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
@@ -335,11 +337,10 @@ def test_node_matched_quotas_split_the_counts_and_keep_the_rank_loads():
         assert matched_TXR.min() >= 0 and (matched_TXR * ~holders_RX.t()[None]).abs().max() == 0
         loads_TR, matched_loads_TR = quota_TXR.sum(dim=1), matched_TXR.sum(dim=1)
         assert ((matched_loads_TR - loads_TR).abs() / loads_TR.mean(dim=-1, keepdim=True)).max() < 0.01
-        # Sent nearest first: every replica gets its quota, and the split's own quotas give
-        # localized's assignments.
+        # Sent nearest first: every replica gets its quota.
         local_TRXR, matched_TRXR = (nearest_first(q, counts_RX, node_of_rank_RN) for q in (quota_TXR, matched_TXR))
         torch.testing.assert_close(matched_TRXR.sum(dim=1), matched_TXR)
-        torch.testing.assert_close(local_TRXR, counts_RX[None, :, :, None] * localized(fractions_TRXR, counts_RX, node_of_rank_RN))
+        torch.testing.assert_close(local_TRXR.sum(dim=1), quota_TXR)
         for t in range(2):
             local = float(torch.einsum("rxd,rd->", local_TRXR[t], across_RR))
             matched = float(torch.einsum("rxd,rd->", matched_TRXR[t], across_RR))

@@ -25,7 +25,7 @@ link.
 A fit also cannot choose *which* sources feed a replica: its one factor per destination is the same
 for every source, so a replica's tokens come from every node in proportion to the prior, where the
 same amounts could come from the replica's own node. So each fit has a local twin
-(:func:`localized`): the same tokens per replica, so the same compute on every rank, with each
+(:func:`nearest_first`): the same tokens per replica, so the same compute on every rank, with each
 source's tokens sent first to a replica on its own rank (no transfer), then to the replicas on its
 own node, and only what its node's replicas cannot take across nodes. Fewer bytes cross, but the
 crossing ones concentrate on the replicas whose node sends them too little, so the twin is not always
@@ -76,7 +76,7 @@ _SMALLEST_SCALE, _LARGEST_SCALE = math.exp(-30.0), math.exp(30.0)
 COMPUTE, WITHIN_NODE, ACROSS_NODES = range(3)
 #: The splits a step may keep, as :attr:`ReplicaBalancer.split_of_candidate` numbers them: the planned
 #: fractions, the fit to the plan's share of load per rank, the fit to an even share, the two fits'
-#: local twins (:func:`localized`) and their node-matched twins (:func:`node_matched`).
+#: local twins (:func:`nearest_first`) and their node-matched twins (:func:`node_matched`).
 SPLITS = (
     "planned", "plan_share", "even_share", "plan_share_local", "even_share_local", "plan_share_matched", "even_share_matched",
 )
@@ -319,14 +319,15 @@ def node_matched(
     return quota_TXR
 
 
-def localized(fractions_TRXR: torch.Tensor, counts_RX: torch.Tensor, node_of_rank_RN: torch.Tensor) -> torch.Tensor:
-    """``[T, R, X, R]``: each split of ``fractions_TRXR`` with the same tokens per replica (so the same
-    load on every rank) but each source's tokens sent to the nearest replicas first.
+def nearest_first(quota_TXR: torch.Tensor, counts_RX: torch.Tensor, node_of_rank_RN: torch.Tensor) -> torch.Tensor:
+    """``[T, R, X, R]``: assignments ``a[r, x, d]`` that give every replica ``(x, d)`` its quota
+    ``quota_TXR`` (``[T, X, R]``, each split's tokens per replica) from the sources' counts
+    ``counts_RX``, each source's tokens sent to the nearest replicas first: a fit's local twin, from
+    the fit's quotas ``q[x, d] = sum_r c[r, x] f[r, x, d]``, and a node-matched twin, from
+    :func:`node_matched`'s.
 
-    Under ``counts_RX`` (assignments from each source rank to each expert), a split gives every
-    replica its quota, ``q[x, d] = sum_r c[r, x] f[r, x, d]``. Any split that keeps the quotas keeps
-    compute; among them this one keeps the most tokens on their source rank and the most on their
-    source's node, level by level:
+    Any split that keeps the quotas keeps compute; among them this one keeps the most tokens on their
+    source rank and the most on their source's node, level by level:
 
     1. a source that holds a replica keeps up to that replica's quota (no transfer);
     2. on each node, the sources' remaining tokens fill the node's remaining quotas as far as both
@@ -335,24 +336,9 @@ def localized(fractions_TRXR: torch.Tensor, counts_RX: torch.Tensor, node_of_ran
     3. what is left crosses nodes, each source's remainder spread over the remaining quotas (which
        are all on other nodes: a node keeps sources or quotas left over, never both).
 
-    A (source, expert) row with no tokens keeps its fractions. ``node_of_rank_RN``: each rank's node,
-    one-hot. Tensor operations only, nothing read back from the device.
-    """
-    counts_RX = counts_RX.to(fractions_TRXR)
-    return _as_fractions(localized_amounts(fractions_TRXR, counts_RX, node_of_rank_RN), counts_RX, fractions_TRXR)
-
-
-def localized_amounts(fractions_TRXR: torch.Tensor, counts_RX: torch.Tensor, node_of_rank_RN: torch.Tensor) -> torch.Tensor:
-    """``[T, R, X, R]``: the assignments of :func:`localized`'s splits, ``c[r, x] f'[r, x, d]``
-    (what pricing needs: their sum over experts is each split's traffic)."""
-    counts_RX = counts_RX.to(fractions_TRXR)
-    return nearest_first(torch.einsum("rx,trxd->txd", counts_RX, fractions_TRXR), counts_RX, node_of_rank_RN)
-
-
-def nearest_first(quota_TXR: torch.Tensor, counts_RX: torch.Tensor, node_of_rank_RN: torch.Tensor) -> torch.Tensor:
-    """``[T, R, X, R]``: assignments ``a[r, x, d]`` that give every replica ``(x, d)`` its quota
-    ``quota_TXR`` from the sources' counts ``counts_RX``, each source's tokens to the nearest replicas
-    first (the steps of :func:`localized`)."""
+    The sum over experts is the split's traffic (what pricing reads); divided by the counts, its
+    fractions. ``node_of_rank_RN``: each rank's node, one-hot. Tensor operations only, nothing read
+    back from the device."""
     tiny = 1e-12
     counts_RX = counts_RX.to(quota_TXR)
     # 1. Own rank: source r keeps min(its tokens, the quota of its own replica) of expert x.

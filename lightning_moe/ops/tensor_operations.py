@@ -1,8 +1,12 @@
-"""A recorder of the tensor operations a piece of code runs, for tests of what it costs on a GPU: the
-operations that compute something (views aside; on a GPU each is a kernel launch, however small) and
-those that read a value back to the host (``Tensor.item``, indexing with a 0-d tensor, ``nonzero``,
-``repeat_interleave`` without its output size; on a GPU each waits for every kernel before it).
-``Tensor.tolist`` does not pass through here."""
+"""What a piece of code costs on a GPU, seen on any device: the tensor operations it runs that
+compute something (views aside; on a GPU each is a kernel launch, however small the tensors) and those
+that read a value back to the host (``Tensor.item``, indexing with a 0-d tensor, ``nonzero``,
+``repeat_interleave`` without its output size; on a GPU each waits for every kernel queued before
+it). ``Tensor.tolist`` does not pass through the recorder; :func:`copies_of` sees ``Tensor.to`` calls
+on given tensors (a copy from the host that is not asynchronous waits too). The tests use them to
+keep the dispatcher and the replica balancer cheap, and ``benchmarks/replica_balance.py`` to count
+launches; ``torch.cuda.set_sync_debug_mode`` is the check on a real GPU.
+"""
 
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ class TensorOperations(TorchDispatchMode):
 
 @contextmanager
 def copies_of(tensors: list[torch.Tensor]):
-    """Records the ``Tensor.to`` calls made on any of ``tensors`` inside it (as the names of their
-    positions in the list): on a GPU the copy of a host table to the device waits for the kernels
+    """Records the ``Tensor.to`` calls made on any of ``tensors`` inside it (as their positions in
+    the list): on a GPU the copy of a host table to the device waits for the kernels
     queued before it, so a hot path must not make one. (A test on a CPU cannot see the copy itself,
     which is then a no-op; it sees the call.)"""
     watched = {id(tensor): index for index, tensor in enumerate(tensors)}
