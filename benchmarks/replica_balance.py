@@ -10,9 +10,14 @@ Prints the median per call, in ms, and the tensor operations one call runs that 
 (views aside): on a GPU each is a kernel launch, whatever the sizes, so their number is what the
 balancer costs there when the tensors are small.
 
+With ``--compile``, the choice is compiled with ``torch.compile`` first (as it is inside a block of
+``MoETransformer(compile_blocks=True)``), the compilation not timed; the operations are counted on the
+uncompiled choice.
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/replica_balance.py
+    OMP_NUM_THREADS=1 python benchmarks/replica_balance.py --compile
     python benchmarks/replica_balance.py --device cuda      # where a GPU is lent
 """
 
@@ -29,7 +34,9 @@ from lightning_moe.parallel.placement import ExpertPlacement
 from lightning_moe.parallel.replica_balance import ReplicaBalancer
 
 
-def time_choice(ep_size: int, num_experts: int, repeats: int, device: torch.device, ranks_per_node: int) -> tuple[float, int]:
+def time_choice(
+    ep_size: int, num_experts: int, repeats: int, device: torch.device, ranks_per_node: int, compiled: bool = False
+) -> tuple[float, int]:
     """Median seconds of one choice of rank 0's fractions (two fits, their local and, on several nodes,
     node-matched twins, every candidate priced), and the tensor operations it runs."""
     placement = ExpertPlacement.identity(num_experts, ep_size, spare_slots=1)
@@ -42,12 +49,14 @@ def time_choice(ep_size: int, num_experts: int, repeats: int, device: torch.devi
     counts_RE = torch.poisson(skew_E.expand(ep_size, -1).contiguous(), generator=generator).long().to(device)
     with TensorOperations() as operations:
         balancer.fractions(counts_RE, source_rank=0)
+    choose = torch.compile(balancer.fractions) if compiled else balancer.fractions
+    choose(counts_RE, source_rank=0)
     seconds = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        balancer.fractions(counts_RE, source_rank=0)
+        choose(counts_RE, source_rank=0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
@@ -60,15 +69,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--ranks-per-node", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="time the choice compiled with torch.compile")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"Per-step replica balancing on {device} (torch {torch.__version__}, {torch.get_num_threads()} thread(s)): "
-          f"one choice of one rank's fractions, median of {args.repeats}\n")
+          f"one choice of one rank's fractions{', compiled' if args.compile else ''}, median of {args.repeats}\n")
     print("| EP size | experts | nodes | replicated experts | per call (ms) | tensor operations |")
     print("|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes.split(","):
         ep_size, num_experts = (int(v) for v in size.split("x"))
-        seconds, operations = time_choice(ep_size, num_experts, args.repeats, device, args.ranks_per_node)
+        seconds, operations = time_choice(ep_size, num_experts, args.repeats, device, args.ranks_per_node, args.compile)
         nodes = -(-ep_size // args.ranks_per_node)
         print(f"| {ep_size} | {num_experts} | {nodes} | {min(ep_size, num_experts)} | {seconds * 1e3:.2f} | {operations} |")
 

@@ -26,7 +26,7 @@ from lightning_moe.layers.moe import MoELayer
 from lightning_moe.modeling.block import NORM_EPS, DecoderBlock, moe_layer_layout
 from lightning_moe.modeling.pretrained_io import PretrainedIO, init_defaults
 from lightning_moe.modeling.build import build_attention, override_gate_coefficients
-from lightning_moe.modeling.checkpointing import checkpointed_call
+from lightning_moe.modeling.checkpointing import checkpointed_call, compiled_checkpointed_call
 from lightning_moe.modeling.config import OWNER, check_transformer_config, gate_from_hparam, gate_to_hparam
 from lightning_moe.modeling.freeze import freeze_by_pattern
 from lightning_moe.modeling.optim import LR_SCHEDULES, weight_decay_groups
@@ -111,6 +111,10 @@ class MoETransformer(PretrainedIO, L.LightningModule):
             ``["*", "!*.experts.*"]`` (train only the routed experts), ``["*.gate.weight"]``. Frozen
             parameters are left out of the optimizer.
         gradient_checkpointing: recompute each block's activations in the backward instead of keeping them.
+        compile_blocks: compile each block with ``torch.compile`` (as torchtitan does: one graph per block,
+            compiled once and reused by every block of the same shapes), on its first call. The routing
+            changes nothing in the graphs: no recompilation from step to step. The parameter names and
+            checkpoints are those of the uncompiled model.
         hf_config: the transformers ``config.json`` the model was read from (set by
             :meth:`from_pretrained`; :meth:`save_pretrained` writes it back).
         hf_source: the checkpoint directory the model was read from (its tokenizer files are copied on export).
@@ -170,6 +174,7 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         z_loss_coef: float | None = None,
         freeze: list[str] | None = None,
         gradient_checkpointing: bool = False,
+        compile_blocks: bool = False,
         hf_config: dict[str, Any] | None = None,
         hf_source: str | None = None,
         pretrained: str | None = None,
@@ -240,6 +245,7 @@ class MoETransformer(PretrainedIO, L.LightningModule):
             freeze=freeze,
             lr_schedule=lr_schedule,
             gradient_checkpointing=gradient_checkpointing,
+            compile_blocks=compile_blocks,
             hf_config=hf_config,
             hf_source=hf_source,
         )
@@ -252,6 +258,7 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         #: Width of the rotated part of each query and key head.
         self.rotary_dim = qk_rope_head_dim if kv_lora_rank is not None else self.head_dim
         self.gradient_checkpointing = gradient_checkpointing
+        self.compile_blocks = compile_blocks
         #: Whether each block's feed-forward is an MoE layer.
         self.moe_layout = moe_layer_layout(
             n_layers=n_layers,
@@ -296,6 +303,11 @@ class MoETransformer(PretrainedIO, L.LightningModule):
             nn.init.normal_(self.lm_head.weight, std=init_std)
         if freeze:
             freeze_by_pattern(self, freeze, owner=f"{OWNER} `freeze`")
+        if compile_blocks:
+            for block in self.blocks:
+                # In place (`nn.Module.compile`): the module tree, its parameter names and its state dict
+                # stay those of the uncompiled model, so checkpoints do not depend on the flag.
+                block.compile()
         self._eval_loss_sum: torch.Tensor | None = None
         self._eval_tokens = 0
         #: The checkpoint directory whose weights are still to be read (a model built with `pretrained`).
@@ -316,8 +328,9 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         )
         x_BTD = self.embed(input_ids_BT)
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        checkpointed = compiled_checkpointed_call if self.compile_blocks else checkpointed_call
         for block in self.blocks:
-            x_BTD = checkpointed_call(block, x_BTD, cos_TR, sin_TR) if checkpointing else block(x_BTD, cos_TR, sin_TR)
+            x_BTD = checkpointed(block, x_BTD, cos_TR, sin_TR) if checkpointing else block(x_BTD, cos_TR, sin_TR)
         return self.lm_head(self.norm(x_BTD))  # (B, T, V)
 
     def language_model_loss(self, batch: Any) -> tuple[torch.Tensor, int]:

@@ -37,6 +37,7 @@ MLA = dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
         (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta_fast": 32}), ["beta_fast", "linear"]),
         (dict(hf_config={"hidden_size": 4}), ["hf_config", "model_type"]),
         (dict(gradient_checkpointing=1), ["gradient_checkpointing"]),
+        (dict(compile_blocks="yes"), ["compile_blocks", "yes"]),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_field(overrides, fields):

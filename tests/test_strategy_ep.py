@@ -11,7 +11,7 @@ World 4, global batch 8 (2 per rank), 2 micro-batches per optimizer step, clippi
 - a permuted placement matches the identity one;
 - EP 2 saves a checkpoint after epoch 0; EP 4 (world 4), EP 2 (world 2, launched with torchrun)
   and world 1 resume from it and continue exactly as the uninterrupted run;
-- capacity mode, every registered gate, bf16-mixed, device-limited routing, manual optimization
+- MoE layers under ``torch.compile``, capacity mode, every registered gate, bf16-mixed, device-limited routing, manual optimization
   with accumulation;
 - each setup error.
 """
@@ -76,6 +76,9 @@ def world4_scenarios(out: Path) -> list[dict]:
          "validate": True, **TRAIN},
         {"name": "ep2_permuted", "ep": 2, "max_epochs": 2, "placement": [[3, 0], [1, 2]], "model": NO_AUX, **TRAIN},
         {"name": "ep2_late_experts", "ep": 2, "late_experts": True, "model": NO_AUX, **TRAIN},
+        {"name": "ep2_compiled", "ep": 2, "compile_backend": "aot_eager", "model": NO_AUX, **TRAIN},
+        {"name": "ep2_replicas", "ep": 2, "spare": 1, "model": NO_AUX, **TRAIN},
+        {"name": "ep2_replicas_compiled", "ep": 2, "spare": 1, "compile_backend": "aot_eager", "model": NO_AUX, **TRAIN},
         {"name": "resume_ep4", "ep": 4, "max_epochs": 2, "model": NO_AUX, "resume_from": str(out / RESUME_FROM),
          **TRAIN},
         {"name": "capacity_ep4", "ep": 4, "model": {"num_experts": 4, "capacity_factor": 1.0}, **TRAIN},
@@ -205,6 +208,20 @@ def test_experts_created_in_configure_model(world4):
     sharded and trained like any other: the same steps as its single-process reference."""
     ref_losses, _ = reference(NO_AUX, steps=STEPS_PER_EPOCH, model_class=LateExperts)
     np.testing.assert_allclose(step_losses(read(world4, "ep2_late_experts", 4)), ref_losses, rtol=1e-4)
+
+
+def test_compiled_layers_match_single_process(world4):
+    """MoE layers compiled with ``torch.compile`` (the all-to-alls and their split sizes are graph
+    breaks) train like the uncompiled single-process reference. The ``aot_eager`` backend traces and
+    partitions the graphs as inductor would, without its kernel compilation time."""
+    ref_losses, _ = reference(NO_AUX, steps=STEPS_PER_EPOCH)
+    np.testing.assert_allclose(step_losses(read(world4, "ep2_compiled", 4)), ref_losses, rtol=1e-4)
+    # With a replica of one expert per rank, split over its replicas from each step's counts (the
+    # all-reduce of the counts and the balancer's small operations are compiled into the graph).
+    replicas, replicas_compiled = read(world4, "ep2_replicas", 4), read(world4, "ep2_replicas_compiled", 4)
+    assert [len(experts) for experts in replicas_compiled[0]["local_experts"]] == [3, 3]
+    np.testing.assert_allclose(step_losses(replicas_compiled), step_losses(replicas), rtol=1e-4)
+    np.testing.assert_allclose(step_losses(replicas), ref_losses, rtol=1e-4)
 
 
 def test_permuted_placement_matches_identity(world4, tmp_path):

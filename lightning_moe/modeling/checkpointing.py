@@ -43,9 +43,30 @@ def checkpointed_call(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     the forward stay connected to the graph, and the RNG state is replayed, so a noisy gate routes
     the same tokens again. The recomputation runs under :func:`routing_records_paused`.
     """
+    if torch.compiler.is_compiling():
+        # Traced by the compiler (:func:`compiled_checkpointed_call`): the recomputation replays the
+        # graph's own operations in the backward, where no Python side effect (a record) runs again.
+        return checkpoint(block, *inputs, use_reentrant=False)
     return checkpoint(
         block,
         *inputs,
         use_reentrant=False,
         context_fn=lambda: (contextlib.nullcontext(), routing_records_paused(block)),
     )
+
+
+# Compiles nothing until its first call.
+_compiled_checkpointed_call = torch.compile(checkpointed_call)
+
+
+def compiled_checkpointed_call(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """:func:`checkpointed_call` compiled with ``torch.compile``, the checkpoint inside the graph.
+
+    NOTE: a block compiled on its own and checkpointed from outside would be traced twice, once
+    recording its routing and once in the recomputation without, and the two graphs save different
+    tensors for the backward, which checkpointing refuses. Traced as one graph, the recomputation
+    is the graph's own: the forward's records are kept (``skip_fwd_side_effects_in_bwd_under_checkpoint``
+    tells the compiler that they must not be replayed in the backward) and made once.
+    """
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        return _compiled_checkpointed_call(block, *inputs)

@@ -129,6 +129,7 @@ def check_finetuning_options(
     freeze: Sequence[str] | None,
     lr_schedule: str,
     gradient_checkpointing: bool,
+    compile_blocks: bool,
     hf_config: dict[str, Any] | None,
     hf_source: str | None,
 ) -> None:
@@ -136,6 +137,7 @@ def check_finetuning_options(
     _check_optional_coefficient("load_balance_coef", load_balance_coef)
     _check_optional_coefficient("z_loss_coef", z_loss_coef)
     _check_bool("gradient_checkpointing", gradient_checkpointing)
+    _check_bool("compile_blocks", compile_blocks)
     if freeze is not None and (
         isinstance(freeze, str) or not all(isinstance(pattern, str) and pattern.lstrip("!") for pattern in freeze)
     ):

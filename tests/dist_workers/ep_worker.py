@@ -71,10 +71,14 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         model_kwargs.update(accumulate=scenario.pop("accumulate"), clip=scenario.pop("clip"))
         model_class = ManualAccumulation
     model = model_class(**model_kwargs)
+    if scenario.get("compile_backend"):
+        for layer in moe_layers(model):
+            layer.compile(backend=scenario["compile_backend"])
     strategy = scenario.get("strategy") or MoEStrategy(
         expert_parallel_size=scenario.get("ep", 1),
         expert_placement=scenario.get("placement"),
         device_limited_routing=scenario.get("device_limited"),
+        spare_expert_slots=scenario.get("spare", 0),
     )
     checkpoint_dir = out_dir / "checkpoints"
     trainer = L.Trainer(
