@@ -1,10 +1,10 @@
 """Expert placement that changes while training runs, with real gloo processes: slot tables with
 replicas, moved in place with their optimizer state (tests/dist_workers/placement_worker.py).
 
-World 4 at EP 2 and EP 4, and world 2 at EP 2, one spare slot per rank: 20 optimizer steps
-(accumulation 2, clipping by norm, AdamW) with 6 forced migrations to random tables (different per
-layer, replicas added and dropped, random routing fractions) give the losses, weights and Adam states
-of the same run with a static placement. A migration followed by its inverse restores every tensor
+World 4 at EP 2 and EP 4, and world 2 at EP 2 (also with compiled MoE layers), one spare slot per
+rank: 20 optimizer steps (accumulation 2, clipping by norm, AdamW) with 6 forced migrations to
+random tables (different per layer, replicas added and dropped, random routing fractions) give the
+losses, weights and Adam states of the same run with a static placement. A migration followed by its inverse restores every tensor
 bit for bit; the bytes sent are those of the slots that changed; a checkpoint saved with a migrated
 placement reinstates it at the same layout and falls back to the default elsewhere.
 """
@@ -64,6 +64,7 @@ def world2(world4) -> Path:
     (out / "scenarios.json").write_text(json.dumps([
         {"name": "static_w2", "ep": 2, "model": MODEL},
         {"name": "migrate_w2", "ep": 2, "model": MODEL, "migrate_at": MIGRATE_AT, "inverse_at": 4},
+        {"name": "migrate_w2_compiled", "ep": 2, "model": MODEL, "migrate_at": MIGRATE_AT, "compile_backend": "aot_eager"},
         {"name": "resume_w2", "ep": 2, "model": MODEL, "migrate_at": [11, 14, 17],
          "resume_from": str(world4 / RESUME_FROM)},
         {"name": "device_balance", "ep": 2, "steps": 8, "migrate_at": [2, 5],
@@ -175,3 +176,15 @@ def test_device_level_balance_over_the_table_in_force(world2):
         for sent, routed in zip(result["sent_per_rank"], result["routed"]):
             assert max(sent) <= -(-routed // 2)
         assert sum(result["dropped"]) > 0
+
+
+def test_compiled_layers_migrate_and_train_like_static_eager_ones(world2):
+    """MoE layers compiled with ``torch.compile`` (``aot_eager``: the tracing without inductor's
+    kernel compilation) through 6 migrations to random tables: the losses and final state of the
+    static eager run, and the compiler still at work at the end (no recompile limit reached)."""
+    compiled, static = read(world2, "migrate_w2_compiled", 2), read(world2, "static_w2", 2)
+    np.testing.assert_allclose(step_losses(compiled), step_losses(static), rtol=1e-5)
+    assert_same_final_state(world2, "migrate_w2_compiled", "static_w2", rtol=1e-5)
+    for result in compiled:
+        assert result["compiled_graphs"] > 0
+        assert not any("limit" in reason for reason in result["graph_break_reasons"]), result["graph_break_reasons"]

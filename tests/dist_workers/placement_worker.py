@@ -128,6 +128,9 @@ class ForcedMigrations(Callback):
 def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     torch.manual_seed(0)
     model = TwoMoELayers(**scenario.get("model", {"num_experts": 4}))
+    if scenario.get("compile_backend"):
+        for name in LAYERS:
+            model.get_submodule(name).compile(backend=scenario["compile_backend"])
     migrations = ForcedMigrations(scenario.get("migrate_at", []), inverse_at=scenario.get("inverse_at"),
                                   mid_accumulation_at=scenario.get("mid_accumulation_at"),
                                   differing_at=scenario.get("differing_at"))
@@ -165,6 +168,8 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "unchanged_after_refusal": migrations.unchanged_after_refusal,
         "placements_at_start": reinstated,
         "placements_at_end": {name: p.experts_per_rank() for name, p in trainer.strategy.placements().items()},
+        "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        "graph_break_reasons": sorted(reason.split("\n")[0] for reason in torch._dynamo.utils.counters["graph_break"]),
     }
 
 
