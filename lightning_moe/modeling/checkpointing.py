@@ -55,7 +55,7 @@ def checkpointed_call(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     )
 
 
-# Compiles nothing until its first call.
+# `torch.compile` is lazy: nothing is compiled until the first call (a model with `compile_blocks`).
 _compiled_checkpointed_call = torch.compile(checkpointed_call)
 
 

@@ -4,7 +4,8 @@ Under ``torch.compile``, where the compiler cannot trace the kernel (``torch.nn.
 has a shape-only implementation for bf16 on CUDA alone, and the per-group loop splits the rows by
 sizes read from the device), the multiply is one opaque operator, ``lightning_moe::grouped_mm``,
 whose output shape the compiler knows (``[N, O]``) and whose backward is two more such operators:
-the model compiles into one graph per block with no recompilation as the routing changes.
+with dropless token-choice routing a block compiles into one graph, which a new routing does not
+recompile (``tests/test_compile.py``).
 
 Shape legend: ``N`` rows (tokens sorted by expert), ``G`` groups (local experts), ``I`` input features,
 ``O`` output features.
