@@ -14,6 +14,7 @@ the routing, summed over ranks, per optimizer step (forward and backward):
 Usage::
 
     python benchmarks/ep_dispatch.py --world-size 4 --tokens 2048 --steps 10
+    python benchmarks/ep_dispatch.py --world-size 4 --tokens 2048 --steps 10 --load-balance-scope global
 
 Prints a Markdown table (see docs/benchmarks.md).
 """
@@ -58,7 +59,8 @@ def run_rank(rank: int, args: argparse.Namespace, port: int, results: dict) -> N
     for ep_size in args.ep_sizes:
         mesh = build_expert_parallel_mesh(ep_size)
         torch.manual_seed(0)
-        layer = MoELayer(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.num_experts, top_k=args.top_k)
+        layer = MoELayer(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.num_experts, top_k=args.top_k,
+                         gate_kwargs={"load_balance_scope": args.load_balance_scope})
         placement = ExpertPlacement.identity(args.num_experts, ep_size)
         shard_layer(layer, placement=placement, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group)
         generator = torch.Generator().manual_seed(rank)
@@ -101,6 +103,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--load-balance-scope", choices=["local", "global"], default="local",
+                        help="global: the gate's load-balancing loss counts over every rank (one more all-reduce)")
     args = parser.parse_args()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -110,7 +114,7 @@ def main() -> None:
     mp.spawn(run_rank, args=(args, port, results), nprocs=args.world_size, join=True)
     print(
         f"world {args.world_size}, {args.tokens} tokens/rank, d_model {args.d_model}, d_ff {args.d_ff}, "
-        f"{args.num_experts} experts, top-{args.top_k}, fp32, gloo on CPU\n"
+        f"{args.num_experts} experts, top-{args.top_k}, load-balancing loss {args.load_balance_scope}, fp32, gloo on CPU\n"
     )
     print("| EP | moved per step (MiB) | minimum (MiB) | moved / minimum | step time fwd+bwd (ms) |")
     print("|---:|---:|---:|---:|---:|")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lightning_moe.layers import MoELayer, collect_aux_loss
-from lightning_moe.layers.gates import GATES, DynamicGate, ExpertChoiceGate, NoisyTopKGate, TopKGate
+from lightning_moe.layers.dispatch import LocalDispatcher
+from lightning_moe.layers.gates import GATES, DynamicGate, ExpertChoiceGate, NoisyTopKGate, SigmoidGate, TopKGate
 
 
 def softmax(row: list[float]) -> list[float]:
@@ -114,6 +115,47 @@ def test_switch_load_balance_loss_value():
     aux = routing.aux_losses["load_balance_loss"]
     assert aux.coefficient == 0.01
     torch.testing.assert_close(aux.value, torch.tensor(expected))
+
+
+class OtherRanksCounts(LocalDispatcher):
+    """A dispatcher whose load reduction adds fixed counts, as if other ranks had routed them."""
+
+    def __init__(self, num_experts: int, others_E: torch.Tensor) -> None:
+        super().__init__(num_experts)
+        self.others_E = others_E
+
+    def reduce_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        return tokens_per_expert_E + self.others_E
+
+
+@pytest.mark.parametrize("make_gate", [
+    lambda: TopKGate(top_k=2, load_balance_coef=1.0, load_balance_scope="global"),
+    lambda: DynamicGate(threshold=0.6, max_k=2, load_balance_coef=1.0, load_balance_scope="global"),
+    lambda: SigmoidGate(top_k=2, load_balance_coef=1.0, load_balance_scope="global"),
+], ids=["topk", "dynamic", "sigmoid"])
+def test_global_load_balance_counts_through_the_layers_dispatcher(make_gate):
+    """``load_balance_scope="global"``: ``f_e`` from the counts the layer's dispatcher reduces (here
+    with other ranks' counts added), ``P_e`` from this rank's tokens alone.
+
+    The loss ``E sum_e f_e P_e`` is linear in ``f``: other ranks that routed a huge number of tokens
+    to expert ``e`` alone make it ``E P_e``, which gives ``P`` without the gate's formula."""
+    torch.manual_seed(0)
+    moe = MoELayer(d_model=8, d_ff=4, num_experts=4, gate=make_gate())
+    x_TD = torch.randn(6, 8)
+
+    def loss_with(others_E: torch.Tensor) -> torch.Tensor:
+        moe.dispatcher = OtherRanksCounts(4, others_E)
+        moe(x_TD)
+        return moe.aux_losses["load_balance_loss"].value.detach().double()
+
+    probs_E = torch.stack([loss_with(1e12 * torch.eye(4, dtype=torch.long)[e]) / 4 for e in range(4)])
+    others_E = torch.tensor([30, 0, 0, 10])
+    counts_E = (moe.tokens_per_expert + others_E).double()
+    torch.testing.assert_close(loss_with(others_E), 4 * (counts_E / counts_E.sum() * probs_E).sum(), rtol=1e-6, atol=0)
+    local_E = moe.tokens_per_expert.double()
+    torch.testing.assert_close(loss_with(torch.zeros(4, dtype=torch.long)), 4 * (local_E / local_E.sum() * probs_E).sum(),
+                               rtol=1e-6, atol=0)
+    assert not torch.allclose(loss_with(others_E), loss_with(torch.zeros(4, dtype=torch.long)))
 
 
 def test_switch_load_balance_loss_is_one_for_uniform_routing():
@@ -475,6 +517,9 @@ def layer(**kwargs) -> MoELayer:
         (lambda: ExpertChoiceGate(capacity_factor=0.0), "capacity_factor"),
         (lambda: ExpertChoiceGate(capacity_factor=-2.0), "capacity_factor"),
         (lambda: ExpertChoiceGate(capacity_factor=float("inf")), "capacity_factor"),
+        (lambda: TopKGate(load_balance_scope="world"), "load_balance_scope"),
+        (lambda: DynamicGate(load_balance_scope="batch"), "load_balance_scope"),
+        (lambda: SigmoidGate(load_balance_scope=None), "load_balance_scope"),
     ],
 )
 def test_bad_config_raises_value_error_naming_the_field(make, field):

@@ -238,8 +238,8 @@ def test_loss_falls_on_a_repeated_pattern_and_checkpoint_reloads(tmp_path):
     trainer.save_checkpoint(path)
     assert model.hparams.gate == {
         "class_path": "lightning_moe.layers.gates.topk.TopKGate",
-        "init_args": {"top_k": 2, "normalize": True, "load_balance_coef": 0.01, "z_loss_coef": 0.0,
-                      "device_balance_coef": 0.0, "communication_balance_coef": 0.0, "device_capacity_factor": None},
+        "init_args": {"top_k": 2, "normalize": True, "load_balance_coef": 0.01, "load_balance_scope": "local",
+                      "z_loss_coef": 0.0, "device_balance_coef": 0.0, "communication_balance_coef": 0.0, "device_capacity_factor": None},
     }
     reloaded = MoETransformer.load_from_checkpoint(path, weights_only=True)  # no pickled module in it
     assert isinstance(reloaded.blocks[0].ffn.gate, TopKGate)

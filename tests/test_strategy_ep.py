@@ -49,6 +49,8 @@ TRAIN = {"global_batch": GLOBAL_BATCH, "samples": SAMPLES, "accumulate": ACCUMUL
 # micro-batch, so it depends on how the global batch is split (the EP runs keep it, with a
 # reference that splits the batch the same way).
 NO_AUX = {"num_experts": 4, "gate_kwargs": {"load_balance_coef": 0.0}}
+# The load-balancing loss counts the experts' shares over all 4 ranks' micro-batches (Qiu et al. 2025).
+GLOBAL_BALANCE = {"num_experts": 4, "gate_kwargs": {"load_balance_coef": 0.1, "load_balance_scope": "global"}}
 GATE_KWARGS = {
     "sigmoid": {"bias_update_rate": 0.01, "load_balance_coef": 0.01},
     "expert_choice": {"capacity_factor": 2.0},
@@ -78,6 +80,7 @@ def world4_scenarios(out: Path) -> list[dict]:
         {"name": "ep2_late_experts", "ep": 2, "late_experts": True, "model": NO_AUX, **TRAIN},
         {"name": "ep2_compiled", "ep": 2, "compile_backend": "aot_eager", "model": NO_AUX, **TRAIN},
         {"name": "ep2_replicas", "ep": 2, "spare": 1, "model": NO_AUX, **TRAIN},
+        {"name": "ep2_global_balance", "ep": 2, "model": GLOBAL_BALANCE, **TRAIN},
         {"name": "ep2_replicas_compiled", "ep": 2, "spare": 1, "compile_backend": "aot_eager", "model": NO_AUX, **TRAIN},
         {"name": "resume_ep4", "ep": 4, "max_epochs": 2, "model": NO_AUX, "resume_from": str(out / RESUME_FROM),
          **TRAIN},
@@ -222,6 +225,21 @@ def test_compiled_layers_match_single_process(world4):
     assert [len(experts) for experts in replicas_compiled[0]["local_experts"]] == [3, 3]
     np.testing.assert_allclose(step_losses(replicas_compiled), step_losses(replicas), rtol=1e-4)
     np.testing.assert_allclose(step_losses(replicas), ref_losses, rtol=1e-4)
+
+
+def test_global_load_balance_is_one_process_routing_the_global_batch(world4, tmp_path):
+    """With ``load_balance_scope="global"`` the experts' shares are counted over all 4 ranks, so the
+    4 ranks at EP 2 train as one process whose micro-batch is the global one (a local loss there
+    would be balanced per rank: another run)."""
+    results = read(world4, "ep2_global_balance", 4)
+    one_process, _ = reference(GLOBAL_BALANCE, steps=STEPS_PER_EPOCH, world_size=1)
+    np.testing.assert_allclose(step_losses(results), one_process, rtol=1e-4)
+    _, one_process_state = reference(GLOBAL_BALANCE, steps=STEPS_PER_EPOCH, world_size=1)
+    final = read_full_checkpoint(world4 / "ep2_global_balance" / FIRST_EPOCH)["state_dict"]
+    assert_states_close(final, one_process_state)
+    local = {**GLOBAL_BALANCE, "gate_kwargs": {**GLOBAL_BALANCE["gate_kwargs"], "load_balance_scope": "local"}}
+    per_rank, _ = reference(local, steps=STEPS_PER_EPOCH)
+    assert not np.allclose(step_losses(results), per_rank, rtol=1e-4)
 
 
 def test_permuted_placement_matches_identity(world4, tmp_path):

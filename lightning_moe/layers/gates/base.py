@@ -11,6 +11,7 @@ Shape legend: ``T`` tokens, ``D`` model width, ``E`` experts (logical ids), ``K`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -134,6 +135,10 @@ class Gate(nn.Module):
         #: Whether the router logits of the last forward were all finite (a 0-d bool tensor, on the
         #: logits' device; ``None`` for a gate that does not report it). Read by ``MoELayer``.
         self.last_logits_finite: torch.Tensor | None = None
+        #: Sums a per-expert count over every process that routes with this gate: the layer's
+        #: dispatcher's ``reduce_load``, set by :class:`~lightning_moe.MoELayer` (in one process, the
+        #: counts themselves). Losses of ``load_balance_scope="global"`` count through it.
+        self.reduce_load: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def build(self, d_model: int, num_experts: int, *, init_std: float = 0.02) -> Gate:
         """Create this gate's parameters for a layer of width ``d_model`` with ``num_experts`` experts,
@@ -158,6 +163,11 @@ class Gate(nn.Module):
         """Route ``T`` tokens. ``num_sequences`` splits them into equal consecutive sequences (for
         sequence-level losses)."""
         raise NotImplementedError
+
+    def counts_reducer(self, scope: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What a load-balancing loss of ``scope`` sums its counts with: :attr:`reduce_load` for
+        ``"global"``, nothing for ``"local"``."""
+        return self.reduce_load if scope == "global" else None
 
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         """Adjust selection biases from the load seen since the last optimizer step."""

@@ -20,7 +20,7 @@ from lightning_moe.layers.gates.base import (
     check_positive_int,
     router_entropy,
 )
-from lightning_moe.layers.gates.losses import add_softmax_router_losses
+from lightning_moe.layers.gates.losses import add_softmax_router_losses, check_load_balance_scope
 
 
 class DynamicGate(LinearRouterGate):
@@ -46,6 +46,10 @@ class DynamicGate(LinearRouterGate):
         threshold: cumulative probability ``p`` in ``(0, 1]`` a token's experts must reach.
         max_k: most experts one token may take.
         load_balance_coef: coefficient of the Switch load-balancing loss.
+        load_balance_scope: where the load-balancing loss counts each expert's share of the
+            assignments: ``"local"``, this process's micro-batch (Switch); ``"global"``, the
+            micro-batch of every data-parallel rank (Qiu et al. 2025; one all-reduce of ``E`` counts
+            per layer and forward, under :class:`~lightning_moe.MoEStrategy`).
         z_loss_coef: coefficient of the router z-loss.
         entropy_loss_coef: coefficient of the paper's dynamic (entropy) loss.
     """
@@ -56,6 +60,7 @@ class DynamicGate(LinearRouterGate):
         threshold: float = 0.5,
         max_k: int = 2,
         load_balance_coef: float = 0.01,
+        load_balance_scope: str = "local",
         z_loss_coef: float = 0.0,
         entropy_loss_coef: float = 0.0,
     ) -> None:
@@ -75,9 +80,11 @@ class DynamicGate(LinearRouterGate):
         check_non_negative(owner, "load_balance_coef", load_balance_coef)
         check_non_negative(owner, "z_loss_coef", z_loss_coef)
         check_non_negative(owner, "entropy_loss_coef", entropy_loss_coef)
+        check_load_balance_scope(owner, load_balance_scope)
         self.threshold = float(threshold)
         self.max_k = max_k
         self.load_balance_coef = load_balance_coef
+        self.load_balance_scope = load_balance_scope
         self.z_loss_coef = z_loss_coef
         self.entropy_loss_coef = entropy_loss_coef
 
@@ -113,7 +120,8 @@ class DynamicGate(LinearRouterGate):
             allowed_devices_TG=kept_groups_TG,
         )
         add_softmax_router_losses(
-            routing, logits_TE, probs_TE, load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef
+            routing, logits_TE, probs_TE, load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef,
+            reduce_counts=self.counts_reducer(self.load_balance_scope),
         )
         if self.entropy_loss_coef > 0:
             routing.aux_losses["entropy_loss"] = AuxLoss(router_entropy(probs_TE), self.entropy_loss_coef)

@@ -25,7 +25,7 @@ from lightning_moe.layers.gates.base import (
     routing_from_topk,
 )
 from lightning_moe.layers.gates.device_balance import DeviceBalance, DeviceBalanceOptions
-from lightning_moe.layers.gates.losses import switch_load_balance_loss
+from lightning_moe.layers.gates.losses import check_load_balance_scope, switch_load_balance_loss
 
 #: Added to the sum of the kept scores before renormalising, as DeepSeek-V3's released modeling
 #: code does, so that an all-zero row cannot divide by zero.
@@ -90,6 +90,10 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
             (DeepSeek-V3 eq. 17; 1e-4 there); 0 turns it off.
         load_balance_coef: coefficient of a Switch-style load-balancing loss over the normalised
             scores (Fedus et al. 2021, eq. 4); 0 turns it off.
+        load_balance_scope: where the load-balancing loss counts each expert's share of the
+            assignments: ``"local"``, this process's micro-batch (Switch); ``"global"``, the
+            micro-batch of every data-parallel rank (Qiu et al. 2025; one all-reduce of ``E`` counts
+            per layer and forward, under :class:`~lightning_moe.MoEStrategy`).
         dropped_group_fill: value given to the biased scores of experts in dropped groups.
             ``float("-inf")`` (the default, as the transformers >= 5 port): an expert outside the
             kept groups is never chosen, so group-limited routing bounds the experts a token reaches
@@ -120,6 +124,7 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
         bias_update_rate: float = 1e-3,
         sequence_balance_coef: float = 0.0,
         load_balance_coef: float = 0.0,
+        load_balance_scope: str = "local",
         dropped_group_fill: float = float("-inf"),
         device_balance_coef: float = 0.0,
         communication_balance_coef: float = 0.0,
@@ -133,6 +138,7 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
         check_non_negative(owner, "bias_update_rate", bias_update_rate)
         check_non_negative(owner, "sequence_balance_coef", sequence_balance_coef)
         check_non_negative(owner, "load_balance_coef", load_balance_coef)
+        check_load_balance_scope(owner, load_balance_scope)
         if not (isinstance(routed_scaling_factor, (int, float)) and math.isfinite(routed_scaling_factor)
                 and routed_scaling_factor > 0):
             raise ValueError(
@@ -157,6 +163,7 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
         self.bias_update_rate = float(bias_update_rate)
         self.sequence_balance_coef = float(sequence_balance_coef)
         self.load_balance_coef = float(load_balance_coef)
+        self.load_balance_scope = load_balance_scope
         self.dropped_group_fill = float(dropped_group_fill)
         self.device_balance = DeviceBalance(
             owner,
@@ -246,7 +253,9 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
             routing.aux_losses["sequence_balance_loss"] = AuxLoss(loss, self.sequence_balance_coef)
         normalized_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         if self.load_balance_coef > 0:
-            loss = switch_load_balance_loss(normalized_TE, routing.expert_index_N, self.num_experts)
+            loss = switch_load_balance_loss(
+                normalized_TE, routing.expert_index_N, self.num_experts, self.counts_reducer(self.load_balance_scope)
+            )
             routing.aux_losses["load_balance_loss"] = AuxLoss(loss, self.load_balance_coef)
         routing.stats["router_entropy"] = router_entropy(normalized_TE.detach())
         routing.stats["expert_bias_abs_mean"] = self.expert_bias.detach().abs().mean()

@@ -13,7 +13,7 @@ from lightning_moe.layers.gates.base import (
     routing_from_topk,
 )
 from lightning_moe.layers.gates.device_balance import DeviceBalance, DeviceBalanceOptions
-from lightning_moe.layers.gates.losses import add_softmax_router_losses
+from lightning_moe.layers.gates.losses import add_softmax_router_losses, check_load_balance_scope
 
 
 class TopKGate(DeviceBalanceOptions, LinearRouterGate):
@@ -32,6 +32,10 @@ class TopKGate(DeviceBalanceOptions, LinearRouterGate):
         normalize: renormalise the kept probabilities; ``None`` (default) does so when ``top_k > 1``
             (Mixtral, GShard) and not for ``top_k=1`` (Switch).
         load_balance_coef: coefficient of the Switch load-balancing loss (Fedus et al. 2021, eq. 4).
+        load_balance_scope: where the load-balancing loss counts each expert's share of the
+            assignments: ``"local"``, this process's micro-batch (Switch); ``"global"``, the
+            micro-batch of every data-parallel rank (Qiu et al. 2025; one all-reduce of ``E`` counts
+            per layer and forward, under :class:`~lightning_moe.MoEStrategy`).
         z_loss_coef: coefficient of the router z-loss (Zoph et al. 2022, eq. 5).
         device_balance_coef: coefficient of DeepSeek-V2's device-level balance loss over the
             expert-parallel ranks (:mod:`~lightning_moe.layers.gates.device_balance`).
@@ -46,6 +50,7 @@ class TopKGate(DeviceBalanceOptions, LinearRouterGate):
         top_k: int = 2,
         normalize: bool | None = None,
         load_balance_coef: float = 0.01,
+        load_balance_scope: str = "local",
         z_loss_coef: float = 0.0,
         device_balance_coef: float = 0.0,
         communication_balance_coef: float = 0.0,
@@ -55,9 +60,11 @@ class TopKGate(DeviceBalanceOptions, LinearRouterGate):
         check_positive_int(type(self).__name__, "top_k", top_k)
         check_non_negative(type(self).__name__, "load_balance_coef", load_balance_coef)
         check_non_negative(type(self).__name__, "z_loss_coef", z_loss_coef)
+        check_load_balance_scope(type(self).__name__, load_balance_scope)
         self.top_k = top_k
         self.normalize = top_k > 1 if normalize is None else bool(normalize)
         self.load_balance_coef = load_balance_coef
+        self.load_balance_scope = load_balance_scope
         self.z_loss_coef = z_loss_coef
         self.device_balance = DeviceBalance(
             type(self).__name__,
@@ -83,6 +90,7 @@ class TopKGate(DeviceBalanceOptions, LinearRouterGate):
         routing = routing_from_topk(topk_ids_TK, topk_probs_TK)
         routing.allowed_devices_TG = kept_groups_TG
         add_softmax_router_losses(
-            routing, logits_TE, probs_TE, load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef
+            routing, logits_TE, probs_TE, load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef,
+            reduce_counts=self.counts_reducer(self.load_balance_scope),
         )
         return self.device_balance.apply(routing, probs_TE, topk_ids_TK, self.expert_group_limit)
