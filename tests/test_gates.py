@@ -156,6 +156,9 @@ def test_global_load_balance_counts_through_the_layers_dispatcher(make_gate):
     torch.testing.assert_close(loss_with(torch.zeros(4, dtype=torch.long)), 4 * (local_E / local_E.sum() * probs_E).sum(),
                                rtol=1e-6, atol=0)
     assert not torch.allclose(loss_with(others_E), loss_with(torch.zeros(4, dtype=torch.long)))
+    # In evaluation the counts stay this rank's: a forward one rank runs alone waits for no one.
+    moe.eval()
+    torch.testing.assert_close(loss_with(others_E), 4 * (local_E / local_E.sum() * probs_E).sum(), rtol=1e-6, atol=0)
 
 
 def test_switch_load_balance_loss_is_one_for_uniform_routing():

@@ -166,8 +166,12 @@ class Gate(nn.Module):
 
     def counts_reducer(self, scope: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """What a load-balancing loss of ``scope`` sums its counts with: :attr:`reduce_load` for
-        ``"global"``, nothing for ``"local"``."""
-        return self.reduce_load if scope == "global" else None
+        ``"global"`` in training, nothing otherwise.
+
+        NOTE: only in training, where every rank runs the same forwards. An evaluation or generation
+        forward that one rank runs alone (a callback on rank 0) must not wait for the others in a
+        collective; its loss is not trained on."""
+        return self.reduce_load if scope == "global" and self.training else None
 
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         """Adjust selection biases from the load seen since the last optimizer step."""
