@@ -68,6 +68,9 @@ def test_finetuning_recipe_runs_on_a_tiny_checkpoint(tmp_path, recipe, variant):
     assert not any(p.is_meta for p in model.parameters())  # read when training started
     if recipe == "finetune_mixtral.yaml":  # the router stays frozen
         assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("ffn.gate.weight"))
+    if recipe == "finetune_qwen_moe.yaml":  # Qwen3's global-batch balancing reaches every gate
+        scopes = {layer.gate.load_balance_scope for layer in model.modules() if hasattr(layer, "gate")}
+        assert scopes == {"global"}
     # The saved checkpoint rebuilds the model without the source directory or `pretrained`.
     (saved,) = (tmp_path / "logs").rglob("last.ckpt")
     restored = MoETransformer.load_from_checkpoint(saved)
