@@ -71,6 +71,8 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         shared_expert_d_ff: hidden width of the shared FFN; ``num_shared_experts * moe_d_ff`` by default.
         shared_expert_gate: sigmoid-gate the shared FFN (Qwen2-MoE).
         capacity_factor: ``None`` for dropless routing, else the expert capacity factor.
+        pad_to_capacity: with a ``capacity_factor``, every expert runs on exactly its capacity of rows
+            (see :class:`~lightning_moe.MoELayer`): static shapes, for more expert work.
         moe_d_ff: hidden width of each routed expert; ``d_ff`` by default (smaller for fine-grained experts).
         moe_every_n_layers: every n-th block after the dense ones is MoE (GLaM uses 2).
         first_k_dense: the first k blocks have a dense FFN (DeepSeek-V3 uses 3).
@@ -147,6 +149,7 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         shared_expert_d_ff: int | None = None,
         shared_expert_gate: bool = False,
         capacity_factor: float | None = None,
+        pad_to_capacity: bool = False,
         moe_d_ff: int | None = None,
         moe_every_n_layers: int = 1,
         first_k_dense: int = 0,
@@ -284,6 +287,7 @@ class MoETransformer(PretrainedIO, L.LightningModule):
                     shared_expert_d_ff=shared_expert_d_ff,
                     shared_expert_gate=shared_expert_gate,
                     capacity_factor=capacity_factor,
+                    pad_to_capacity=pad_to_capacity,
                     init_std=init_std,
                 )
                 override_gate_coefficients(feed_forward.gate, load_balance_coef, z_loss_coef)

@@ -3,7 +3,8 @@
 The grouped GEMM is one opaque operator to the compiler (``lightning_moe::grouped_mm``, its weight
 gradient another): ``torch.library.opcheck`` checks their shape functions and autograd against the
 eager kernels. Compiled models give the eager model's outputs and gradients for every gate; with a
-dropless top-k gate each block is one graph that the routing of later steps does not recompile.
+top-k gate, dropless or with a padded capacity, each block is one graph that the routing of later steps
+does not recompile.
 Most tests use the ``aot_eager`` backend (the compiler's tracing and autograd partition, without
 its kernel compilation time); one trains ``compile_blocks=True`` with the default inductor backend.
 """
@@ -91,12 +92,15 @@ def test_compiled_model_matches_eager_for_every_gate(options):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name_and_param[0])
 
 
-@pytest.mark.parametrize("use_grouped_mm", [True, False], ids=["grouped_mm", "loop"])
-def test_dropless_topk_block_is_one_graph_that_routing_does_not_recompile(use_grouped_mm):
+@pytest.mark.parametrize(("use_grouped_mm", "capacity_factor"), [(True, None), (False, None), (True, 1.0)],
+                         ids=["grouped_mm", "loop", "capacity"])
+def test_topk_block_is_one_graph_that_routing_does_not_recompile(use_grouped_mm, capacity_factor):
     """The rows per expert change every step; neither the grouped GEMM nor the per-expert loop (whose
-    split sizes are read from the device) may put them in the graph or its guards."""
+    split sizes are read from the device) may put them in the graph or its guards. Under a padded
+    capacity (``pad_to_capacity``) every expert runs on exactly its capacity of rows: one graph too."""
     torch.manual_seed(0)
-    model = MoETransformer(**TINY, gate="topk", top_k=2)
+    model = MoETransformer(**TINY, gate="topk", top_k=2, capacity_factor=capacity_factor,
+                           pad_to_capacity=capacity_factor is not None)
     block = model.blocks[0]
     block.ffn.experts.use_grouped_mm = use_grouped_mm
     x_BTD = torch.randn(2, 16, TINY["d_model"])

@@ -119,12 +119,14 @@ def test_training_step_adds_the_aux_loss():
     torch.testing.assert_close(loss, no_aux.language_model_loss(batch)[0])
 
 
-def test_a_training_step_reads_nothing_back_to_the_host():
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+def test_a_training_step_reads_nothing_back_to_the_host(capacity_factor):
     """Forward, loss and backward of a training step stay on the device: on a GPU a read (the token
-    count as a Python int, say) would make the host wait for the whole forward at every step."""
+    count as a Python int, say) would make the host wait for the whole forward at every step. With
+    a capacity too, padded (``pad_to_capacity``): every expert runs on exactly its capacity of rows."""
     from lightning_moe.ops.tensor_operations import TensorOperations
 
-    model = tiny_model()
+    model = tiny_model(capacity_factor=capacity_factor, pad_to_capacity=capacity_factor is not None)
     tokens = torch.randint(0, 256, (2, 17))
     batch = (tokens[:, :-1], tokens[:, 1:])
     with TensorOperations() as operations, pytest.warns(UserWarning, match="self.log"):

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from lightning_moe import MoELayer, collect_aux_loss, collect_aux_losses
-from lightning_moe.layers.dispatch import LocalDispatcher, drop_over_capacity, expert_capacity, weighted_sum_rows
+from lightning_moe.layers.dispatch import (
+    LocalDispatcher,
+    drop_over_capacity,
+    dropped_over_capacity,
+    expert_capacity,
+    limit_to_capacity,
+    weighted_sum_rows,
+)
 from lightning_moe.layers.gates import Routing
 from lightning_moe.ops.grouped_mm import grouped_mm, grouped_mm_loop
 
@@ -130,8 +137,11 @@ def test_drop_over_capacity_keeps_first_choices_first():
     )
     # capacity = ceil(0.5 * 8 / 2) = 2 per expert
     assert expert_capacity(8, 2, 0.5) == 2
-    kept, dropped = drop_over_capacity(routing, num_experts=2, capacity_factor=0.5)
-    assert dropped == 4
+    limited = limit_to_capacity(routing, num_experts=2, capacity_factor=0.5)
+    assert limited.capacity == 2 and limited.position_in_expert_N.tolist() == [0, 1, 2, 0, 1, 2, 3, 3]
+    assert dropped_over_capacity(limited).item() == 4
+    kept = drop_over_capacity(limited)
+    assert kept.num_dropped == 4 and kept.capacity is None
     # expert 0 keeps tokens 0, 1 (first choices, earliest); expert 1 keeps token 3's first choice and
     # token 0's second choice.
     assert kept.token_index_N.tolist() == [0, 1, 3, 0]
@@ -150,6 +160,29 @@ def test_dropped_tokens_are_counted_and_pass_as_zero():
     assert layer.dropped_tokens.item() > 0
     zero_rows = (y.reshape(16, 16).abs().sum(-1) == 0).sum().item()
     assert zero_rows == layer.dropped_tokens.item()  # top-1: a dropped token gets no expert output
+
+
+@pytest.mark.parametrize(("top_k", "capacity_factor"), [(1, 0.5), (2, 0.75), (2, 1.0), (3, 2.0)])
+def test_padded_capacity_matches_dropping_first(top_k, capacity_factor):
+    """``pad_to_capacity``: every expert runs on exactly its capacity of rows, padded (no shape that
+    depends on the routing); the same outputs, gradients, counts and traffic as computing the kept
+    rows alone."""
+    results = []
+    for pad_to_capacity in (True, False):
+        layer = _layer(num_experts=8, top_k=top_k, capacity_factor=capacity_factor, pad_to_capacity=pad_to_capacity)
+        x = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(1))
+        grad_output = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(2))
+        output, grad_x, grads = _forward_backward(layer, x, grad_output)
+        results.append((output, grad_x, grads, layer.tokens_per_expert.clone(), layer.dropped_tokens.clone(),
+                        layer.traffic.tokens_sent_per_rank, layer.traffic.assignments_sent_per_rank))
+    padded, kept_only = results
+    assert padded[4].item() > 0 or capacity_factor >= 2.0  # something was dropped (but in the roomy case)
+    for got, want in zip(padded, kept_only):
+        if isinstance(want, dict):
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], msg=name)
+        else:
+            torch.testing.assert_close(got, want)
 
 
 def test_counts_sum_to_tokens_times_k_in_dropless_mode():
@@ -197,6 +230,8 @@ def test_a_gate_instance_is_copied_per_layer():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
+        (dict(pad_to_capacity=True), "pad_to_capacity"),
+        (dict(capacity_factor=1.0, pad_to_capacity="yes"), "pad_to_capacity"),
         (dict(top_k=5), "top_k"),
         (dict(gate="nope"), "gate"),
         (dict(capacity_factor=0.0), "capacity_factor"),

@@ -85,6 +85,10 @@ def world4_scenarios(out: Path) -> list[dict]:
         {"name": "resume_ep4", "ep": 4, "max_epochs": 2, "model": NO_AUX, "resume_from": str(out / RESUME_FROM),
          **TRAIN},
         {"name": "capacity_ep4", "ep": 4, "model": {"num_experts": 4, "capacity_factor": 1.0}, **TRAIN},
+        {"name": "capacity_padded_ep1", "ep": 1, "model": {"num_experts": 4, "capacity_factor": 1.0,
+                                                           "pad_to_capacity": True}, **TRAIN},
+        {"name": "capacity_padded_ep4", "ep": 4, "model": {"num_experts": 4, "capacity_factor": 1.0,
+                                                           "pad_to_capacity": True}, **TRAIN},
         *gate_scenarios(),
         {"name": "manual_ep2", "ep": 2, "manual": True, "model": NO_AUX, **TRAIN},
         {"name": "bf16", "ep": 2, "precision": "bf16-mixed", "model": {"num_experts": 4}, **TRAIN},
@@ -291,6 +295,10 @@ def test_consolidated_checkpoint_loads_without_process_group(world4, tmp_path):
 def test_capacity_mode_matches_single_process(world4, tmp_path):
     ref_losses, _ = reference({"num_experts": 4, "capacity_factor": 1.0}, steps=STEPS_PER_EPOCH)
     np.testing.assert_allclose(step_losses(read(world4, "capacity_ep4", 4)), ref_losses, rtol=1e-4)
+    # Padded to capacity: every expert runs on its capacity of rows at EP 1; at EP 4 the dispatcher
+    # removes the dropped assignments before the all-to-alls. The same training either way.
+    for name in ("capacity_padded_ep1", "capacity_padded_ep4"):
+        np.testing.assert_allclose(step_losses(read(world4, name, 4)), ref_losses, rtol=1e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("scenario", gate_scenarios(), ids=lambda s: s["name"])

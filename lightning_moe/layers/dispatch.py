@@ -26,19 +26,38 @@ def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * num_assignments / num_experts))
 
 
-def drop_over_capacity(routing: Routing, num_experts: int, capacity_factor: float) -> tuple[Routing, int]:
-    """Keep at most ``expert_capacity`` assignments per expert, in the routing's priority order.
+def limit_to_capacity(routing: Routing, num_experts: int, capacity_factor: float) -> Routing:
+    """The routing with a capacity: each expert takes at most ``expert_capacity`` assignments, the
+    first in the routing's priority order; the dispatcher drops the rest.
 
-    Returns the kept routing and the number of dropped assignments. A dropped assignment contributes
-    nothing to its token's output; the residual connection around the layer carries the token on.
+    Only marks the assignments (``Routing.capacity`` and each one's ``position_in_expert_N``): in one
+    process :class:`LocalDispatcher` then runs every expert on exactly ``capacity`` rows, padded, with
+    no shape that depends on the routing (Megatron-Core's drop-and-pad); the expert-parallel
+    dispatcher removes the dropped ones before its all-to-alls (:func:`drop_over_capacity`). A
+    dropped assignment contributes nothing to its token's output; the residual connection around the
+    layer carries the token on.
     """
     num_assignments = routing.expert_index_N.numel()
-    capacity = expert_capacity(num_assignments, num_experts, capacity_factor)
     # The routing is in priority order: each expert keeps its first `capacity` assignments.
     priority_N = torch.arange(num_assignments, device=routing.expert_index_N.device)
-    keep_N = positions_in_groups(routing.expert_index_N, priority_N, num_experts) < capacity
-    kept = routing.subset(keep_N)
-    return kept, kept.num_dropped - routing.num_dropped
+    routing.position_in_expert_N = positions_in_groups(routing.expert_index_N, priority_N, num_experts)
+    routing.capacity = expert_capacity(num_assignments, num_experts, capacity_factor)
+    return routing
+
+
+def dropped_over_capacity(routing: Routing) -> torch.Tensor | int:
+    """Assignments a capacity drops: a 0-d tensor on the routing's device (no host read), 0 without one."""
+    if routing.capacity is None:
+        return 0
+    return (routing.position_in_expert_N >= routing.capacity).sum()
+
+
+def drop_over_capacity(routing: Routing) -> Routing:
+    """The assignments a capacity keeps (all of them without one), the others counted as dropped.
+    Their number depends on the routing: reading it waits for the device."""
+    if routing.capacity is None:
+        return routing
+    return routing.subset(routing.position_in_expert_N < routing.capacity)
 
 
 def weighted_sum_rows(rows_ND: torch.Tensor, weight_N: torch.Tensor | None, target_N: torch.Tensor, num_targets: int) -> torch.Tensor:
@@ -111,11 +130,13 @@ class Dispatcher(Protocol):
 
 @dataclass
 class LocalDispatchContext:
-    """What :meth:`LocalDispatcher.combine` needs: each slot-ordered row's token and weight."""
+    """What :meth:`LocalDispatcher.combine` needs: each slot-ordered row's token and weight (under a
+    capacity, the padding rows' token is ``num_tokens``, a row past the output, and their weight 0)."""
 
     token_index_N: torch.Tensor
     weight_N: torch.Tensor
     num_tokens: int
+    padded: bool = False
 
 
 class LocalDispatcher:
@@ -147,12 +168,15 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
         """The rows of the assignments, gathered from ``x_TD`` already sorted by slot (one gather, no
-        intermediate copy), the rows per slot ``[E]``, what :meth:`combine` needs, and the traffic."""
+        intermediate copy), the rows per slot ``[E]``, what :meth:`combine` needs, and the traffic.
+        Under a capacity, every slot gets exactly ``capacity`` rows (:meth:`_dispatch_padded`)."""
         slot_N = routing.expert_index_N
         if self.slot_of_expert_E is not None:
             if slot_N.device not in self._slot_of_expert_on:
                 self._slot_of_expert_on[slot_N.device] = self.slot_of_expert_E.to(slot_N.device)
             slot_N = self._slot_of_expert_on[slot_N.device][slot_N]
+        if routing.capacity is not None:
+            return self._dispatch_padded(x_TD, routing, slot_N)
         order_N = torch.argsort(slot_N, stable=True)
         rows_per_slot_E = count_per_expert(slot_N, self.num_experts)
         token_index_N = routing.token_index_N[order_N]
@@ -164,12 +188,45 @@ class LocalDispatcher:
         context = LocalDispatchContext(token_index_N, routing.weight_N[order_N], x_TD.shape[0])
         return Dispatched(x_TD[token_index_N], rows_per_slot_E, context, traffic)
 
+    def _dispatch_padded(self, x_TD: torch.Tensor, routing: Routing, slot_N: torch.Tensor) -> Dispatched:
+        """Drop and pad (GShard's fixed expert capacity; Megatron-Core's
+        ``moe_pad_expert_input_to_capacity``): row ``s * C + p`` of the ``[E * C, D]`` rows is the
+        ``p``-th kept assignment of slot ``s``, or zeros. Every shape is fixed by ``T``, ``k`` and the
+        capacity, not by the routing: nothing is read back to the host, and a compiled layer is one
+        graph. The experts compute the padding rows (at most ``capacity_factor`` times the dropless
+        work in all); their weight is 0 and they add into a row past the output."""
+        num_tokens, width = x_TD.shape
+        num_assignments, capacity = slot_N.numel(), routing.capacity
+        num_rows = self.num_experts * capacity
+        kept_N = routing.position_in_expert_N < capacity
+        # Each assignment's row; the dropped ones all go to one spare entry past the rows.
+        row_N = torch.where(kept_N, slot_N * capacity + routing.position_in_expert_N, num_rows)
+        no_assignment = num_assignments  # the index of an extra, empty assignment
+        assignment_of_row = torch.full((num_rows + 1,), no_assignment, dtype=torch.long, device=x_TD.device)
+        assignment_of_row = assignment_of_row.scatter(0, row_N, torch.arange(num_assignments, device=x_TD.device))
+        assignment_of_row = assignment_of_row[:num_rows]
+        # The extra assignment: token `num_tokens` (a zero row of the input, a spare row of the
+        # output) with weight 0.
+        token_of_row = torch.cat([routing.token_index_N, routing.token_index_N.new_full((1,), num_tokens)])[assignment_of_row]
+        weight_of_row = torch.cat([routing.weight_N, routing.weight_N.new_zeros(1)])[assignment_of_row]
+        rows_RD = torch.cat([x_TD, x_TD.new_zeros(1, width)])[token_of_row]
+        routed_T = torch.zeros(num_tokens + 1, dtype=torch.bool, device=x_TD.device).index_fill_(0, token_of_row, True)
+        traffic = DispatchTraffic(
+            tokens_sent_per_rank=routed_T[:num_tokens].sum().reshape(1),
+            assignments_sent_per_rank=kept_N.sum().reshape(1),
+        )
+        rows_per_slot_E = torch.full((self.num_experts,), capacity, dtype=torch.long, device=x_TD.device)
+        context = LocalDispatchContext(token_of_row, weight_of_row, num_tokens, padded=True)
+        return Dispatched(rows_RD, rows_per_slot_E, context, traffic)
+
     def combine(self, y_ND: torch.Tensor, context: LocalDispatchContext) -> torch.Tensor:
         """``[T, D]``: each token's expert outputs, weighted by the gate and summed.
 
         NOTE: the rows stay in slot order and are added into their tokens through the sorted token
         index, which saves a scatter back to assignment order (and its gather in backward).
         """
+        if context.padded:  # the padding rows add into row T, dropped here
+            return weighted_sum_rows(y_ND, context.weight_N, context.token_index_N, context.num_tokens + 1)[:-1]
         return weighted_sum_rows(y_ND, context.weight_N, context.token_index_N, context.num_tokens)
 
     def reduce_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_moe.layers.dispatch import Dispatcher, DispatchTraffic, LocalDispatcher, drop_over_capacity
+from lightning_moe.layers.dispatch import (
+    Dispatcher,
+    DispatchTraffic,
+    LocalDispatcher,
+    drop_over_capacity,
+    dropped_over_capacity,
+    limit_to_capacity,
+)
 from lightning_moe.layers.experts import Experts, FeedForward, check_activation, to_autocast_dtype
 from lightning_moe.layers.gates import AuxLoss, Gate, make_gate
-from lightning_moe.layers.gates.base import check_positive_int
+from lightning_moe.layers.gates.base import Routing, check_positive_int
 from lightning_moe.ops.counting import count_per_expert
 
 
@@ -45,6 +52,11 @@ class MoELayer(nn.Module):
         shared_expert_gate: scale the shared output by a learned sigmoid gate (Qwen2-MoE).
         capacity_factor: ``None`` for dropless routing; otherwise each expert takes at most
             ``ceil(capacity_factor * assignments / num_experts)`` assignments and drops the rest.
+        pad_to_capacity: with a ``capacity_factor``, run every expert on exactly its capacity of rows,
+            padded with zeros (GShard; Megatron-Core's ``moe_pad_expert_input_to_capacity``): no shape
+            depends on the routing, so nothing is read back to the host and a compiled layer is one
+            graph, for up to ``capacity_factor`` times the dropless expert work. In one process only:
+            under expert parallelism the dispatcher removes the dropped assignments either way.
         init_std: standard deviation of the normal weight initialisation.
     """
 
@@ -62,6 +74,7 @@ class MoELayer(nn.Module):
         shared_expert_d_ff: int | None = None,
         shared_expert_gate: bool = False,
         capacity_factor: float | None = None,
+        pad_to_capacity: bool = False,
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
@@ -78,7 +91,14 @@ class MoELayer(nn.Module):
                 f"or a positive factor such as 1.25."
             )
         self.d_model, self.num_experts = d_model, num_experts
+        if not isinstance(pad_to_capacity, bool) or (pad_to_capacity and capacity_factor is None):
+            raise ValueError(
+                f"`pad_to_capacity` must be true or false, and true only with a `capacity_factor`; got "
+                f"pad_to_capacity={pad_to_capacity!r} with capacity_factor={capacity_factor!r}. Set a capacity "
+                f"factor such as 1.25, or leave pad_to_capacity false."
+            )
         self.capacity_factor = capacity_factor
+        self.pad_to_capacity = pad_to_capacity
 
         gate_module = make_gate(gate, top_k=top_k, gate_kwargs=gate_kwargs)
         if isinstance(gate, Gate):
@@ -146,8 +166,11 @@ class MoELayer(nn.Module):
         routed = routing.expert_index_N.numel() + routing.num_dropped
         dropped = routing.num_dropped  # by the gate's device-level capacity
         if self.capacity_factor is not None:
-            routing, dropped_here = drop_over_capacity(routing, self.num_experts, self.capacity_factor)
-            dropped += dropped_here
+            routing = limit_to_capacity(routing, self.num_experts, self.capacity_factor)
+            dropped = dropped + dropped_over_capacity(routing)  # a tensor: not read back
+            if not self.pad_to_capacity:
+                # Only the kept rows are computed; their number is read back to the host.
+                routing = drop_over_capacity(routing)
 
         # 2. Permute: rows sorted by expert (and sent to the expert's rank under expert parallelism).
         # Under mixed precision the rows are cast first, so that the gather and the all-to-all move
@@ -168,15 +191,17 @@ class MoELayer(nn.Module):
 
         if self.record_routing:
             self.traffic = dispatched.traffic
-            self._record(routing.aux_losses, routing.stats, routing.expert_index_N, x_TD.shape[0], routed, dropped)
+            self._record(routing, x_TD.shape[0], routed, dropped)
         return y_TD.view(x.shape)
 
     @torch.no_grad()
-    def _record(self, aux_losses, stats, expert_index_N, num_tokens, routed, dropped) -> None:
-        self.aux_losses = dict(aux_losses)
-        self.stats = {name: value.detach() for name, value in stats.items()}
+    def _record(self, routing: Routing, num_tokens: int, routed: int, dropped: torch.Tensor | int) -> None:
+        self.aux_losses = dict(routing.aux_losses)
+        self.stats = {name: value.detach() for name, value in routing.stats.items()}
         self.num_tokens = num_tokens
-        counts_E = count_per_expert(expert_index_N, self.num_experts)
+        counts_E = count_per_expert(routing.expert_index_N, self.num_experts)
+        if routing.capacity is not None:
+            counts_E = counts_E.clamp(max=routing.capacity)  # what each expert kept
         self.tokens_per_expert.copy_(counts_E)
         self.dropped_tokens.fill_(dropped)
         self.routed_tokens.fill_(routed)

@@ -46,7 +46,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from lightning_moe.layers.dispatch import Dispatched, DispatchTraffic, LocalDispatcher, weighted_sum_rows
+from lightning_moe.layers.dispatch import (
+    Dispatched,
+    DispatchTraffic,
+    LocalDispatcher,
+    drop_over_capacity,
+    weighted_sum_rows,
+)
 from lightning_moe.layers.gates.base import Routing
 from lightning_moe.layers.replicas import allowed_replicas, choose_replica_ranks
 from lightning_moe.ops.counting import count_per_expert
@@ -128,6 +134,9 @@ class AllToAllDispatcher:
         """Rows for this rank's experts, grouped by local slot; rows per slot ``[L]``; the context; the traffic."""
         if self._local is not None:
             return self._local.dispatch(x_TD, routing)
+        # Under a capacity, the dropped assignments go nowhere (the split sizes below are read back
+        # anyway; padding every expert to its capacity would send the padding over the network).
+        routing = drop_over_capacity(routing)
         placement = self.placement
         ranks, slots = self.ep_size, self.num_local_experts
         num_tokens, device = x_TD.shape[0], x_TD.device

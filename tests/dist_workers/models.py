@@ -31,6 +31,7 @@ class TwoMoELayers(L.LightningModule):
         top_k: int = 2,
         gate_kwargs: dict[str, Any] | None = None,
         capacity_factor: float | None = None,
+        pad_to_capacity: bool = False,
         lr: float = 1e-2,
         seed: int = 0,
         d_ff: int = D_FF,
@@ -39,7 +40,8 @@ class TwoMoELayers(L.LightningModule):
         self.save_hyperparameters()
         torch.manual_seed(seed)
         common = dict(d_model=D_MODEL, d_ff=d_ff, num_experts=num_experts, gate=gate, top_k=top_k,
-                      gate_kwargs=gate_kwargs, capacity_factor=capacity_factor, init_std=0.2)
+                      gate_kwargs=gate_kwargs, capacity_factor=capacity_factor, pad_to_capacity=pad_to_capacity,
+                      init_std=0.2)
         self.proj_in = nn.Linear(D_MODEL, D_MODEL)
         self.blocks = nn.ModuleDict({"first": MoELayer(**common), "second": MoELayer(**common)})
         self.proj_out = nn.Linear(D_MODEL, D_MODEL)

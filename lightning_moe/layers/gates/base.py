@@ -49,6 +49,10 @@ class Routing:
         allowed_devices_TG: ``[T, G]`` booleans, the EP ranks each token may reach under
             device-limited routing (``None``: any). An expert with replicas is then served by a
             replica on one of its token's ranks, so the bound on fan-out holds with replicas too.
+        capacity: assignments each expert takes at most (a layer's ``capacity_factor``), set with
+            ``position_in_expert_N`` by :func:`~lightning_moe.layers.dispatch.limit_to_capacity`;
+            the dispatcher drops the assignments at positions ``>= capacity``. ``None``: dropless.
+        position_in_expert_N: each assignment's position among its expert's, in priority order.
 
     NOTE: assignments are in *priority order*: when a capacity limit drops assignments, the later
     ones go first. Token-choice gates list all first choices, then all second choices, and so on,
@@ -64,6 +68,8 @@ class Routing:
     device_index_N: torch.Tensor | None = None
     num_dropped: int = 0
     allowed_devices_TG: torch.Tensor | None = None
+    capacity: int | None = None
+    position_in_expert_N: torch.Tensor | None = None
 
     def subset(self, keep_N: torch.Tensor, *, device_index_N: torch.Tensor | None = None) -> Routing:
         """The assignments where ``keep_N`` is true (priority order kept), the others counted as dropped;
