@@ -27,15 +27,16 @@ def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: flo
 
 
 def limit_to_capacity(routing: Routing, num_experts: int, capacity_factor: float) -> Routing:
-    """The routing with a capacity: each expert takes at most ``expert_capacity`` assignments, the
-    first in the routing's priority order; the dispatcher drops the rest.
+    """``routing`` (marked in place) with a capacity: each expert takes at most ``expert_capacity``
+    assignments, the first in the routing's priority order; the rest are dropped.
 
-    Only marks the assignments (``Routing.capacity`` and each one's ``position_in_expert_N``): in one
-    process :class:`LocalDispatcher` then runs every expert on exactly ``capacity`` rows, padded, with
-    no shape that depends on the routing (Megatron-Core's drop-and-pad); the expert-parallel
-    dispatcher removes the dropped ones before its all-to-alls (:func:`drop_over_capacity`). A
-    dropped assignment contributes nothing to its token's output; the residual connection around the
-    layer carries the token on.
+    Only marks the assignments (``Routing.capacity`` and each one's ``position_in_expert_N``), with no
+    shape that depends on the routing. :func:`drop_over_capacity` then removes the dropped ones (what
+    :class:`~lightning_moe.MoELayer` does by default, and the expert-parallel dispatcher before its
+    all-to-alls); given a marked routing, :class:`LocalDispatcher` instead runs every expert on
+    exactly ``capacity`` rows, padded (``MoELayer(pad_to_capacity=True)``). A dropped assignment
+    contributes nothing to its token's output; the residual connection around the layer carries the
+    token on.
     """
     num_assignments = routing.expert_index_N.numel()
     # The routing is in priority order: each expert keeps its first `capacity` assignments.
@@ -169,7 +170,8 @@ class LocalDispatcher:
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
         """The rows of the assignments, gathered from ``x_TD`` already sorted by slot (one gather, no
         intermediate copy), the rows per slot ``[E]``, what :meth:`combine` needs, and the traffic.
-        Under a capacity, every slot gets exactly ``capacity`` rows (:meth:`_dispatch_padded`)."""
+        A routing still marked with a capacity (:func:`limit_to_capacity`) gives every slot exactly
+        ``capacity`` rows (:meth:`_dispatch_padded`)."""
         slot_N = routing.expert_index_N
         if self.slot_of_expert_E is not None:
             if slot_N.device not in self._slot_of_expert_on:
