@@ -364,13 +364,19 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         ce_loss, _ = self._next_token_loss(batch)
         aux_loss = collect_aux_loss(self)
         loss = ce_loss + aux_loss
+        self._log_training(loss, ce_loss.detach(), aux_loss.detach())
+        return loss
+
+    # NOTE: logging runs outside the compiler: `trainer.fit(torch.compile(model))` makes Lightning
+    # compile the steps, and torch 2.13's compiler fails inside `LightningModule.log`.
+    @torch.compiler.disable
+    def _log_training(self, loss: torch.Tensor, ce_loss: torch.Tensor, aux_loss: torch.Tensor) -> None:
         self.log("train_loss", loss, prog_bar=True)
-        self.log("train_ppl", torch.exp(ce_loss.detach()))
-        self.log("train/ce_loss", ce_loss.detach())
-        self.log("train/weighted_aux_loss", aux_loss.detach())
+        self.log("train_ppl", torch.exp(ce_loss))
+        self.log("train/ce_loss", ce_loss)
+        self.log("train/weighted_aux_loss", aux_loss)
         for name, value in collect_aux_losses(self).items():
             self.log(f"train/{name}", value)
-        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
@@ -392,11 +398,15 @@ class MoETransformer(PretrainedIO, L.LightningModule):
 
     def _evaluation_step(self, batch: Any, stage: str) -> None:
         loss, tokens = self._next_token_loss(batch)
-        # sync_dist: under data or expert parallelism every rank sees other sequences.
-        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
+        self._log_evaluation(stage, loss)
         weighted = loss.detach() * tokens
         self._eval_loss_sum = weighted if self._eval_loss_sum is None else self._eval_loss_sum + weighted
         self._eval_tokens += tokens
+
+    @torch.compiler.disable  # as `_log_training`
+    def _log_evaluation(self, stage: str, loss: torch.Tensor) -> None:
+        # sync_dist: under data or expert parallelism every rank sees other sequences.
+        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
 
     def _log_perplexity(self, stage: str) -> None:
         """Log ``exp`` of the token-weighted mean loss over every rank's evaluation tokens.

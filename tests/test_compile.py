@@ -162,3 +162,27 @@ def test_compile_blocks_with_gradient_checkpointing_matches_eager():
         for eager_block, compiled_block in zip(eager.blocks, compiled.blocks):
             assert torch.equal(compiled_block.ffn.tokens_per_expert, eager_block.ffn.tokens_per_expert)
             assert compiled_block.ffn.aux_losses.keys() == eager_block.ffn.aux_losses.keys()
+
+
+def test_trainer_fits_the_compiled_module():
+    """``trainer.fit(torch.compile(model))``, Lightning's own way to compile: Lightning compiles the
+    training and validation steps, whose logging runs outside the compiler. The eager model's
+    losses, validation loss and perplexity."""
+    data = torch.randint(0, TINY["vocab_size"], (32, 17), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=4)
+    results = {}
+    for compiled in (False, True):
+        L.seed_everything(0)
+        model = MoETransformer(**TINY, warmup_steps=2)
+        recorded = []
+
+        class RecordLoss(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                recorded.append(float(outputs["loss"]))
+
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, val_check_interval=4, limit_val_batches=2,
+                            num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[RecordLoss()])
+        trainer.fit(torch.compile(model, backend="aot_eager") if compiled else model, loader, loader)
+        results[compiled] = (recorded, float(trainer.callback_metrics["val_loss"]), float(trainer.callback_metrics["val_ppl"]))
+    torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-6)
