@@ -167,15 +167,19 @@ def test_padded_capacity_matches_dropping_first(top_k, capacity_factor):
     """``pad_to_capacity``: every expert runs on exactly its capacity of rows, padded (no shape that
     depends on the routing); the same outputs, gradients, counts and traffic as computing the kept
     rows alone."""
-    results = []
+    results, expert_rows = [], {}
     for pad_to_capacity in (True, False):
         layer = _layer(num_experts=8, top_k=top_k, capacity_factor=capacity_factor, pad_to_capacity=pad_to_capacity)
+        layer.experts.register_forward_hook(lambda module, inputs, output, key=pad_to_capacity: expert_rows.update(
+            {key: inputs[0].shape[0]}))
         x = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(1))
         grad_output = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(2))
         output, grad_x, grads = _forward_backward(layer, x, grad_output)
         results.append((output, grad_x, grads, layer.tokens_per_expert.clone(), layer.dropped_tokens.clone(),
                         layer.traffic.tokens_sent_per_rank, layer.traffic.assignments_sent_per_rank))
     padded, kept_only = results
+    capacity = expert_capacity(30 * top_k, 8, capacity_factor)
+    assert expert_rows == {True: 8 * capacity, False: int(padded[3].sum())}  # padded rows, or the kept ones
     assert padded[4].item() > 0 or capacity_factor >= 2.0  # something was dropped (but in the roomy case)
     for got, want in zip(padded, kept_only):
         if isinstance(want, dict):

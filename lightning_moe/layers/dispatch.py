@@ -212,9 +212,8 @@ class LocalDispatcher:
         token_of_row = torch.cat([routing.token_index_N, routing.token_index_N.new_full((1,), num_tokens)])[assignment_of_row]
         weight_of_row = torch.cat([routing.weight_N, routing.weight_N.new_zeros(1)])[assignment_of_row]
         rows_RD = torch.cat([x_TD, x_TD.new_zeros(1, width)])[token_of_row]
-        routed_T = torch.zeros(num_tokens + 1, dtype=torch.bool, device=x_TD.device).index_fill_(0, token_of_row, True)
         traffic = DispatchTraffic(
-            tokens_sent_per_rank=routed_T[:num_tokens].sum().reshape(1),
+            tokens_sent_per_rank=count_routed_tokens(token_of_row, num_tokens),
             assignments_sent_per_rank=kept_N.sum().reshape(1),
         )
         rows_per_slot_E = torch.full((self.num_experts,), capacity, dtype=torch.long, device=x_TD.device)

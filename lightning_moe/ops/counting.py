@@ -17,9 +17,9 @@ def count_per_expert(expert_index_N: torch.Tensor, num_experts: int) -> torch.Te
 
 def count_routed_tokens(token_index_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Distinct tokens among the assignments (tokens with at least one expert), ``[1]`` int64, on the
-    assignments' device (no synchronisation)."""
-    routed_T = torch.zeros(num_tokens, dtype=torch.bool, device=token_index_N.device)
-    return routed_T.index_fill_(0, token_index_N, True).sum().reshape(1)
+    assignments' device (no synchronisation). An index ``num_tokens`` (a padding row's) is no token."""
+    routed_T = torch.zeros(num_tokens + 1, dtype=torch.bool, device=token_index_N.device)
+    return routed_T.index_fill_(0, token_index_N, True)[:num_tokens].sum().reshape(1)
 
 
 def positions_in_groups(group_N: torch.Tensor, priority_N: torch.Tensor, num_groups: int) -> torch.Tensor:

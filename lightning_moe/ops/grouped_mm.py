@@ -39,7 +39,8 @@ def _grouped_mm_supported(x_NI: torch.Tensor, w_GIO: torch.Tensor) -> bool:
 
 
 def grouped_mm_loop(x_NI: torch.Tensor, w_GIO: torch.Tensor, tokens_per_group_G: torch.Tensor) -> torch.Tensor:
-    """Reference and fallback: one ``matmul`` per group. Same result as :func:`grouped_mm`."""
+    """Reference and fallback: one ``matmul`` per group. Same result as :func:`grouped_mm`. Under
+    ``torch.compile``, the opaque operator (which takes the kernel where the operands allow it)."""
     if torch.compiler.is_compiling():  # the sizes below are read from the device: opaque to the compiler
         return torch.ops.lightning_moe.grouped_mm(x_NI, w_GIO, tokens_per_group_G)
     return _grouped_mm_loop(x_NI, w_GIO, tokens_per_group_G)
