@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_moe.layers.aux_loss import collect_aux_loss, collect_aux_losses
-from lightning_moe.layers.balancing import register_bias_update
+from lightning_moe.layers.balancing import register_global_batch_end
 from lightning_moe.layers.experts import FeedForward
 from lightning_moe.layers.gates import Gate
 from lightning_moe.layers.moe import MoELayer
@@ -435,8 +435,9 @@ class MoETransformer(PretrainedIO, L.LightningModule):
                 f"Unfreeze some with a '!pattern'."
             )
         optimizer = torch.optim.AdamW(groups, lr=hparams.learning_rate, betas=tuple(hparams.adam_betas))
-        # Aux-loss-free balancing (Wang et al. 2024): bias-balanced gates update after each step.
-        register_bias_update(optimizer, self)
+        # Each step ends a global batch: bias-balanced gates update (Wang et al. 2024), and global
+        # load-balancing losses pool the micro-batches of gradient accumulation until then.
+        register_global_batch_end(optimizer, self)
         total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
         schedule = functools.partial(
             LR_SCHEDULES[hparams.lr_schedule],

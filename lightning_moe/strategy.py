@@ -39,7 +39,7 @@ from lightning_moe.checkpoint import (
     save_sharded_checkpoint,
 )
 from lightning_moe.checkpoint.layout import save_beside_then_swap
-from lightning_moe.layers.balancing import register_bias_update
+from lightning_moe.layers.balancing import register_global_batch_end
 from lightning_moe.layers.experts import is_expert_param
 from lightning_moe.layers.gates.device_balance import ExpertDevices
 from lightning_moe.layers.moe import MoELayer
@@ -240,10 +240,12 @@ class MoEStrategy(DDPStrategy):
         # DDP's own setup, whole (precision conversion, layer sync, DDP wrapper, optimizers, comm
         # hooks, post-local SGD): only the hooks it calls are overridden here.
         super().setup(trainer)
-        if trainer.state.fn == TrainerFn.FITTING and self.experts_sharded:
-            check_optimizers(self.optimizers, self.expert_parallel_size)
+        if trainer.state.fn == TrainerFn.FITTING:
+            if self.experts_sharded:
+                check_optimizers(self.optimizers, self.expert_parallel_size)
+            # Every optimizer step ends a global batch: bias updates, fresh global-batch counts.
             for optimizer in self.optimizers:
-                register_bias_update(optimizer, self.lightning_module)
+                register_global_batch_end(optimizer, self.lightning_module)
         if self.experts_sharded:
             self._make_precision_expert_aware()
 

@@ -143,14 +143,19 @@ def test_compile_blocks_trains_like_the_eager_model(tmp_path):
         torch.testing.assert_close(states[True][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_compile_blocks_with_gradient_checkpointing_matches_eager():
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_compile_blocks_with_gradient_checkpointing_matches_eager(scope):
     """Checkpointed and compiled blocks: the checkpoint is traced inside the graph, so the routing is
     recorded once (not again, differently, in the recomputation) and the gradients, the aux losses'
-    included, are the eager model's."""
+    included, are the eager model's. With global-batch balancing pooling the micro-batches, the
+    recomputation rebuilds the loss from the pool its forward saw, and the pool counts each once."""
+    options = dict(gate_kwargs={"load_balance_scope": scope}, load_balance_coef=0.1)
     torch.manual_seed(0)
-    eager = MoETransformer(**TINY)
+    eager = MoETransformer(**TINY, **options)
     torch.manual_seed(0)
-    compiled = MoETransformer(**TINY, gradient_checkpointing=True, compile_blocks=True)
+    compiled = MoETransformer(**TINY, **options, gradient_checkpointing=True, compile_blocks=True)
+    for model in (eager, compiled):
+        model.configure_optimizers()  # registers the end of each global batch: the micro-batches below pool
     for step in range(2):
         input_ids_BT = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(step))
         expected, actual = (
@@ -162,6 +167,9 @@ def test_compile_blocks_with_gradient_checkpointing_matches_eager():
         for eager_block, compiled_block in zip(eager.blocks, compiled.blocks):
             assert torch.equal(compiled_block.ffn.tokens_per_expert, eager_block.ffn.tokens_per_expert)
             assert compiled_block.ffn.aux_losses.keys() == eager_block.ffn.aux_losses.keys()
+            assert torch.equal(compiled_block.ffn.global_batch_load, eager_block.ffn.global_batch_load)
+    pooled = int(compiled.blocks[0].ffn.global_batch_load.sum())
+    assert pooled == (2 * 2 * 16 * 2 if scope == "global" else 0)  # micro-batches * B * T * top_k
 
 
 def test_trainer_fits_the_compiled_module():

@@ -157,6 +157,27 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_counts_onc
         assert ours.record_routing  # restored after the backward
 
 
+def test_gradient_checkpointing_keeps_the_global_batch_count_of_its_forward():
+    """Global-batch balancing pools the accumulated micro-batches: the recomputation of a checkpointed
+    block must rebuild the loss with the count its forward had (that micro-batch added once), so the
+    accumulated gradients and the pools are those of the model without checkpointing."""
+    options = dict(gate_kwargs={"load_balance_scope": "global"}, load_balance_coef=0.1)
+    reference, checkpointed = tiny(**options), tiny(gradient_checkpointing=True, **options)
+    optimizers = [model.configure_optimizers()["optimizer"] for model in (reference, checkpointed)]
+    assert all(layer.pool_micro_batches for layer in moe_layers(checkpointed))
+    for micro_batch in range(3):
+        _, grads_ref, _, _ = _loss_and_grads(reference, _batch(micro_batch))
+        _, grads, _, _ = _loss_and_grads(checkpointed, _batch(micro_batch))
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-6, rtol=1e-5, msg=name)
+    for ours, theirs in zip(moe_layers(checkpointed), moe_layers(reference)):
+        assert torch.equal(ours.global_batch_load, theirs.global_batch_load)
+        assert int(ours.global_batch_load.sum()) == 3 * 2 * 16 * 2  # micro-batches * B * T * top_k, once each
+    for optimizer in optimizers:
+        optimizer.step()
+    assert all(int(layer.global_batch_load.sum()) == 0 for layer in moe_layers(checkpointed))
+
+
 def test_gradient_checkpointing_is_off_without_gradients():
     model = tiny(gradient_checkpointing=True).eval()
     calls = []

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from lightning_moe.layers import MoELayer, collect_aux_loss
+from lightning_moe.layers import MoELayer, collect_aux_loss, register_global_batch_end
 from lightning_moe.layers.dispatch import LocalDispatcher
 from lightning_moe.layers.gates import GATES, DynamicGate, ExpertChoiceGate, NoisyTopKGate, SigmoidGate, TopKGate
 
@@ -159,6 +159,70 @@ def test_global_load_balance_counts_through_the_layers_dispatcher(make_gate):
     # In evaluation the counts stay this rank's: a forward one rank runs alone waits for no one.
     moe.eval()
     torch.testing.assert_close(loss_with(others_E), 4 * (local_E / local_E.sum() * probs_E).sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("gate", ["topk", "dynamic", "sigmoid"])
+def test_global_load_balance_pools_the_micro_batches_until_the_optimizer_step(gate):
+    """Once an optimizer step ends each global batch (``register_global_batch_end``), the ``k``-th
+    micro-batch's ``f_e`` counts micro-batches ``1..k`` (and the other ranks'); the step starts a
+    new count. Before that registration, each forward counts alone: nothing would restart a pool."""
+    torch.manual_seed(0)
+    kwargs = {"topk": {"top_k": 2}, "dynamic": {"threshold": 0.6, "max_k": 2}, "sigmoid": {"top_k": 2}}[gate]
+    moe = MoELayer(d_model=8, d_ff=4, num_experts=4, gate=gate,
+                   gate_kwargs={**kwargs, "load_balance_coef": 1.0, "load_balance_scope": "global"})
+    others_E = torch.tensor([3, 0, 0, 1])
+    moe.dispatcher = OtherRanksCounts(4, others_E)
+    with torch.no_grad():  # a confident router (P_e far from even: f_e shows in the loss) ...
+        moe.gate.weight.mul_(50)
+    # ... and micro-batch k leans towards expert k, so that each one's f_e is far from the pool's.
+    direction_ED = moe.gate.weight.detach() / moe.gate.weight.detach().norm(dim=1, keepdim=True)
+    micro_batches = [torch.randn(6, 8) + 3 * direction_ED[k] for k in range(3)]
+
+    def probs_E(x_TD: torch.Tensor) -> torch.Tensor:
+        """``P_e`` of ``x_TD``: the loss is linear in ``f``, and the counts of a huge pool on one expert
+        read it off (the layer left as it was)."""
+        pooled, flag = moe.global_batch_load.clone(), moe.pool_micro_batches
+        moe.pool_micro_batches = True
+        columns = []
+        for e in range(4):
+            moe.global_batch_load.copy_(10**12 * torch.eye(4, dtype=torch.long)[e])
+            moe.record_routing = False  # reads the pool without adding to it
+            columns.append(moe.gate(x_TD).aux_losses["load_balance_loss"].value.detach().double() / 4)
+        moe.record_routing, moe.pool_micro_batches = True, flag
+        moe.global_batch_load.copy_(pooled)
+        return torch.stack(columns)
+
+    def loss(counts_E: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+        counts_E = counts_E.double()
+        return 4 * (counts_E / counts_E.sum() * probs_E(x_TD)).sum()
+
+    def forward(x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        moe(x_TD)
+        return moe.aux_losses["load_balance_loss"].value.detach().double(), moe.tokens_per_expert + others_E
+
+    # Not registered: every micro-batch is balanced on its own (and the other ranks').
+    value, own_E = forward(micro_batches[0])
+    torch.testing.assert_close(value, loss(own_E, micro_batches[0]), rtol=1e-6, atol=0)
+    value, second_E = forward(micro_batches[1])
+    torch.testing.assert_close(value, loss(second_E, micro_batches[1]), rtol=1e-6, atol=0)
+
+    optimizer = torch.optim.SGD(moe.parameters(), lr=0.0)
+    assert register_global_batch_end(optimizer, moe)
+    pooled_E = torch.zeros(4, dtype=torch.long)
+    for x_TD in micro_batches:
+        value, counts_E = forward(x_TD)
+        pooled_E += counts_E
+        torch.testing.assert_close(value, loss(pooled_E, x_TD), rtol=1e-6, atol=0)
+    assert not torch.allclose(value, loss(counts_E, micro_batches[-1]))  # the pool changed the loss
+    optimizer.step()  # ends the global batch
+    assert moe.global_batch_load.sum() == 0
+    value, counts_E = forward(micro_batches[0])
+    torch.testing.assert_close(value, loss(counts_E, micro_batches[0]), rtol=1e-6, atol=0)
+    # Evaluation forwards count alone and leave the pool as it is.
+    moe.eval()
+    pool = moe.global_batch_load.clone()
+    value, _ = forward(micro_batches[1])
+    assert torch.equal(moe.global_batch_load, pool)
 
 
 def test_switch_load_balance_loss_is_one_for_uniform_routing():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_moe import MoELayer, collect_aux_loss
-from lightning_moe.layers import register_bias_update
+from lightning_moe.layers import register_global_batch_end
 from lightning_moe.layers.gates import GATES, SigmoidGate
 from lightning_moe.layers.gates.sigmoid import sequence_balance_loss
 
@@ -279,7 +279,7 @@ def test_aux_loss_free_bias_updates_lower_max_violation(single_thread):
     assert gate.expert_bias[:2].max() < gate.expert_bias[2:].min()  # the dominant experts were pushed down
 
 
-def test_register_bias_update_balances_a_training_moe_layer(single_thread):
+def test_register_global_batch_end_balances_a_training_moe_layer(single_thread):
     """The full path: MoELayer accumulates the load, an optimizer post-step hook updates the bias."""
     torch.manual_seed(0)
     num_experts, d_model = 8, 16
@@ -294,7 +294,7 @@ def test_register_bias_update_balances_a_training_moe_layer(single_thread):
         layer.gate.weight[:2] += common_D
     # lr = 0: the weights stay put, so any change in balance comes from the bias alone.
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
-    assert register_bias_update(optimizer, layer)
+    assert register_global_batch_end(optimizer, layer)
     generator = torch.Generator().manual_seed(1)
 
     first_load = None

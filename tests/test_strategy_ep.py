@@ -232,9 +232,10 @@ def test_compiled_layers_match_single_process(world4):
 
 
 def test_global_load_balance_is_one_process_routing_the_global_batch(world4, tmp_path):
-    """With ``load_balance_scope="global"`` the experts' shares are counted over all 4 ranks, so the
-    4 ranks at EP 2 train as one process whose micro-batch is the global one (a local loss there
-    would be balanced per rank: another run)."""
+    """With ``load_balance_scope="global"`` the experts' shares are counted over all 4 ranks and the
+    micro-batches accumulated so far, so the 4 ranks at EP 2 train as one process whose micro-batches
+    are the global ones (a local loss there would be balanced per rank, a global one that did not pool
+    per micro-batch: two other runs)."""
     results = read(world4, "ep2_global_balance", 4)
     one_process, _ = reference(GLOBAL_BALANCE, steps=STEPS_PER_EPOCH, world_size=1)
     np.testing.assert_allclose(step_losses(results), one_process, rtol=1e-4)
@@ -244,6 +245,8 @@ def test_global_load_balance_is_one_process_routing_the_global_batch(world4, tmp
     local = {**GLOBAL_BALANCE, "gate_kwargs": {**GLOBAL_BALANCE["gate_kwargs"], "load_balance_scope": "local"}}
     per_rank, _ = reference(local, steps=STEPS_PER_EPOCH)
     assert not np.allclose(step_losses(results), per_rank, rtol=1e-4)
+    per_micro_batch, _ = reference(GLOBAL_BALANCE, steps=STEPS_PER_EPOCH, world_size=1, pool_micro_batches=False)
+    assert not np.allclose(step_losses(results), per_micro_batch, rtol=1e-4)
 
 
 def test_permuted_placement_matches_identity(world4, tmp_path):

@@ -29,6 +29,11 @@ WORKER = Path(__file__).resolve().parent / "dist_workers" / "ep_worker.py"
 BATCH, SAMPLES, ACCUMULATE, CLIP, STEPS_PER_EPOCH = 8, 80, 2, 0.05, 5
 TRAIN = {"global_batch": BATCH, "samples": SAMPLES, "accumulate": ACCUMULATE, "clip": CLIP}
 MODEL = {"num_experts": 4, "gate_kwargs": {"z_loss_coef": 1e-3}}
+# Aux-loss-free bias updates and a global-batch loss that pools the 2 accumulated micro-batches: both
+# need the end of each global batch, which the strategy registers on the optimizer of a module that
+# does not register it itself.
+BALANCED = {"num_experts": 4, "gate": "sigmoid",
+            "gate_kwargs": {"bias_update_rate": 0.05, "load_balance_coef": 0.1, "load_balance_scope": "global"}}
 
 
 def scenarios(accelerator: str, out: Path) -> list[dict]:
@@ -37,6 +42,7 @@ def scenarios(accelerator: str, out: Path) -> list[dict]:
         {"name": "fp32", "max_epochs": 2, **common},
         {"name": "resumed", "max_epochs": 2, "resume_from": str(out / "fp32/checkpoints/epoch=0-step=5.ckpt"), **common},
         {"name": "bf16", "precision": "bf16-mixed", **common},
+        {"name": "balanced", **common, "model": BALANCED},
     ]
 
 
@@ -56,7 +62,8 @@ def test_one_device_trains_checkpoints_and_resumes(tmp_path, accelerator):
     done = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "scenarios.json"), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    results = {name: json.loads((tmp_path / name / "rank0.json").read_text()) for name in ("fp32", "resumed", "bf16")}
+    results = {name: json.loads((tmp_path / name / "rank0.json").read_text())
+               for name in ("fp32", "resumed", "bf16", "balanced")}
 
     assert results["fp32"]["backend"] == ("nccl" if accelerator == "cuda" else "gloo")
     reference_losses, _ = reference_run(MODEL, world_size=1, batch_size=BATCH, accumulate=ACCUMULATE,
@@ -65,3 +72,7 @@ def test_one_device_trains_checkpoints_and_resumes(tmp_path, accelerator):
     assert results["resumed"]["global_step"] == 2 * STEPS_PER_EPOCH
     np.testing.assert_allclose(step_losses(results["resumed"]), reference_losses[STEPS_PER_EPOCH:], rtol=1e-4)
     np.testing.assert_allclose(step_losses(results["bf16"]), reference_losses[:STEPS_PER_EPOCH], atol=0.03)
+    balanced = {pool: reference_run(BALANCED, world_size=1, batch_size=BATCH, accumulate=ACCUMULATE, steps=STEPS_PER_EPOCH,
+                                    clip=CLIP, num_samples=SAMPLES, pool_micro_batches=pool)[0] for pool in (True, False)}
+    np.testing.assert_allclose(step_losses(results["balanced"]), balanced[True], rtol=1e-4)
+    assert not np.allclose(step_losses(results["balanced"]), balanced[False], rtol=1e-4)

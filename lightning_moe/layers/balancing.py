@@ -1,4 +1,5 @@
-"""Aux-loss-free load balancing (Wang et al. 2024): bias updates after every optimizer step."""
+"""What MoE layers do when a global batch ends, after every optimizer step: aux-loss-free bias
+updates (Wang et al. 2024), and a fresh count for global-batch load-balancing losses."""
 
 from __future__ import annotations
 
@@ -7,26 +8,30 @@ from torch import nn
 
 from lightning_moe.layers.aux_loss import moe_layers
 
-_HOOK_ATTR = "_lightning_moe_bias_update_hook"
+_HOOK_ATTR = "_lightning_moe_global_batch_end_hook"
 
 
-def update_gate_biases(module: nn.Module) -> None:
-    """Apply the bias update of every MoE layer in ``module`` whose gate balances by bias."""
+def end_global_batch(module: nn.Module) -> None:
+    """Close the global batch of every MoE layer in ``module`` (:meth:`MoELayer.end_global_batch`)."""
     for layer in moe_layers(module):
-        layer.update_gate_bias()
+        layer.end_global_batch()
 
 
-def register_bias_update(optimizer: torch.optim.Optimizer, module: nn.Module) -> bool:
-    """Call :func:`update_gate_biases` on ``module`` after every ``optimizer.step()``.
+def register_global_batch_end(optimizer: torch.optim.Optimizer, module: nn.Module) -> bool:
+    """Call :func:`end_global_batch` on ``module`` after every ``optimizer.step()``, and let its MoE
+    layers pool the micro-batches of gradient accumulation (:attr:`MoELayer.pool_micro_batches`):
+    with the step marking where a global batch ends, their counts can span one.
 
-    A step that the gradient scaler skips (fp16 overflow) does not call ``step`` and so does not
-    update the biases. Registering twice on the same optimizer is a no-op. Returns whether a hook
-    was registered now.
+    A step that the gradient scaler skips (fp16 overflow) does not call ``step``: the biases are not
+    updated and the next global batch is counted on top of the skipped one. Registering twice on the
+    same optimizer is a no-op. Returns whether a hook was registered now (``False`` also for a module
+    without MoE layers).
     """
-    if not any(layer.gate.needs_bias_update for layer in moe_layers(module)):
+    layers = moe_layers(module)
+    if not layers or getattr(optimizer, _HOOK_ATTR, None) is not None:
         return False
-    if getattr(optimizer, _HOOK_ATTR, None) is not None:
-        return False
-    handle = optimizer.register_step_post_hook(lambda *_: update_gate_biases(module))
+    handle = optimizer.register_step_post_hook(lambda *_: end_global_batch(module))
     setattr(optimizer, _HOOK_ATTR, handle)
+    for layer in layers:
+        layer.pool_micro_batches = True
     return True

@@ -104,6 +104,8 @@ class MoELayer(nn.Module):
         if isinstance(gate, Gate):
             gate_module = copy.deepcopy(gate_module)
         self.gate = gate_module.build(d_model, num_experts, init_std=init_std)
+        # Losses of global scope count through the layer (its dispatcher reduces over the processes).
+        self.gate.count_global_batch = self.count_global_batch
         if capacity_factor is not None and self.gate.has_own_capacity:
             raise ValueError(
                 f"`capacity_factor`={capacity_factor} was set with gate {type(self.gate).__name__}, which bounds "
@@ -139,6 +141,13 @@ class MoELayer(nn.Module):
         self.register_buffer("routed_tokens", torch.zeros((), dtype=torch.long), persistent=False)
         # Load since the last optimizer step, for gates with aux-loss-free bias balancing.
         self.register_buffer("load_since_bias_update", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        #: Whether global-batch load-balancing losses count the micro-batches since the last optimizer
+        #: step too (gradient accumulation); set once something ends each global batch
+        #: (:func:`~lightning_moe.layers.balancing.register_global_batch_end`), else the counts
+        #: would never restart.
+        self.pool_micro_batches = False
+        # Assignments of every process since the last optimizer step, as global losses count them.
+        self.register_buffer("global_batch_load", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         # Set when a forward's router logits held a NaN or Inf; kept on the device (no host read per
         # forward) until MoEStrategy checks and clears it once per optimizer step.
         self.register_buffer("nonfinite_router_logits", torch.zeros((), dtype=torch.bool), persistent=False)
@@ -152,8 +161,6 @@ class MoELayer(nn.Module):
     @dispatcher.setter
     def dispatcher(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
-        # Losses of global scope count over the processes the dispatcher reduces the load over.
-        self.gate.reduce_load = dispatcher.reduce_load
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -211,12 +218,36 @@ class MoELayer(nn.Module):
             self.load_since_bias_update += counts_E
 
     @torch.no_grad()
-    def update_gate_bias(self) -> None:
-        """Apply the gate's aux-loss-free bias update with the load since the last call, then reset it.
+    def count_global_batch(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """The assignments per expert of the global batch so far, from this forward's ``counts_E``:
+        summed over every process that routes with this layer (the dispatcher's ``reduce_load``) and,
+        with :attr:`pool_micro_batches`, over the forwards since the last optimizer step, this one
+        included. Global-batch load-balancing losses count their ``f_e`` with it.
 
-        Called after each optimizer step (see :func:`lightning_moe.layers.balancing.register_bias_update`).
+        Pooled, the ``k``-th micro-batch of an accumulation counts micro-batches ``1..k`` (the later
+        ones are not routed yet), as Megatron-Core's ``global_aux_loss`` does; the last one counts the
+        whole global batch.
+
+        NOTE: an activation checkpoint's recomputation (``record_routing`` off) adds nothing: it gets
+        the count its forward got, which it must rebuild exactly, and runs no collective. The pool is
+        rebound to a new tensor, never added to in place: a checkpoint compiled into the graph
+        recomputes from the tensor its forward read, which must still hold what it held.
+        """
+        if not self.pool_micro_batches:
+            return self.dispatcher.reduce_load(counts_E)
+        if self.record_routing:
+            self.global_batch_load = self.global_batch_load + self.dispatcher.reduce_load(counts_E)
+        return self.global_batch_load
+
+    @torch.no_grad()
+    def end_global_batch(self) -> None:
+        """Called after each optimizer step (:func:`~lightning_moe.layers.balancing.register_global_batch_end`):
+        apply the gate's aux-loss-free bias update with the load since the last call, and start
+        counting the next global batch.
+
         The load is summed over every process that routes with this gate, so biases stay identical.
         """
+        self.global_batch_load = torch.zeros_like(self.global_batch_load)
         if not self.gate.needs_bias_update:
             return
         load_E = self.dispatcher.reduce_load(self.load_since_bias_update.clone())

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoELayer, collect_aux_loss
-from lightning_moe.layers.balancing import update_gate_biases
+from lightning_moe.layers.balancing import register_global_batch_end
 
 D_MODEL, D_FF, SEQ = 16, 8, 4
 
@@ -112,13 +112,15 @@ def reference_run(
     num_samples: int,
     device_groups: tuple[list[int], int] | None = None,
     model_class: type[TwoMoELayers] | None = None,
+    pool_micro_batches: bool = True,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """What ``world_size`` DDP ranks with per-rank batches ``batch_size`` compute, in one process.
 
     Rank ``r`` reads samples ``r, r + W, ...`` (see :func:`dataloader`); each rank's
     micro-batch loss (task + its own aux losses) is averaged over ranks and micro-batches, as DDP
     and Lightning's accumulation do. Returns the per-step losses and the final state dict. Steps
-    wrap around the data like epochs do.
+    wrap around the data like epochs do. ``pool_micro_batches=False``: global-batch load-balancing
+    losses count each micro-batch alone instead of every one since the optimizer step.
     """
     model = (model_class or TwoMoELayers)(**model_kwargs)
     model.configure_model()
@@ -127,6 +129,9 @@ def reference_run(
             layer.gate.set_expert_groups(torch.tensor(device_groups[0]), device_groups[1])
     data = dataset(num_samples)
     optimizer = model.configure_optimizers()
+    register_global_batch_end(optimizer, model)  # as MoEStrategy does: bias updates, pooled global counts
+    for layer in (model.blocks["first"], model.blocks["second"]):
+        layer.pool_micro_batches = pool_micro_batches
     per_epoch = num_samples // (world_size * batch_size * accumulate)
     losses = []
     for step in range(steps):
@@ -142,6 +147,5 @@ def reference_run(
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-        update_gate_biases(model)
         losses.append(sum(step_losses) / len(step_losses))
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -141,10 +141,11 @@ class Gate(nn.Module):
         #: Whether the router logits of the last forward were all finite (a 0-d bool tensor, on the
         #: logits' device; ``None`` for a gate that does not report it). Read by ``MoELayer``.
         self.last_logits_finite: torch.Tensor | None = None
-        #: Sums a per-expert count over every process that routes with this gate: the layer's
-        #: dispatcher's ``reduce_load``, set by :class:`~lightning_moe.MoELayer` (in one process, the
-        #: counts themselves). Losses of ``load_balance_scope="global"`` count through it.
-        self.reduce_load: Callable[[torch.Tensor], torch.Tensor] | None = None
+        #: Turns a forward's per-expert counts into the global batch's so far (summed over every
+        #: process that routes with this gate, and over the micro-batches of gradient accumulation):
+        #: :meth:`MoELayer.count_global_batch <lightning_moe.MoELayer.count_global_batch>`, set by
+        #: the layer. Losses of ``load_balance_scope="global"`` count through it.
+        self.count_global_batch: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def build(self, d_model: int, num_experts: int, *, init_std: float = 0.02) -> Gate:
         """Create this gate's parameters for a layer of width ``d_model`` with ``num_experts`` experts,
@@ -171,13 +172,13 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     def counts_reducer(self, scope: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """What a load-balancing loss of ``scope`` sums its counts with: :attr:`reduce_load` for
-        ``"global"`` in training, nothing otherwise.
+        """What a load-balancing loss of ``scope`` sums its counts with: :attr:`count_global_batch`
+        for ``"global"`` in training, nothing otherwise.
 
         NOTE: only in training, where every rank runs the same forwards. An evaluation or generation
         forward that one rank runs alone (a callback on rank 0) must not wait for the others in a
         collective; its loss is not trained on."""
-        return self.reduce_load if scope == "global" and self.training else None
+        return self.count_global_batch if scope == "global" and self.training else None
 
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         """Adjust selection biases from the load seen since the last optimizer step."""

@@ -48,8 +48,9 @@ class DynamicGate(LinearRouterGate):
         load_balance_coef: coefficient of the Switch load-balancing loss.
         load_balance_scope: where the load-balancing loss counts each expert's share of the
             assignments: ``"local"``, this process's micro-batch (Switch); ``"global"``, the
-            micro-batch of every data-parallel rank (Qiu et al. 2025; one all-reduce of ``E`` counts
-            per layer and forward, under :class:`~lightning_moe.MoEStrategy`).
+            global batch: every data-parallel rank's micro-batch, and those accumulated since the
+            optimizer step (Qiu et al. 2025; one all-reduce of ``E`` counts per layer and forward,
+            under :class:`~lightning_moe.MoEStrategy`).
         z_loss_coef: coefficient of the router z-loss.
         entropy_loss_coef: coefficient of the paper's dynamic (entropy) loss.
     """

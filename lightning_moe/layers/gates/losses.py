@@ -14,8 +14,8 @@ from lightning_moe.ops.counting import count_per_expert
 
 
 #: Where a load-balancing loss counts each expert's share of the assignments, ``f_e``: this process's
-#: micro-batch (``"local"``), or the micro-batch of every process that routes with the gate
-#: (``"global"``: Qiu et al. 2025, global-batch balancing).
+#: micro-batch (``"local"``), or the global batch: the micro-batch of every process that routes with
+#: the gate, and those accumulated since the optimizer step (``"global"``: Qiu et al. 2025).
 LOAD_BALANCE_SCOPES = ("local", "global")
 
 
@@ -23,7 +23,7 @@ def check_load_balance_scope(owner: str, scope: str) -> None:
     if scope not in LOAD_BALANCE_SCOPES:
         raise ValueError(
             f"{owner}: `load_balance_scope` must be one of {list(LOAD_BALANCE_SCOPES)}, got {scope!r}. Use "
-            f"\"global\" to count the experts' shares over every data-parallel rank's micro-batch."
+            f"\"global\" to count the experts' shares over the global batch."
         )
 
 
@@ -40,7 +40,8 @@ def switch_load_balance_loss(
     for perfectly uniform routing; only ``P_e`` carries gradient.
 
     ``reduce_counts`` (global-batch balancing, Qiu et al. 2025, "Demons in the Detail"): the
-    assignment counts are first summed over every process that routes with the gate, so ``f_e`` is
+    assignment counts are first summed over every process that routes with the gate (and the
+    micro-batches accumulated so far: :meth:`~lightning_moe.MoELayer.count_global_batch`), so ``f_e`` is
     the global batch's while ``P_e`` stays this process's mean. With equal batches, the average of
     the processes' losses (what data parallelism's gradient averaging differentiates) is then the
     loss of one process that routed the whole global batch: a micro-batch of a few sequences no

@@ -92,8 +92,9 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
             scores (Fedus et al. 2021, eq. 4); 0 turns it off.
         load_balance_scope: where the load-balancing loss counts each expert's share of the
             assignments: ``"local"``, this process's micro-batch (Switch); ``"global"``, the
-            micro-batch of every data-parallel rank (Qiu et al. 2025; one all-reduce of ``E`` counts
-            per layer and forward, under :class:`~lightning_moe.MoEStrategy`).
+            global batch: every data-parallel rank's micro-batch, and those accumulated since the
+            optimizer step (Qiu et al. 2025; one all-reduce of ``E`` counts per layer and forward,
+            under :class:`~lightning_moe.MoEStrategy`).
         dropped_group_fill: value given to the biased scores of experts in dropped groups.
             ``float("-inf")`` (the default, as the transformers >= 5 port): an expert outside the
             kept groups is never chosen, so group-limited routing bounds the experts a token reaches

@@ -34,8 +34,9 @@ class TopKGate(DeviceBalanceOptions, LinearRouterGate):
         load_balance_coef: coefficient of the Switch load-balancing loss (Fedus et al. 2021, eq. 4).
         load_balance_scope: where the load-balancing loss counts each expert's share of the
             assignments: ``"local"``, this process's micro-batch (Switch); ``"global"``, the
-            micro-batch of every data-parallel rank (Qiu et al. 2025; one all-reduce of ``E`` counts
-            per layer and forward, under :class:`~lightning_moe.MoEStrategy`).
+            global batch: every data-parallel rank's micro-batch, and those accumulated since the
+            optimizer step (Qiu et al. 2025; one all-reduce of ``E`` counts per layer and forward,
+            under :class:`~lightning_moe.MoEStrategy`).
         z_loss_coef: coefficient of the router z-loss (Zoph et al. 2022, eq. 5).
         device_balance_coef: coefficient of DeepSeek-V2's device-level balance loss over the
             expert-parallel ranks (:mod:`~lightning_moe.layers.gates.device_balance`).
