@@ -213,8 +213,8 @@ def test_the_choice_is_the_cost_models_cheapest_on_random_steps():
     # The choice matters: the planned fractions, both fits, their local twins and a node-matched twin
     # are each the cheapest somewhere, and so are plain and over-relaxed fits (candidates 1 to 4: the
     # plan's share and the even one, plainly, then over-relaxed). The node-matched twin of the plan's
-    # share (split 5) was the cheapest in 2 of these 30 steps before the over-relaxed fits came; their
-    # local twins are cheaper there now.
+    # share (split 5) was the cheapest in 2 of these 30 steps before the over-relaxed fits came; the
+    # over-relaxed fits themselves are cheaper there now (candidates 3 and 4).
     splits = {int(balancer.split_of_candidate[index]) for index in winners}
     assert splits >= {0, 1, 2, 3, 4, 6}, splits
     assert winners & {1, 2} and winners & {3, 4}, winners
@@ -367,8 +367,8 @@ def test_a_round_is_a_handful_of_tensor_operations():
     """The dispatcher runs the balancer in every layer at every step, and on a GPU each tensor
     operation is a kernel launch, however small the tensors: the rounds must stay few operations. A
     round of the fits (side by side) is 8: two matrix products, a division, a fused multiply-add, a
-    division, a power (the over-relaxed fits' exponent), a product and a clamp; a round of the node-matching 14 in its first
-    half and 8 in its second, 11 on average. Counted as the difference between 20 and 10 rounds.
+    division, a power (the over-relaxed fits' exponent), a product and a clamp; a round of the
+    node-matching 14 in its first half and 8 in its second, 11 on average. Counted as the difference between 20 and 10 rounds.
     Nothing is read back to the host: on a GPU that would wait for every kernel of the balancer."""
     placement = ExpertPlacement.from_experts_per_rank([[0, 1, 3], [2, 3, 0], [4, 5, 1], [6, 7, 2]])
     counts_RE = torch.tensor([[40, 30, 5, 5, 5, 5, 5, 5]] * 4)

@@ -126,7 +126,9 @@ class MoELayer(nn.Module):
             if shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
                 nn.init.normal_(self.shared_expert_gate.weight, std=init_std)
-        self.dispatcher = LocalDispatcher(num_experts)
+        #: How the rows reach the experts and come back: a :class:`LocalDispatcher` in one process,
+        #: replaced by :class:`~lightning_moe.MoEStrategy` with an expert-parallel one (same interface).
+        self.dispatcher: Dispatcher = LocalDispatcher(num_experts)
         #: Whether a forward records its routing (below); off while activation checkpointing
         #: recomputes the forward in the backward, so that nothing is counted twice.
         self.record_routing = True
@@ -151,16 +153,6 @@ class MoELayer(nn.Module):
         # Set when a forward's router logits held a NaN or Inf; kept on the device (no host read per
         # forward) until MoEStrategy checks and clears it once per optimizer step.
         self.register_buffer("nonfinite_router_logits", torch.zeros((), dtype=torch.bool), persistent=False)
-
-    @property
-    def dispatcher(self) -> Dispatcher:
-        """How the rows reach the experts and come back: a :class:`LocalDispatcher` in one process,
-        replaced by :class:`~lightning_moe.MoEStrategy` with an expert-parallel one (same interface)."""
-        return self._dispatcher
-
-    @dispatcher.setter
-    def dispatcher(self, dispatcher: Dispatcher) -> None:
-        self._dispatcher = dispatcher
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
