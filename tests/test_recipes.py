@@ -19,13 +19,6 @@ from lightning_moe.cli import main
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.fixture(autouse=True)
-def one_process_group_per_test():
-    """The recipes use MoEStrategy, which starts a (one-process) process group in this test process:
-    end it, so that later tests find none."""
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 VOCAB = len(SPECIALS + WORDS)
 
 
