@@ -286,13 +286,16 @@ def test_streaming_shards_over_ranks_and_workers_cover_each_document_once(tmp_pa
     assert set(counts) == train_markers and set(counts.values()) == {1}
 
 
-def test_streaming_epochs_have_a_fixed_size_and_continue_the_stream(tmp_path, qwen):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_streaming_epochs_have_a_fixed_size_and_continue_the_stream(tmp_path, qwen, start_method):
+    """Also with spawned workers (the default on macOS): the stream, its source and its tokenizer then
+    travel to them pickled, and the epoch counter they share must still reach them."""
     data = write_jsonl(tmp_path / "d.jsonl", text_docs(40))
     dm = module(qwen, [data], val_files=[str(data)], seed=0)
     dm.setup()
     one_pass = [w for shard in range(2) for w in dm.streaming_windows().shard_windows(shard, 2)]
     dataset = dm.streaming_windows(windows_per_rank=6)
-    loader = WindowLoader(dataset, batch_size=2, num_workers=2, persistent_workers=True)
+    loader = WindowLoader(dataset, batch_size=2, num_workers=2, persistent_workers=True, multiprocessing_context=start_method)
     epochs = [list(loader) for _ in range(2)]
     assert [len(epoch) for epoch in epochs] == [3, 3] and len(loader) == 3
     # Worker w serves batches w, w + 2, ...; its stream (shard w of 2) goes on across epochs.
