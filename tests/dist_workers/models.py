@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoELayer, collect_aux_loss
-from lightning_moe.layers.balancing import register_global_batch_end
+from lightning_moe.layers import moe_layers, register_global_batch_end
 
 D_MODEL, D_FF, SEQ = 16, 8, 4
 
@@ -130,7 +130,7 @@ def reference_run(
     data = dataset(num_samples)
     optimizer = model.configure_optimizers()
     register_global_batch_end(optimizer, model)  # as MoEStrategy does: bias updates, pooled global counts
-    for layer in (model.blocks["first"], model.blocks["second"]):
+    for layer in moe_layers(model):
         layer.pool_micro_batches = pool_micro_batches
     per_epoch = num_samples // (world_size * batch_size * accumulate)
     losses = []
