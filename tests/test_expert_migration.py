@@ -78,6 +78,76 @@ def test_migrates_on_a_skewed_load_and_keeps_the_loss(world4, name):
         assert totals[0] > 0 and totals[1] + totals[2] > 0, totals
 
 
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory) -> Path:
+    """Runs at world 2, EP 2: a full run that checkpoints after every step, runs resumed from its
+    checkpoints, and runs with a monitor, a short monitor history or a slow validation."""
+    out = tmp_path_factory.mktemp("migration_world2")
+    (out / "scenarios.json").write_text(json.dumps([
+        {"name": "full", "migrate": True, "every": 4, "checkpoint_every": 1, "checkpoints": "own"},
+        {"name": "resumed_at_4", "migrate": True, "every": 4, "resume_from": 4, "checkpoints": "own"},
+        {"name": "resumed_at_2", "migrate": True, "every": 4, "resume_from": 2, "checkpoints": "own"},
+        {"name": "monitor_full", "migrate": True, "every": 4, "monitor": True, "steps": 9,
+         "checkpoint_every": 1, "checkpoints": "monitored"},
+        {"name": "monitor_resumed_at_3", "migrate": True, "every": 4, "monitor": True, "steps": 9, "resume_from": 3,
+         "checkpoints": "monitored"},
+        {"name": "monitor_short_history", "migrate": True, "every": 4, "monitor": True, "monitor_every": 1,
+         "history_size": 2, "steps": 5},
+        {"name": "slow_validation", "migrate": True, "every": 4, "steps": 5, "validation_seconds": 3.0,
+         "validate_every_batches": 4},
+    ]))
+    launch(WORKER, [str(out / "scenarios.json"), str(out)], world_size=2, timeout=400, log_dir=out / "logs")
+    return out
+
+
+def replans(results: list[dict]) -> list[tuple]:
+    return [(entry["step"], entry["layers_moved"], entry["experts_moved"]) for entry in results[0]["history"]]
+
+
+def per_step_totals(results: list[dict]) -> list[float]:
+    """The assignments per step of each window a rank planned from (every token takes one expert,
+    none is dropped: the same in every window, whatever steps it covers)."""
+    return [float(np.sum(load)) for result in results for load in result["planned_loads"]]
+
+
+def test_a_run_resumed_at_a_replan_step_replans_there_from_the_saved_window(world2):
+    """The checkpoint of step 4 is written after the step that closes the window and before the
+    re-plan (the next batch's start): the resumed run re-plans at its first batch, from the loads
+    the checkpoint holds, and goes on as the full run did."""
+    full, resumed = read(world2, "full", 2), read(world2, "resumed_at_4", 2)
+    assert replans(full)[0][1] >= 1 and replans(resumed) == replans(full) and [r[0] for r in replans(full)] == [4, 8]
+    for mine, theirs in zip(resumed, full):
+        np.testing.assert_allclose(mine["planned_loads"], theirs["planned_loads"], rtol=1e-12)
+        assert mine["placements"] == theirs["placements"]
+    np.testing.assert_allclose(step_losses(resumed), step_losses(full)[4:], rtol=1e-5)
+
+
+def test_a_run_resumed_mid_window_keeps_the_schedule_and_the_per_step_load(world2):
+    """Resumed at step 2 (the window's first two steps' counts are not in the checkpoint): the
+    re-plans stay at steps 4 and 8, and the load is divided by the steps actually counted."""
+    full, resumed = read(world2, "full", 2), read(world2, "resumed_at_2", 2)
+    assert [r[0] for r in replans(resumed)] == [4, 8]
+    np.testing.assert_allclose(per_step_totals(resumed), per_step_totals(full), rtol=1e-12)
+    # With the monitor: its window (2, 4] is cut to (3, 4] by the resume at step 3.
+    full, resumed = read(world2, "monitor_full", 2), read(world2, "monitor_resumed_at_3", 2)
+    assert [r[0] for r in replans(resumed)] == [r[0] for r in replans(full)] == [4, 8]
+    np.testing.assert_allclose(per_step_totals(resumed), per_step_totals(full), rtol=1e-12)
+
+
+def test_a_monitor_whose_history_is_shorter_than_the_window_is_not_read(world2):
+    """A monitor every step keeping 2 windows holds half of a 4-step window: the callback counts
+    itself, and plans from the same load as without the monitor."""
+    for short, full in zip(read(world2, "monitor_short_history", 2), read(world2, "full", 2)):
+        np.testing.assert_allclose(short["planned_loads"][0], full["planned_loads"][0], rtol=1e-12)
+
+
+def test_validation_time_is_not_a_training_step(world2):
+    """Validation sleeps 3 s after step 2: the measured step time (the window's mean, 0.75 s more
+    with it) leaves it out."""
+    (entry,) = read(world2, "slow_validation", 2)[0]["history"]
+    assert entry["step"] == 4 and 0 < entry["measured_step_seconds"] < 0.5, entry
+
+
 def test_planning_that_fails_on_one_rank_stops_every_rank(world4):
     """Rank 1 plans a layer and fails: every rank raises the same error (none waits in the gather)."""
     for result in read(world4, "planning_fails_on_rank_1"):
@@ -209,3 +279,46 @@ def test_a_bad_measure_links_fails_at_construction_naming_the_field(measure_link
         ExpertMigration(every_n_steps=4, measure_links=measure_links)
     assert ExpertMigration(measure_links=True).link_probe_options == {}
     assert ExpertMigration().link_probe_options is None
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"search_round": 8}, r"`planner_options` has \['search_round'\], which the callback sets itself or the planner "
+                              r"does not take. It takes \['per_expert_overhead'"),
+        ({"horizon_steps": 8}, r"`planner_options` has \['horizon_steps'\]"),
+        ({"search_rounds": -1}, r"`planner_options`: PlacementPlanner: `search_rounds` must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_planner_options_fail_at_construction_naming_the_field(options, message):
+    from lightning_moe import ExpertMigration
+
+    with pytest.raises(ValueError, match=message):
+        ExpertMigration(every_n_steps=4, planner_options=options)
+    assert ExpertMigration(planner_options={"search_rounds": 8}).planner_options == {"search_rounds": 8}
+    with pytest.raises(ValueError, match="`horizon_steps` must be a positive integer, got 0"):
+        ExpertMigration(horizon_steps=0)
+
+
+def test_calibration_keeps_the_fixed_cost_non_negative():
+    """Step times that a line through them would reach with a negative fixed cost: the fit is the
+    non-negative one (through the origin), and the planners of the same re-plan use it."""
+    from lightning_moe import ExpertMigration
+    from lightning_moe.parallel.placement import ExpertPlacement
+
+    class Estimate:
+        def __init__(self, busiest):
+            self.max_compute_load, self.layer_seconds, self.compute_seconds = busiest, 0.0, 0.0
+
+    class Planner:
+        def estimate(self, plan, load):
+            return Estimate(float(load))
+
+    callback = ExpertMigration(every_n_steps=4)
+    callback._layers = [("moe", None)]
+    callback.seconds_per_token = 1.0
+    current = {"moe": ExpertPlacement([[0], [1]])}
+    changed = [callback._add_sample({"moe": tokens}, current, {"moe": Planner()}, seconds)
+               for tokens, seconds in ((10.0, 1.0), (20.0, 3.0))]
+    # Unconstrained: seconds = 0.2 * tokens - 1. Through the origin: (10 + 60) / (100 + 400) = 0.14.
+    assert changed == [False, True] and callback.seconds_per_token == pytest.approx(0.14)

@@ -111,6 +111,7 @@ class ExpertLoadMonitor(Callback):
         self._layers: list[MoELayer] = []
         self._metric: ExpertLoadMetric | None = None
         self._last_step: int = 0
+        self._window_opened: int = 0  # the step after which the open window's counts start
 
     # ----------------------------------------------------------------- API for other callbacks
 
@@ -180,7 +181,7 @@ class ExpertLoadMonitor(Callback):
             self._run_tokens_per_expert = [torch.zeros(num, dtype=torch.long) for num in num_experts]
         ep_size = self._layers[0].dispatcher.ep_size
         self._metric = ExpertLoadMetric(num_experts=num_experts, ep_size=ep_size).to(pl_module.device)
-        self._last_step = trainer.global_step
+        self._last_step = self._window_opened = trainer.global_step
 
     @override
     def on_train_batch_end(
@@ -218,8 +219,9 @@ class ExpertLoadMonitor(Callback):
     def _log_window(self, trainer: pl.Trainer, step: int) -> None:
         assert self._metric is not None
         # Collective: every rank sums the window over the world, never only rank 0.
-        window = self._metric.compute_window(step)
+        window = self._metric.compute_window(step, steps=step - self._window_opened)
         self._metric.reset()
+        self._window_opened = step
         for index, load_E in enumerate(window.tokens_per_expert):
             self._run_tokens_per_expert[index] += load_E
         self.history.append(window)

@@ -54,6 +54,8 @@ class LoadWindow:
             and node-matched twins; a window saved before the node-matched twins has ``[5]``),
             summed over processes (every process of an EP group keeps the same split); zeros without
             per-step balancing.
+        steps: optimizer steps the window's counts cover (fewer than the monitor's period for a
+            window cut short by a resume; ``None`` in windows saved before it was kept).
     """
 
     step: int
@@ -66,6 +68,7 @@ class LoadWindow:
     rank_load: list[torch.Tensor] = field(default_factory=list)
     source_load: list[torch.Tensor] = field(default_factory=list)
     replica_split: list[torch.Tensor] = field(default_factory=list)
+    steps: int | None = None
 
     @property
     def num_layers(self) -> int:
@@ -84,6 +87,7 @@ class LoadWindow:
             "rank_load": [t.clone() for t in self.rank_load],
             "source_load": [t.clone() for t in self.source_load],
             "replica_split": [t.clone() for t in self.replica_split],
+            "steps": self.steps,
         }
 
     @classmethod
@@ -185,8 +189,9 @@ class ExpertLoadMetric(Metric):
             self.source_load_LPM.cpu(), self.replica_split_LK.cpu(),
         )
 
-    def compute_window(self, step: int) -> LoadWindow:
-        """The window's sums over every process, as a :class:`LoadWindow` closed at ``step``.
+    def compute_window(self, step: int, steps: int | None = None) -> LoadWindow:
+        """The window's sums over every process, as a :class:`LoadWindow` closed at ``step`` that
+        covers ``steps`` optimizer steps.
 
         A collective when running distributed: every rank must call it.
         """
@@ -213,6 +218,7 @@ class ExpertLoadMetric(Metric):
             rank_load=[t.clone() for t in rank_load_LP],
             source_load=[source_load_LPM[index, :, :num].clone() for index, num in enumerate(self.num_experts)],
             replica_split=[t.clone() for t in replica_split_LK],
+            steps=steps,
         )
 
 

@@ -31,6 +31,7 @@ Shape legend: ``R`` EP ranks, ``E`` logical experts, ``S`` slots per rank.
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -60,6 +61,12 @@ _FAILED = "<planning failed>"
 #: Expert GEMM throughput assumed before the first measured windows (FLOP/s), per device type.
 _DEFAULT_FLOPS = {"cuda": 4e14, "cpu": 5e10}
 
+#: The PlacementPlanner arguments the callback sets itself (from the model, the trainer and its own).
+_SET_BY_CALLBACK = (
+    "self", "topology", "num_experts", "slots_per_rank", "token_bytes", "seconds_per_token", "expert_bytes",
+    "horizon_steps", "migration_margin",
+)
+
 
 class ExpertMigration(Callback):
     """Move experts between expert-parallel ranks when the measured load makes it pay.
@@ -72,7 +79,9 @@ class ExpertMigration(Callback):
     fractions, same slots), ``experts_moved`` (slots that changed, over all layers), ``bytes`` (sent over the world), ``seconds`` (the move),
     ``predicted_layer_seconds_before`` / ``_after`` (sum over layers, cost model),
     ``predicted_max_over_mean_before`` / ``_after`` (mean over layers), ``cross_node_share_before`` /
-    ``_after``, ``plan_seconds`` (counting, planning and deciding), ``measured_step_seconds`` (the window's mean step time, the slowest rank's) and, at
+    ``_after``, ``plan_seconds`` (counting, planning and deciding), ``measured_step_seconds`` (the window's mean
+    step time, the slowest rank's: the time of a step's batches, from their start to their end, so
+    that data loading, validation and checkpointing between them are left out) and, at
     the first re-plan after a move, ``measured_step_seconds_after`` next to the ``_before`` logged
     with the move; and a placement image per layer (``moe/layer{i}/placement``) to TensorBoard.
 
@@ -118,7 +127,8 @@ class ExpertMigration(Callback):
     ) -> None:
         super().__init__()
         for name, value in (
-            ("every_n_steps", every_n_steps), ("horizon_steps", horizon_steps or 1), ("history_windows", history_windows)
+            ("every_n_steps", every_n_steps), ("horizon_steps", 1 if horizon_steps is None else horizon_steps),
+            ("history_windows", history_windows),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ExpertMigration: `{name}` must be a positive integer, got {value!r}.")
@@ -137,7 +147,7 @@ class ExpertMigration(Callback):
         self.flops_per_second = flops_per_second
         self.calibrate = calibrate
         self.log_images = log_images
-        self.planner_options = dict(planner_options or {})
+        self.planner_options = _checked_planner_options(planner_options)
 
         #: One dict per re-plan: step, layers and slots moved, bytes, seconds, predicted and measured times.
         self.history: list[dict[str, Any]] = []
@@ -145,12 +155,21 @@ class ExpertMigration(Callback):
         self._samples: list[tuple[float, float, float]] = []  # (busiest tokens, all-to-all s, step s)
         # Per layer, the [R, E] loads of the windows before the last, newest first (the trigger's history).
         self._previous_loads: dict[str, list[np.ndarray]] = {}
+        # The schedule: the step of the last re-plan (or of the start), saved in checkpoints.
         self._last_plan_step = 0
+        # A window closed by an optimizer step and not yet planned from: its step time (the world's)
+        # and, when the callback counts itself, its loads. Saved in checkpoints: Lightning writes
+        # them after the step that closes a window and before the next batch, where the re-plan runs.
+        self._pending: dict[str, Any] | None = None
+        self._restored = False
         self._layers: list[tuple[str, MoELayer]] = []
         self._metric: ExpertLoadMetric | None = None
+        self._counted_from = 0  # the step after which the callback's own counts start
         self._monitor: ExpertLoadMonitor | None = None
         self._due = False
-        self._step_started: float | None = None
+        self._seen_step = 0  # global_step at the last batch end
+        self._batch_started: float | None = None
+        self._step_elapsed = 0.0  # the current step's batches so far, in seconds
         self._step_seconds: list[float] = []
         self._moved_at: int | None = None
 
@@ -192,13 +211,25 @@ class ExpertMigration(Callback):
             for logger in trainer.loggers:  # loggers write on rank 0 only
                 logger.log_metrics(measured, step=trainer.global_step)
         monitors = [c for c in trainer.callbacks if isinstance(c, ExpertLoadMonitor)]
-        self._monitor = next((m for m in monitors if self.every_n_steps % m.every_n_steps == 0), None)
+        # A monitor serves when its windows tile ours and its history keeps a whole window of ours.
+        self._monitor = next(
+            (m for m in monitors
+             if self.every_n_steps % m.every_n_steps == 0 and m.history_size * m.every_n_steps >= self.every_n_steps),
+            None,
+        )
         if self._monitor is None:
             self._metric = ExpertLoadMetric(
                 num_experts=[layer.num_experts for _, layer in layers], ep_size=ep_size
             ).to(pl_module.device)
-        self._last_plan_step = trainer.global_step
-        self._step_started = time.perf_counter()
+        step = trainer.global_step
+        self._seen_step = self._counted_from = step
+        self._step_elapsed, self._step_seconds = 0.0, []
+        if not self._restored:
+            self._last_plan_step, self._pending = step, None
+        # Resumed from a checkpoint written after a window closed: its re-plan runs at the first batch.
+        self._due = self._pending is not None
+        if not self._due and step - self._last_plan_step >= self.every_n_steps:
+            self._last_plan_step = step  # a window whose counts the checkpoint does not hold: count anew
 
     @override
     def on_train_batch_end(
@@ -208,14 +239,25 @@ class ExpertMigration(Callback):
             return
         if self._metric is not None:
             self._metric.update([layer for _, layer in self._layers])
-        stepped = trainer.global_step > self._last_plan_step + len(self._step_seconds)
-        if stepped:
-            now = time.perf_counter()
-            self._step_seconds.append(now - (self._step_started or now))
-            self._step_started = now
-        if trainer.global_step - self._last_plan_step >= self.every_n_steps:
+        now = time.perf_counter()
+        self._step_elapsed += now - (self._batch_started or now)
+        step = trainer.global_step
+        if step == self._seen_step:  # a micro-batch of gradient accumulation: the step goes on
+            return
+        self._seen_step = step
+        self._step_seconds.append(self._step_elapsed)
+        self._step_elapsed = 0.0
+        if step - self._last_plan_step >= self.every_n_steps:
             # NOTE: re-planned at the next batch's start: after every hook of this batch (the monitor
-            # closes its window here too) and before the next forward, where slots may move.
+            # closes its window here too) and before the next forward, where slots may move. What
+            # the window measured is closed here (collectives, on every rank), so that a checkpoint
+            # written in between holds it.
+            device = pl_module.device
+            self._pending = {
+                "step_seconds": _world_max(float(np.mean(self._step_seconds)), device),
+                "loads": self._counted_loads(step) if self._metric is not None else None,
+            }
+            self._step_seconds = []
             self._due = True
 
     @override
@@ -223,7 +265,7 @@ class ExpertMigration(Callback):
         if self._due:
             self._due = False
             self.replan(trainer, pl_module)
-            self._step_started = time.perf_counter()  # the re-plan is not part of a step's time
+        self._batch_started = time.perf_counter()  # a step's time is its batches' (not the re-plan's)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -233,6 +275,13 @@ class ExpertMigration(Callback):
             "samples": [list(sample) for sample in self._samples],
             "last_plan_step": self._last_plan_step,
             "previous_loads": {name: [load.tolist() for load in loads] for name, loads in self._previous_loads.items()},
+            "pending": None if self._pending is None else {
+                "step_seconds": self._pending["step_seconds"],
+                "loads": None if self._pending["loads"] is None else {
+                    name: load.tolist() for name, load in self._pending["loads"].items()
+                },
+            },
+            "moved_at": self._moved_at,
         }
 
     @override
@@ -241,6 +290,15 @@ class ExpertMigration(Callback):
         self.seconds_per_token = state_dict["seconds_per_token"]
         self._samples = [tuple(sample) for sample in state_dict["samples"]]
         self._last_plan_step = int(state_dict["last_plan_step"])
+        self._restored = True
+        pending = state_dict.get("pending")  # absent in checkpoints from before it was kept
+        self._pending = None if pending is None else {
+            "step_seconds": float(pending["step_seconds"]),
+            "loads": None if pending["loads"] is None else {
+                name: np.asarray(load, dtype=np.float64) for name, load in pending["loads"].items()
+            },
+        }
+        self._moved_at = state_dict.get("moved_at")
         previous = state_dict.get("previous_loads", {})  # absent in checkpoints from before it was kept
         # One [R, E] window per layer in checkpoints from before several were kept.
         self._previous_loads = {
@@ -255,17 +313,22 @@ class ExpertMigration(Callback):
         rank calls it, between an optimizer step and the next forward). Returns the history entry."""
         step = trainer.global_step
         planning_started = time.perf_counter()
-        window_steps = max(step - self._last_plan_step, 1)
-        loads = self._window_loads(step, window_steps)
         device = pl_module.device  # collectives on the process group's device (NCCL: the GPU)
-        step_seconds = _world_max(float(np.mean(self._step_seconds)) if self._step_seconds else 0.0, device)
-        self._step_seconds = []
+        pending, self._pending = self._pending, None
+        if pending is None:  # called outside the schedule: close the window now
+            steps = self._step_seconds
+            pending = {"step_seconds": _world_max(float(np.mean(steps)) if steps else 0.0, device), "loads": None}
+            self._step_seconds = []
+        step_seconds = pending["step_seconds"]
+        loads = pending["loads"]
+        if loads is None:
+            loads = self._counted_loads(step) if self._metric is not None else self._monitor_loads(step)
         self._last_plan_step = step
         strategy = trainer.strategy
         current = strategy.placements()
         planners = {name: self._planner(layer, trainer) for name, layer in self._layers}
-        if self.calibrate and step_seconds > 0:
-            self._add_sample(loads, current, planners, step_seconds)
+        if self.calibrate and step_seconds > 0 and self._add_sample(loads, current, planners, step_seconds):
+            planners = {name: self._planner(layer, trainer) for name, layer in self._layers}  # the new constant
 
         tables, entry = {}, {"step": step, "measured_step_seconds": step_seconds}
         before, after, balance_before, balance_after, cross_before, cross_after = 0.0, 0.0, [], [], [], []
@@ -349,22 +412,32 @@ class ExpertMigration(Callback):
         decisions = {name: decision for part in gathered for name, decision in part.items()}
         return {name: decisions[name] for name, _ in self._layers}
 
-    def _window_loads(self, step: int, window_steps: int) -> dict[str, np.ndarray]:
-        """Per layer, the window's ``[R, E]`` assignments per step and per EP group (the world's
-        counts divided by the steps and by the expert-data-parallel replicas)."""
+    def _counted_loads(self, step: int) -> dict[str, np.ndarray]:
+        """The window of the callback's own counts, closed at ``step`` (a collective), per step."""
+        assert self._metric is not None
+        window = self._metric.compute_window(step)
+        self._metric.reset()
+        steps, self._counted_from = step - self._counted_from, step
+        return self._per_step(window.source_load, steps)
+
+    def _monitor_loads(self, step: int) -> dict[str, np.ndarray]:
+        """The monitor's windows since the last re-plan, per step (no collective: every rank's
+        monitor holds the same world sums)."""
+        assert self._monitor is not None
+        windows = [w for w in self._monitor.history if self._last_plan_step < w.step <= step and w.source_load]
+        if not windows:
+            return self._per_step([torch.zeros(l.dispatcher.ep_size, l.num_experts) for _, l in self._layers], 1)
+        source = [sum(w.source_load[index] for w in windows) for index in range(len(self._layers))]
+        # A window cut short by a resume covers fewer steps; windows saved before they kept it, all.
+        steps = sum(w.steps if w.steps is not None else self._monitor.every_n_steps for w in windows)
+        return self._per_step(source, steps)
+
+    def _per_step(self, source_load: list[torch.Tensor], steps: int) -> dict[str, np.ndarray]:
+        """Per layer, ``[R, E]`` assignments per step and per EP group: the world's counts over
+        ``steps`` divided by the steps and by the expert-data-parallel replicas."""
         edp_size = max(1, (dist.get_world_size() if dist.is_initialized() else 1) // self._layers[0][1].dispatcher.ep_size)
-        if self._metric is not None:
-            window = self._metric.compute_window(step)  # a collective
-            self._metric.reset()
-            source = window.source_load
-        else:
-            assert self._monitor is not None
-            windows = [w for w in self._monitor.history if self._last_plan_step < w.step <= step and w.source_load]
-            source = [sum(w.source_load[index] for w in windows) if windows else None for index in range(len(self._layers))]
-            if any(s is None for s in source):
-                source = [torch.zeros(l.dispatcher.ep_size, l.num_experts) for _, l in self._layers]
         return {
-            name: load.double().numpy() / window_steps / edp_size for (name, _), load in zip(self._layers, source)
+            name: load.double().numpy() / max(steps, 1) / edp_size for (name, _), load in zip(self._layers, source_load)
         }
 
     def _planner(self, layer: MoELayer, trainer: pl.Trainer) -> PlacementPlanner:
@@ -385,10 +458,11 @@ class ExpertMigration(Callback):
             migration_margin=self.migration_margin, **self.planner_options,
         )
 
-    def _add_sample(self, loads, current, planners, step_seconds: float) -> None:
+    def _add_sample(self, loads, current, planners, step_seconds: float) -> bool:
         """Fit ``seconds_per_token`` to the measured step times: each window gives
         ``step = other + a * sum_layers busiest_tokens + sum_layers all_to_all`` (least squares over
-        windows, ``a`` and ``other`` non-negative; kept at its prior until the windows differ)."""
+        windows, ``a`` and ``other`` non-negative; kept at its prior until the windows differ).
+        Returns whether the constant changed."""
         busiest, all_to_all = 0.0, 0.0
         for name, _ in self._layers:
             estimate = planners[name].estimate(_as_plan(current[name]), loads[name])
@@ -397,11 +471,16 @@ class ExpertMigration(Callback):
         self._samples.append((busiest, all_to_all, step_seconds))
         samples = np.array(self._samples[-32:])
         if len(samples) < 2 or np.ptp(samples[:, 0]) <= 1e-9 * max(samples[:, 0].max(), 1.0):
-            return
-        columns = np.stack([samples[:, 0], np.ones(len(samples))], axis=1)
-        (per_token, _other), *_ = np.linalg.lstsq(columns, samples[:, 2] - samples[:, 1], rcond=None)
-        if per_token > 0:
+            return False
+        tokens, compute = samples[:, 0], samples[:, 2] - samples[:, 1]
+        columns = np.stack([tokens, np.ones(len(samples))], axis=1)
+        (per_token, other), *_ = np.linalg.lstsq(columns, compute, rcond=None)
+        if other < 0:  # the non-negative least squares optimum then lies on other = 0
+            per_token = float(tokens @ compute / (tokens @ tokens))
+        if per_token > 0 and per_token != self.seconds_per_token:
             self.seconds_per_token = float(per_token)
+            return True
+        return False
 
     def _log(self, trainer: pl.Trainer, entry: dict[str, Any], plans: dict, step: int) -> None:
         metrics = {f"moe/migration/{key}": float(value) for key, value in entry.items() if key != "step"}
@@ -430,6 +509,24 @@ def _world_max(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
+
+
+def _checked_planner_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """``planner_options`` checked before training starts: names the planner takes and the callback
+    does not set, with values the planner accepts."""
+    options = dict(options or {})
+    accepted = [name for name in inspect.signature(PlacementPlanner.__init__).parameters if name not in _SET_BY_CALLBACK]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"ExpertMigration: `planner_options` has {unknown}, which the callback sets itself or the planner does not "
+            f"take. It takes {accepted}."
+        )
+    try:  # the planner checks its values; a one-rank, one-expert planner is enough for that
+        PlacementPlanner(Topology(1, 1), 1, 1, token_bytes=1.0, seconds_per_token=1.0, **options)
+    except ValueError as error:
+        raise ValueError(f"ExpertMigration: `planner_options`: {error}") from None
+    return options
 
 
 def _link_probe_options(measure_links: bool | dict[str, int]) -> dict[str, int] | None:

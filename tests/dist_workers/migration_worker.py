@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,20 +18,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
 
 import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from launch import run_scenarios  # noqa: E402
-from models import TwoMoELayers, dataloader  # noqa: E402
+from models import TwoMoELayers, dataloader, dataset  # noqa: E402
 
-from lightning_moe import ExpertLoadMonitor, ExpertMigration, MoEStrategy  # noqa: E402
+from lightning_moe import ExpertLoadMonitor, ExpertMigration, MoEStrategy, ResumableDataLoader  # noqa: E402
 from lightning_moe.planning.trigger import MigrationTrigger  # noqa: E402
 
 GLOBAL_BATCH, SAMPLES = 8, 80
 SKEW = [0.2, 0.6, -0.3, 0.0]  # selection bias: expert 1 (EP rank 0, no replica elsewhere) takes most tokens
 
 
+class SlowValidation(TwoMoELayers):
+    """Validation that takes ``validation_seconds`` per batch: none of it is a training step's time."""
+
+    validation_seconds = 0.0
+
+    def validation_step(self, batch, batch_idx):
+        time.sleep(self.validation_seconds)
+        return super().validation_step(batch, batch_idx)
+
+
 def skewed_model() -> TwoMoELayers:
-    model = TwoMoELayers(num_experts=4, gate="sigmoid", top_k=1,
-                         gate_kwargs={"bias_update_rate": 0.0, "load_balance_coef": 0.0})
+    model = SlowValidation(num_experts=4, gate="sigmoid", top_k=1,
+                           gate_kwargs={"bias_update_rate": 0.0, "load_balance_coef": 0.0})
     with torch.no_grad():
         for block in model.blocks.values():
             block.gate.expert_bias.copy_(torch.tensor(SKEW))
@@ -42,9 +54,11 @@ class CountingTrigger(MigrationTrigger):
 
     calls = 0
     fail_on_rank: int | None = None
+    loads: list = []  # the latest window's [R, E] load of each layer this rank planned
 
     def choose(self, now, loads, planner):
         CountingTrigger.calls += 1
+        CountingTrigger.loads.append(loads[0].tolist())
         if torch.distributed.get_rank() == CountingTrigger.fail_on_rank:
             raise ValueError("the planner broke here")
         return super().choose(now, loads, planner)
@@ -52,25 +66,41 @@ class CountingTrigger(MigrationTrigger):
 
 def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     torch.manual_seed(0)
-    CountingTrigger.calls, CountingTrigger.fail_on_rank = 0, scenario.get("fail_on_rank")
+    CountingTrigger.calls, CountingTrigger.fail_on_rank, CountingTrigger.loads = 0, scenario.get("fail_on_rank"), []
     model = skewed_model()
+    SlowValidation.validation_seconds = scenario.get("validation_seconds", 0.0)
     callbacks = []
     migration = monitor = None
     if scenario.get("monitor"):
-        monitor = ExpertLoadMonitor(every_n_steps=2, log_histograms=False, image_every_n_steps=2)
+        monitor = ExpertLoadMonitor(every_n_steps=scenario.get("monitor_every", 2), log_histograms=False,
+                                    image_every_n_steps=2, history_size=scenario.get("history_size", 100))
         callbacks.append(monitor)
     if scenario.get("migrate"):
         migration = ExpertMigration(every_n_steps=scenario.get("every", 4), measure_links=scenario.get("measure_links", False))
         migration.trigger = CountingTrigger(**vars(migration.trigger))
         callbacks.append(migration)
+    if scenario.get("checkpoint_every"):
+        callbacks.append(ModelCheckpoint(dirpath=out_dir.parent / scenario["checkpoints"], save_top_k=-1,
+                                         every_n_train_steps=scenario["checkpoint_every"]))
+    batch_size = GLOBAL_BATCH // world_size
+    validation = None
+    if scenario.get("validation_seconds"):
+        validation = dataloader(batch_size, batch_size, rank=rank, world_size=world_size)
     trainer = L.Trainer(
         accelerator="cpu", devices=world_size, max_steps=scenario.get("steps", 12), accumulate_grad_batches=2,
         gradient_clip_val=0.05, strategy=MoEStrategy(expert_parallel_size=2, spare_expert_slots=1),
-        callbacks=callbacks, logger=TensorBoardLogger(out_dir, name="tb", version=0), enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+        callbacks=callbacks, logger=TensorBoardLogger(out_dir, name="tb", version=0),
+        enable_checkpointing=bool(scenario.get("checkpoint_every")), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+        val_check_interval=scenario.get("validate_every_batches"), limit_val_batches=1,
     )
+    # Resumable, so that a run resumed from a checkpoint reads the batches the full run read next.
+    loader = ResumableDataLoader(dataset(SAMPLES), batch_size=batch_size, sampler=list(range(rank, SAMPLES, world_size)))
+    resume_from = scenario.get("resume_from")
+    if resume_from is not None:
+        (resume_from,) = (out_dir.parent / scenario["checkpoints"]).glob(f"*-step={resume_from}.ckpt")
     try:
-        trainer.fit(model, dataloader(SAMPLES, GLOBAL_BATCH // world_size, rank=rank, world_size=world_size))
+        trainer.fit(model, loader, validation, ckpt_path=resume_from)
     except RuntimeError as error:
         if scenario.get("fail_on_rank") is None:
             raise
@@ -84,6 +114,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "assignment_seconds": {name: p.assignment_seconds.tolist() for name, p in trainer.strategy.placements().items()},
         "topology": dataclasses.asdict(migration.topology) if migration is not None else None,
         "replica_split": [[kept.tolist() for kept in window.replica_split] for window in monitor.history] if monitor else [],
+        "planned_loads": CountingTrigger.loads,
     }
 
 
