@@ -198,7 +198,11 @@ def migrate_layers(
         if not hasattr(current, "placement"):
             problem = f"MoEStrategy.apply_placement: `{name}` is not a sharded MoE layer of the model ({sorted(layers)})."
             break
-        placement = table if isinstance(table, ExpertPlacement) else ExpertPlacement(table)
+        try:  # a table that is bad on one rank only must raise on every rank, not leave them waiting
+            placement = table if isinstance(table, ExpertPlacement) else ExpertPlacement(table)
+        except ValueError as error:
+            problem = f"MoEStrategy.apply_placement: the table for `{name}`: {error}"
+            break
         if not placement.same_layout(current.placement):
             problem = (
                 f"MoEStrategy.apply_placement: the table for `{name}` has {placement.num_experts} experts over "

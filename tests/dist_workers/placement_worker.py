@@ -75,6 +75,7 @@ class ForcedMigrations(Callback):
         self.inverse_bitwise: bool | None = None
         self.mid_accumulation_error: str | None = None
         self.differing_error: str | None = None
+        self.invalid_error: str | None = None
         self.unchanged_after_refusal: bool | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -109,6 +110,14 @@ class ForcedMigrations(Callback):
                 strategy.apply_placement({LAYERS[0]: ExpertPlacement(table.experts_per_rank(), fractions)})
             except ValueError as error:
                 self.differing_error = str(error)
+            # A table that is invalid on rank 1 only (an expert twice on one rank): every rank raises.
+            invalid = table.experts_per_rank()
+            if trainer.global_rank == 1:
+                invalid[0] = [invalid[0][0]] * len(invalid[0])
+            try:
+                strategy.apply_placement({LAYERS[0]: invalid})
+            except ValueError as error:
+                self.invalid_error = str(error)
             self.unchanged_after_refusal = all(strategy.placements()[name] == before[name] for name in LAYERS)
         if step not in self.steps:
             return
@@ -165,6 +174,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "inverse_bitwise": migrations.inverse_bitwise,
         "mid_accumulation_error": migrations.mid_accumulation_error,
         "differing_error": migrations.differing_error,
+        "invalid_error": migrations.invalid_error,
         "unchanged_after_refusal": migrations.unchanged_after_refusal,
         "placements_at_start": reinstated,
         "placements_at_end": {name: p.experts_per_rank() for name, p in trainer.strategy.placements().items()},
