@@ -16,12 +16,13 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_moe.layers.aux_loss import collect_aux_loss, collect_aux_losses
 from lightning_moe.layers.balancing import register_global_batch_end
 from lightning_moe.layers.experts import FeedForward
-from lightning_moe.layers.gates import Gate
+from lightning_moe.layers.gates import ExpertChoiceGate, Gate
 from lightning_moe.layers.moe import MoELayer
 from lightning_moe.modeling.block import NORM_EPS, DecoderBlock, moe_layer_layout
 from lightning_moe.modeling.pretrained_io import PretrainedIO, init_defaults
@@ -197,6 +198,13 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         super().__init__()
         adam_betas = tuple(adam_betas)
         gate = gate_from_hparam(gate)
+        if gate == "expert_choice" or isinstance(gate, ExpertChoiceGate):
+            rank_zero_warn(
+                f"{OWNER}: gate='expert_choice' is not causal: its experts choose among every token of the batch, "
+                f"so a position's logits depend on later tokens (and on the other sequences). The training loss is "
+                f"then optimistic, and generating one token at a time routes differently from training. Use "
+                f"'topk' or 'sigmoid' for a language model you will sample from."
+            )
         check_transformer_config(
             vocab_size=vocab_size,
             d_model=d_model,

@@ -139,7 +139,7 @@ def test_bf16_load_keeps_the_correction_bias_fp32_and_exports_bf16(checkpoints, 
         (dict(qk_norm="head", head_dim=16, moe_d_ff=8), "qwen3_moe"),
         (dict(qk_norm="full", gate_kwargs={"normalize": False}), "olmoe"),
         (dict(gate="sigmoid", kv_lora_rank=8, q_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-              num_shared_experts=1, first_k_dense=1, rope_interleave=True), "deepseek_v3"),
+              num_shared_experts=1, first_k_dense=1, rope_interleave=True, norm_eps=1e-2), "deepseek_v3"),
     ],
 )
 def test_a_model_trained_from_scratch_exports_as_the_closest_family(tmp_path, options, family):
@@ -167,6 +167,9 @@ def test_a_model_trained_from_scratch_exports_as_the_closest_family(tmp_path, op
         (dict(first_k_dense=1), "dense blocks"),
         (dict(activation="gelu"), "activation='gelu'"),
         (dict(gate="expert_choice"), "ExpertChoiceGate"),
+        (dict(gate="sigmoid", kv_lora_rank=8, q_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+              gate_kwargs={"n_group": 2, "topk_group": 1, "dropped_group_fill": 0.0}),
+         r"dropped_group_fill=0.0 \(the installed transformers fills dropped groups with -inf\)"),
     ],
 )
 def test_export_names_what_the_family_cannot_express(tmp_path, options, message):
@@ -217,6 +220,23 @@ def test_config_that_does_not_match_the_weights_is_refused(checkpoints, tmp_path
     (directory / "config.json").write_text(json.dumps({**config, **edit}))
     with pytest.raises(ValueError, match=message):
         MoETransformer.from_pretrained(directory)
+
+
+def test_a_tied_checkpoint_that_also_stores_the_head_loads_as_transformers_loads_it(checkpoints, tmp_path):
+    """Some exporters write ``lm_head.weight`` next to the embedding it is tied to: the same model. (A
+    stored head that differs from the embedding is refused above: tying would lose it.)"""
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "tied_with_head"
+    shutil.copytree(checkpoints["qwen3_moe_bias_tied"][0], directory)
+    tensors = load_file(directory / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(MoETransformer.from_pretrained(directory).eval()(ids),
+                                   hf_logits(checkpoints["qwen3_moe_bias_tied"][1], ids), **TOLERANCE)
 
 
 def test_an_architecture_override_that_disagrees_with_the_weights_is_refused(checkpoints):

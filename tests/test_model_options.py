@@ -89,3 +89,22 @@ def test_scaled_rope_matches_transformers(config):
     torch.testing.assert_close(sin, angles.sin() * attention_factor, atol=2e-5, rtol=0)
     if rope_type == "yarn" and "mscale" not in parameters:
         assert attention_factor > 1  # the Qwen case scales the tables; DeepSeek's does not (mscale == mscale_all_dim)
+
+
+def test_expert_choice_warns_that_a_causal_model_sees_later_tokens():
+    """Expert choice routes over the whole batch: the warning is true (earlier logits move when only
+    later tokens change), and a top-k model, which is causal, gives none."""
+    import warnings
+
+    options = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=4, d_ff=16, max_seq_len=16, num_experts=4)
+    with pytest.warns(UserWarning, match="gate='expert_choice' is not causal"):
+        model = MoETransformer(gate="expert_choice", **options).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        causal = MoETransformer(gate="topk", top_k=2, **options).eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 64
+    with torch.no_grad():
+        assert not torch.allclose(model(ids)[:, :8], model(changed)[:, :8])
+        torch.testing.assert_close(causal(ids)[:, :8], causal(changed)[:, :8])

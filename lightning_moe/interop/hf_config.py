@@ -353,6 +353,11 @@ def hf_config_fields(model: Any) -> tuple[str, dict[str, Any]]:
                 "shared experts that are not a whole number of ungated experts")
         require(hp.attention_bias == hp.attention_out_bias, "attention_bias != attention_out_bias")
         if isinstance(gate, SigmoidGate):
+            if gate.n_group > 1:  # which value the dropped groups' experts get decides the routing
+                installed = installed_dropped_group_fill(hp.num_experts, gate.n_group, gate.topk_group, gate.top_k)
+                require(gate.dropped_group_fill == installed,
+                        f"dropped_group_fill={gate.dropped_group_fill} (the installed transformers fills dropped "
+                        f"groups with {installed})")
             fields.update(n_group=gate.n_group, topk_group=gate.topk_group,
                           routed_scaling_factor=gate.routed_scaling_factor, norm_topk_prob=bool(normalize))
         fields.update(

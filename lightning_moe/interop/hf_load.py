@@ -216,13 +216,20 @@ def _read_dense(checkpoint: SafetensorsCheckpoint, mapping: WeightMapping, targe
 
 
 def _check_unused(checkpoint: SafetensorsCheckpoint, unused: set[str], expert_keys: set[str]) -> list[str]:
-    """The unused keys, after checking that each is another rank's expert or a multi-token prediction
+    """The unused keys, after checking that each is another rank's expert, a multi-token prediction
     layer (DeepSeek-V3 keeps ``num_nextn_predict_layers`` blocks after the last one, which
-    transformers does not load either)."""
+    transformers does not load either) or, with tied embeddings, a stored copy of the embedding as
+    the output head (some exporters write one; a head that differs is refused: tying would lose it)."""
     n_layers = checkpoint.config["num_hidden_layers"]
     extra_layers = range(n_layers, n_layers + int(checkpoint.config.get("num_nextn_predict_layers") or 0))
     prediction_layers = tuple(f"model.layers.{index}." for index in extra_layers)
-    unexpected = sorted(key for key in unused - expert_keys if not key.startswith(prediction_layers))
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    tied_copy = (
+        checkpoint.config.get("tie_word_embeddings", False) and head in unused and embedding in checkpoint
+        and torch.equal(checkpoint.read(head), checkpoint.read(embedding))
+    )
+    expected = expert_keys | ({head} if tied_copy else set())
+    unexpected = sorted(key for key in unused - expected if not key.startswith(prediction_layers))
     if unexpected:
         raise ValueError(
             f"Checkpoint {checkpoint.path} holds tensors the model has no place for: {unexpected[:8]}"

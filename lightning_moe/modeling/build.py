@@ -46,7 +46,8 @@ def build_attention(hp: Any) -> nn.Module:
         v_head_dim=hp.v_head_dim,
         bias=hp.attention_bias,
         out_bias=hp.attention_out_bias,
-        norm_eps=hp.norm_eps,
+        # NOTE: not `hp.norm_eps`: DeepSeek's reference code and transformers build the latent norms
+        # with their default epsilon (1e-6) whatever `rms_norm_eps` says.
         softmax_scale=softmax_scale,
         rope_interleave=hp.rope_interleave,
         init_std=hp.init_std,

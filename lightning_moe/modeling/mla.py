@@ -39,7 +39,8 @@ class MultiHeadLatentAttention(nn.Module):
         v_head_dim: per-head value width ``V``.
         bias: biases on the two down-projections ``W_DQ`` and ``W_DKV`` (DeepSeek's ``attention_bias``).
         out_bias: a bias on the output projection.
-        norm_eps: epsilon of the latent RMSNorms.
+        norm_eps: epsilon of the latent RMSNorms (DeepSeek's checkpoints use 1e-6, not the model's
+            ``rms_norm_eps``).
         softmax_scale: factor on the attention logits; ``(N + P) ** -0.5`` by default. DeepSeek's
             YaRN checkpoints multiply it by ``mscale**2`` (see ``MoETransformer``'s ``rope_scaling``).
         rope_interleave: the rotary features are stored as adjacent pairs (DeepSeek's layout).
