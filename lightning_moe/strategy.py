@@ -165,6 +165,14 @@ class MoEStrategy(DDPStrategy):
                 f"MoEStrategy: `expert_placement` lists {len(expert_placement)} ranks but expert_parallel_size="
                 f"{expert_parallel_size}. Give the logical experts of each of the {expert_parallel_size} EP ranks."
             )
+        if expert_placement is not None and expert_parallel_size == 1 and list(expert_placement[0]) != sorted(
+            expert_placement[0]
+        ):
+            raise ValueError(
+                f"MoEStrategy: expert_placement={expert_placement} reorders the experts at expert_parallel_size=1, "
+                f"where they are not sharded and checkpoints are DDP's single file, in logical order. Remove "
+                f"`expert_placement`, or set expert_parallel_size > 1."
+            )
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -353,12 +361,17 @@ class MoEStrategy(DDPStrategy):
 
         Raises:
             RuntimeError: mid-accumulation (a backward's gradients are still in the old slot order).
-            ValueError: an unknown layer, a table that does not fit, or tables that differ across ranks
-                (raised on every rank).
+            ValueError: expert_parallel_size=1, an unknown layer, a table that does not fit, or tables that
+                differ across ranks (raised on every rank).
         """
         module, mesh = self.lightning_module, self.expert_mesh
         if module is None or mesh is None:
             raise RuntimeError("MoEStrategy.apply_placement: call it while the strategy is set up (during fit).")
+        if mesh.ep_size == 1:  # the same on every rank: every rank raises
+            raise ValueError(
+                "MoEStrategy.apply_placement needs expert_parallel_size > 1: with one EP rank every expert is on "
+                "it, and checkpoints of unsharded experts (DDP's single file) keep them in logical order."
+            )
         if self._pending_backward:
             raise RuntimeError(
                 "MoEStrategy.apply_placement was called mid-accumulation: a backward ran whose gradients no "

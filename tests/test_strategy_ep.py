@@ -71,7 +71,13 @@ def gate_scenarios() -> list[dict]:
 
 def world4_scenarios(out: Path) -> list[dict]:
     return [
+        # The second MoE layer left out of every forward, or of one EP group's (ranks 2 and 3).
+        {"name": "second_layer_unused", "ep": 2, "skip_second_on_ranks": [0, 1, 2, 3], "find_unused": True,
+         "model": NO_AUX, **TRAIN},
+        {"name": "second_layer_unused_by_one_group", "ep": 2, "skip_second_on_ranks": [2, 3], "find_unused": True,
+         "model": NO_AUX, **TRAIN},
         {"name": "ep1", "ep": 1, "max_epochs": 2, "model": {"num_experts": 4, "gate_kwargs": {"z_loss_coef": 1e-3}},
+         "try_apply_placement": True,
          **TRAIN},
         {"name": "ep2", "ep": 2, "max_epochs": 2, "model": NO_AUX, **TRAIN},
         {"name": "ep4", "ep": 4, "max_epochs": 2, "model": {"num_experts": 4, "gate_kwargs": {"z_loss_coef": 1e-3}},
@@ -404,3 +410,27 @@ def test_cli_fit_on_two_processes_then_consolidate(tmp_path, launcher):
     from_directory = MoETransformer.load_from_checkpoint(checkpoint)
     for key, value in restored.state_dict().items():
         assert torch.equal(from_directory.state_dict()[key], value), key
+
+
+def test_experts_of_a_layer_no_rank_used_are_left_alone_by_the_optimizer(world4):
+    """As in one process or under DDP with ``find_unused_parameters``: a layer skipped by every rank
+    keeps ``grad = None``, so AdamW neither decays its experts nor keeps state for them. Skipped by one
+    EP group only, its experts train from the other group's gradients, the same on both replicas."""
+    for result in read(world4, "second_layer_unused"):
+        assert result["second_experts_moved"] == 0.0 and result["second_experts_state"] == []
+    results = read(world4, "second_layer_unused_by_one_group")
+    assert all(r["second_experts_moved"] > 0 and "exp_avg" in r["second_experts_state"] for r in results)
+    for rank in (0, 1):  # EP rank r of the two groups holds the same experts: replicas stay equal
+        np.testing.assert_array_equal(results[rank]["second_experts"], results[rank + 2]["second_experts"])
+
+
+def test_experts_are_not_reordered_at_ep1(world4):
+    """At EP 1 the experts are not sharded and the checkpoint is DDP's single file in logical order: a
+    table that reorders them would be saved in slot order and read back as logical, so none is taken."""
+    from lightning_moe import MoEStrategy
+
+    for result in read(world4, "ep1"):
+        assert "apply_placement needs expert_parallel_size > 1" in result["apply_placement_error"]
+    with pytest.raises(ValueError, match=r"expert_placement=\[\[1, 0, 3, 2\]\] reorders the experts"):
+        MoEStrategy(expert_parallel_size=1, expert_placement=[[1, 0, 3, 2]])
+    assert MoEStrategy(expert_placement=[[0, 1, 2, 3]]).expert_placement == [[0, 1, 2, 3]]

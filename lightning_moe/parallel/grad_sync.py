@@ -79,24 +79,32 @@ def _sum_replica_rows(
 
 @torch.no_grad()
 def sync_expert_grads(parameters: Iterable[torch.nn.Parameter], *, edp_group: dist.ProcessGroup | None, edp_size: int) -> None:
-    """Average expert gradients over the EDP group (one flat all-reduce)."""
+    """Average expert gradients over the EDP group (one flat all-reduce).
+
+    A parameter that no rank of the group used in the step (its layer skipped everywhere) keeps
+    ``grad = None``, as in one process or under DDP with ``find_unused_parameters``: the optimizer
+    then leaves it and its state alone (no weight decay, no moment update)."""
     parameters = list(parameters)
-    for p in parameters:
-        # A layer skipped in this forward leaves `grad` unset on some ranks only: give it zeros, so
-        # that every rank all-reduces a buffer of the same size.
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in parameters]
-    if not grads:
+    if edp_size <= 1 or not parameters:
         return
-    if edp_size > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=edp_group)
-        flat /= edp_size
-        offset = 0
-        for g in grads:
+    # A layer skipped in this forward on some ranks only leaves `grad` unset there: those ranks add
+    # zeros, so that every rank all-reduces a buffer of the same size, and one flag per parameter
+    # (appended to the buffer) counts the ranks that had a gradient.
+    missing = [p.grad is None for p in parameters]
+    grads = [torch.zeros_like(p) if absent else p.grad for p, absent in zip(parameters, missing)]
+    used = torch.tensor([not absent for absent in missing], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([*(g.reshape(-1) for g in grads), used])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=edp_group)
+    flat /= edp_size
+    # Only a rank that lacked a gradient reads the flags back (a host sync); the others know.
+    used_by_some = flat[-len(parameters) :].gt(0).tolist() if any(missing) else [True] * len(parameters)
+    offset = 0
+    for p, g, absent, keep in zip(parameters, grads, missing, used_by_some):
+        if keep:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+            if absent:
+                p.grad = g
+        offset += g.numel()
 
 
 def replica_counts_of_slots(layers: Iterable[MoELayer]) -> dict[int, torch.Tensor]:

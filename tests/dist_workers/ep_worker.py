@@ -59,6 +59,37 @@ class ManualAccumulation(TwoMoELayers):
         self.log("train_loss", loss, sync_dist=True)
 
 
+class SkipsSecondLayer(TwoMoELayers):
+    """The second MoE layer is left out of the forward on ``skip_on_ranks`` (a whole EP group, or
+    every rank: within an EP group all ranks take part in its all-to-alls, or none does)."""
+
+    skip_on_ranks: tuple[int, ...] = ()
+
+    def on_train_start(self) -> None:  # the local shard, after the strategy has sharded the experts
+        self.second_experts_at_start = self.blocks["second"].experts.w_in.detach().clone()
+
+    def forward(self, x_BSD):
+        if dist.get_rank() not in self.skip_on_ranks:
+            return super().forward(x_BSD)
+        h_BSD = self.proj_in(x_BSD)
+        return self.proj_out(h_BSD + self.blocks["first"](h_BSD))
+
+
+class TriesApplyPlacement(L.Callback):
+    """Calls ``apply_placement`` after the first optimizer step and keeps the error it raises."""
+
+    error: str | None = None
+    tried = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1 and not self.tried:  # the batch that made the first step
+            self.tried = True
+            try:
+                trainer.strategy.apply_placement({})
+            except ValueError as error:
+                self.error = str(error)
+
+
 def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     model_kwargs = dict(scenario.get("model", {}))
     if scenario.get("mismatch") and rank == 1:
@@ -66,6 +97,9 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     model_class = RootExpertParam if scenario.get("root_expert_param") else TwoMoELayers
     if scenario.get("late_experts"):
         model_class = LateExperts
+    if "skip_second_on_ranks" in scenario:
+        model_class = SkipsSecondLayer
+        SkipsSecondLayer.skip_on_ranks = tuple(scenario["skip_second_on_ranks"])
     if scenario.get("manual"):
         # The model accumulates and clips; the Trainer must not (Lightning refuses both in manual mode).
         model_kwargs.update(accumulate=scenario.pop("accumulate"), clip=scenario.pop("clip"))
@@ -79,8 +113,13 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         expert_placement=scenario.get("placement"),
         device_limited_routing=scenario.get("device_limited"),
         spare_expert_slots=scenario.get("spare", 0),
+        find_unused_parameters=scenario.get("find_unused", False),
     )
     checkpoint_dir = out_dir / "checkpoints"
+    callbacks = [ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=-1, every_n_epochs=1)]
+    tries = TriesApplyPlacement()
+    if scenario.get("try_apply_placement"):
+        callbacks.append(tries)
     trainer = L.Trainer(
         accelerator=scenario.get("accelerator", "cpu"),
         devices=world_size,
@@ -89,7 +128,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         accumulate_grad_batches=scenario.get("accumulate", 1),
         gradient_clip_val=scenario.get("clip"),
         precision=scenario.get("precision", "32-true"),
-        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=-1, every_n_epochs=1)],
+        callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -104,6 +143,14 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     layers = moe_layers(model)
     dispatchers = [layer.dispatcher for layer in layers]
     extra = {"logged_loss": float(trainer.callback_metrics["train_loss"]), "backend": dist.get_backend()}
+    if scenario.get("try_apply_placement"):
+        extra["apply_placement_error"] = tries.error
+    if isinstance(model, SkipsSecondLayer):
+        # The second layer's local experts: how far they moved, and whether they have optimizer state.
+        second = layers[1].experts.w_in.detach()
+        extra.update(second_experts=second.tolist(),
+                     second_experts_moved=float((second - model.second_experts_at_start).abs().max()),
+                     second_experts_state=sorted(trainer.optimizers[0].state.get(layers[1].experts.w_in, {})))
     if scenario.get("validate"):
         # Evaluation after fit (the module keeps its shards), and a fresh module that loads the
         # final checkpoint directory outside fitting (no optimizers, no DDP wrapper).
