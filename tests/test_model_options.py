@@ -76,6 +76,10 @@ def test_building_on_the_meta_device_allocates_nothing():
                                           "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
                                           "original_max_position_embeddings": 4096}),
         Qwen3MoeConfig(head_dim=16, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 8.0}),
+        # Llama 3.2's own values, with a short original context so that the ramp falls on these 8 pairs.
+        Qwen3MoeConfig(head_dim=16, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0,
+                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 2048}),
     ],
 )
 def test_scaled_rope_matches_transformers(config):

@@ -18,7 +18,7 @@ pytest.importorskip("safetensors")
 
 from safetensors import safe_open  # noqa: E402
 
-from lightning_moe import cli  # noqa: E402
+from lightning_moe import MoETransformer, cli  # noqa: E402
 from lightning_moe.interop.neuron_partition import (  # noqa: E402
     balanced_assignment,
     clustered_partition,
@@ -110,6 +110,15 @@ def test_copy_gives_the_dense_logits_with_top_2_routing(dense, tmp_path):
     assert len(set(torch.topk(hidden @ router.T, 2).indices[:, 0].tolist())) > 2
     # Tokenizer files travel with the weights.
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "moe").convert_tokens_to_ids("w5") == 5
+    # Fine-tuning starts from it: MoETransformer reads it (Llama 3's RoPE scaling; Qwen2-MoE's empty
+    # shared expert) with the same logits, and writes it back in the same family.
+    ours = MoETransformer.from_pretrained(tmp_path / "moe").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS), logits(dense_model), atol=1e-5, rtol=1e-5)
+    ours.save_pretrained(tmp_path / "again")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    assert type(again).__name__ == MOE_CLASS[family]
+    torch.testing.assert_close(logits(again), logits(dense_model), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("partition", ["random", "clustered"])

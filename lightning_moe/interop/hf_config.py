@@ -172,10 +172,9 @@ def model_kwargs_from_hf_config(config: dict[str, Any], source: str = "config.js
             gate=TopKGate(top_k=kwargs["top_k"], normalize=bool(c["norm_topk_prob"]), **no_aux), **_layout(n_layers, flags),
         )
         if model_type == "qwen2_moe":
-            if not c["shared_expert_intermediate_size"]:
-                raise c.refuse("shared_expert_intermediate_size=0", "Qwen2-MoE always has a shared expert.")
-            kwargs.update(attention_bias=bool(c["qkv_bias"]), shared_expert_d_ff=c["shared_expert_intermediate_size"],
-                          shared_expert_gate=True)
+            kwargs.update(attention_bias=bool(c["qkv_bias"]))
+            if c["shared_expert_intermediate_size"]:  # 0: an empty one (as `lightning-moe upcycle` writes)
+                kwargs.update(shared_expert_d_ff=c["shared_expert_intermediate_size"], shared_expert_gate=True)
         else:
             kwargs.update(qk_norm="head", attention_bias=bool(c["attention_bias"]),
                           attention_out_bias=bool(c["attention_bias"]))
@@ -332,7 +331,9 @@ def hf_config_fields(model: Any) -> tuple[str, dict[str, Any]]:
         fields.update(intermediate_size=hp.d_ff, moe_intermediate_size=moe_d_ff, num_experts=hp.num_experts,
                       norm_topk_prob=bool(normalize), decoder_sparse_step=1, mlp_only_layers=dense_layers)
         if model_type == "qwen2_moe":
-            require(shared_d_ff > 0 and hp.shared_expert_gate, "no sigmoid-gated shared expert (Qwen2-MoE has one)")
+            require((shared_d_ff > 0) == bool(hp.shared_expert_gate),
+                    "a shared expert without a sigmoid gate, or a gate without one (Qwen2-MoE gates its shared "
+                    "expert, or has an empty one)")
             require(not hp.attention_out_bias, "attention_out_bias=True")
             require(hp.qk_norm is None, f"qk_norm={hp.qk_norm!r}")
             fields.update(shared_expert_intermediate_size=shared_d_ff, qkv_bias=hp.attention_bias)

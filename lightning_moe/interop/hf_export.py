@@ -11,6 +11,7 @@ files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -24,7 +25,7 @@ import torch
 from lightning_moe.interop.hf_config import hf_config_from_model
 from lightning_moe.interop.hf_load import INDEX_FILE, SINGLE_FILE
 from lightning_moe.interop.hf_model import resolve_dtype
-from lightning_moe.interop.hf_weights import WeightMapping, hf_weight_mappings
+from lightning_moe.interop.hf_weights import WeightMapping, empty_shared_expert, hf_weight_mappings
 from lightning_moe.layers.moe import MoELayer
 
 #: Files copied from the source checkpoint directory besides the weights and config.json.
@@ -126,7 +127,13 @@ def save_pretrained(
     path.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, list[str]]] = []
     total = 0
-    for shard in _shards(_hf_tensors(model.state_dict(keep_vars=True), mappings, dtype), parse_size(max_shard_size)):
+    tensors = _hf_tensors(model.state_dict(keep_vars=True), mappings, dtype)
+    if config["model_type"] == "qwen2_moe" and not config["shared_expert_intermediate_size"]:
+        # No shared expert: the empty one transformers builds for width 0 (as `upcycle` writes it).
+        empty = [empty_shared_expert(index, model.hparams.d_model, dtype) for index, block in enumerate(model.blocks)
+                 if block.is_moe]
+        tensors = itertools.chain(tensors, *empty)
+    for shard in _shards(tensors, parse_size(max_shard_size)):
         file = path / f".lightning-moe-shard-{len(written):05d}.tmp"
         save_file(shard, str(file), metadata={"format": "pt"})
         written.append((file, list(shard)))

@@ -218,8 +218,9 @@ def _read_dense(checkpoint: SafetensorsCheckpoint, mapping: WeightMapping, targe
 def _check_unused(checkpoint: SafetensorsCheckpoint, unused: set[str], expert_keys: set[str]) -> list[str]:
     """The unused keys, after checking that each is another rank's expert, a multi-token prediction
     layer (DeepSeek-V3 keeps ``num_nextn_predict_layers`` blocks after the last one, which
-    transformers does not load either) or, with tied embeddings, a stored copy of the embedding as
-    the output head (some exporters write one; a head that differs is refused: tying would lose it)."""
+    transformers does not load either), an empty tensor (Qwen2-MoE's shared expert of width 0, and its
+    gate) or, with tied embeddings, a stored copy of the embedding as the output head (some exporters
+    write one; a head that differs is refused: tying would lose it)."""
     n_layers = checkpoint.config["num_hidden_layers"]
     extra_layers = range(n_layers, n_layers + int(checkpoint.config.get("num_nextn_predict_layers") or 0))
     prediction_layers = tuple(f"model.layers.{index}." for index in extra_layers)
@@ -228,7 +229,11 @@ def _check_unused(checkpoint: SafetensorsCheckpoint, unused: set[str], expert_ke
         checkpoint.config.get("tie_word_embeddings", False) and head in unused and embedding in checkpoint
         and torch.equal(checkpoint.read(head), checkpoint.read(embedding))
     )
-    expected = expert_keys | ({head} if tied_copy else set())
+    # Qwen2-MoE's shared expert of width 0 (and the gate that scales its zero output) adds nothing.
+    empty = {key for key in unused if 0 in checkpoint.shape(key)}
+    empty_gates = {key for key in unused if key.endswith(".mlp.shared_expert_gate.weight")
+                   and key.replace("_gate.weight", ".down_proj.weight") in empty}
+    expected = expert_keys | empty | empty_gates | ({head} if tied_copy else set())
     unexpected = sorted(key for key in unused - expected if not key.startswith(prediction_layers))
     if unexpected:
         raise ValueError(

@@ -16,9 +16,11 @@ Shape legend: ``E`` experts, ``D`` model width, ``F`` expert hidden width.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_moe.layers.gates import SigmoidGate
@@ -125,6 +127,17 @@ def _moe(ours: str, hf: str, layer: MoELayer, family: str) -> list[WeightMapping
     if layer.shared_expert_gate is not None:
         mappings.append(WeightMapping(f"{ours}.shared_expert_gate.weight", (f"{hf}.shared_expert_gate.weight",)))
     return mappings
+
+
+def empty_shared_expert(layer: int, width: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a Qwen2-MoE block's shared expert of width 0 and of its gate (zeros): what
+    transformers builds for ``shared_expert_intermediate_size: 0``. They add nothing to the output
+    (the gate scales a zero)."""
+    prefix = f"model.layers.{layer}.mlp.shared_expert"
+    yield f"{prefix}.gate_proj.weight", torch.zeros(0, width, dtype=dtype)
+    yield f"{prefix}.up_proj.weight", torch.zeros(0, width, dtype=dtype)
+    yield f"{prefix}.down_proj.weight", torch.zeros(width, 0, dtype=dtype)
+    yield f"{prefix}_gate.weight", torch.zeros(1, width, dtype=dtype)
 
 
 def hf_weight_mappings(model: Any, family: str) -> list[WeightMapping]:

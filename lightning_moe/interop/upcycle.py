@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from lightning_moe.interop.hf_weights import empty_shared_expert
 from lightning_moe.interop.neuron_partition import PARTITIONS, clustered_partition, neuron_features, random_partition
 from lightning_moe.interop.safetensors_files import SafetensorsCheckpoint, ShardedSafetensorsWriter
 
@@ -210,11 +211,7 @@ def _moe_layer_tensors(
         for projection, tensor in weights.items():
             yield target.expert_key(layer, expert, projection), tensor
     if target.model_type == "qwen2_moe":
-        prefix = f"model.layers.{layer}.mlp.shared_expert"
-        yield f"{prefix}.gate_proj.weight", torch.zeros(0, width, dtype=dtype)
-        yield f"{prefix}.up_proj.weight", torch.zeros(0, width, dtype=dtype)
-        yield f"{prefix}.down_proj.weight", torch.zeros(width, 0, dtype=dtype)
-        yield f"{prefix}_gate.weight", torch.zeros(1, width, dtype=dtype)
+        yield from empty_shared_expert(layer, width, dtype)
 
 
 def upcycle(

@@ -1,4 +1,4 @@
-"""Rotary position embeddings: frequencies (plain, linear-scaled or YaRN), and the rotation itself.
+"""Rotary position embeddings: frequencies (plain, linear-scaled, YaRN or Llama 3's), and the rotation itself.
 
 Shape legend: ``B`` batch, ``H`` heads, ``T`` sequence length, ``Hd`` rotated head width,
 ``R = Hd / 2`` rotary frequencies.
@@ -17,6 +17,9 @@ ROPE_SCALING_KEYS: dict[str, frozenset[str]] = {
     "yarn": frozenset({
         "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
         "mscale_all_dim", "attention_factor", "truncate",
+    }),
+    "llama3": frozenset({
+        "rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
     }),
 }
 
@@ -45,12 +48,19 @@ def check_rope_scaling(owner: str, rope_scaling: dict[str, Any] | None) -> None:
     factor = rope_scaling.get("factor")
     if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor >= 1):
         raise ValueError(f"{owner}: `rope_scaling` factor must be a number >= 1, got {factor!r}.")
-    if rope_type == "yarn":
+    if rope_type in ("yarn", "llama3"):
         original = rope_scaling.get("original_max_position_embeddings")
         if not (isinstance(original, int) and not isinstance(original, bool) and original > 0):
             raise ValueError(
-                f"{owner}: yarn `rope_scaling` needs `original_max_position_embeddings` (the pre-training "
+                f"{owner}: {rope_type} `rope_scaling` needs `original_max_position_embeddings` (the pre-training "
                 f"context length) as a positive integer, got {original!r}."
+            )
+    if rope_type == "llama3":
+        low, high = rope_scaling.get("low_freq_factor"), rope_scaling.get("high_freq_factor")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not 0 < low < high:
+            raise ValueError(
+                f"{owner}: llama3 `rope_scaling` needs `low_freq_factor` and `high_freq_factor` with "
+                f"0 < low < high (Llama 3.1 uses 1 and 4), got {low!r} and {high!r}."
             )
 
 
@@ -95,6 +105,19 @@ def _yarn_frequencies(
     return inv_freq_R, float(attention_factor)
 
 
+def _llama3_frequencies(inv_freq_R: torch.Tensor, rope_scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's context extension (Meta's reference ``apply_scaling``): a frequency whose
+    wavelength is longer than ``original / low_freq_factor`` positions is divided by ``factor``, one
+    shorter than ``original / high_freq_factor`` is kept, and between the two the frequency moves
+    smoothly from one to the other, in proportion to ``original / wavelength``."""
+    factor = float(rope_scaling["factor"])
+    original = float(rope_scaling["original_max_position_embeddings"])
+    low, high = float(rope_scaling["low_freq_factor"]), float(rope_scaling["high_freq_factor"])
+    wavelength_R = 2 * math.pi / inv_freq_R
+    kept_share_R = ((original / wavelength_R - low) / (high - low)).clamp(0, 1)  # 0: divided, 1: kept
+    return inv_freq_R / factor * (1 - kept_share_R) + inv_freq_R * kept_share_R
+
+
 def rotary_cos_sin(
     seq_len: int,
     head_dim: int,
@@ -116,7 +139,8 @@ def rotary_cos_sin(
         rope_scaling: ``None`` for plain RoPE; ``{"rope_type": "linear", "factor": s}`` divides every
             frequency by ``s`` (position interpolation, Chen et al. 2023); ``{"rope_type": "yarn",
             ...}`` is YaRN (see :func:`_yarn_frequencies`), whose attention factor multiplies the
-            cosines and sines (so both queries and keys).
+            cosines and sines (so both queries and keys); ``{"rope_type": "llama3", ...}`` is Llama
+            3.1's (see :func:`_llama3_frequencies`).
         device: where the tables are made.
     """
     inv_freq_R = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -124,6 +148,8 @@ def rotary_cos_sin(
     if rope_scaling is not None:
         if rope_scaling["rope_type"] == "linear":
             inv_freq_R = inv_freq_R / float(rope_scaling["factor"])
+        elif rope_scaling["rope_type"] == "llama3":
+            inv_freq_R = _llama3_frequencies(inv_freq_R, rope_scaling)
         else:
             inv_freq_R, attention_factor = _yarn_frequencies(inv_freq_R, head_dim, theta, rope_scaling)
     angles_TR = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq_R)
