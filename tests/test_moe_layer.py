@@ -244,6 +244,7 @@ def test_a_gate_instance_is_copied_per_layer():
         (dict(activation="relu6"), "activation"),
         (dict(gate_kwargs={"temperature": 2.0}), "gate_kwargs"),
         (dict(num_shared_experts=-1), "num_shared_experts"),
+        (dict(shared_expert_gate=True), "`shared_expert_gate`=True scales the shared experts' output, but the layer"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs, field):

@@ -90,6 +90,11 @@ class MoELayer(nn.Module):
                 f"`capacity_factor` must be > 0, got {capacity_factor!r}. Use None for dropless routing "
                 f"or a positive factor such as 1.25."
             )
+        if shared_expert_gate and not (num_shared_experts > 0 or shared_expert_d_ff):
+            raise ValueError(
+                "`shared_expert_gate`=True scales the shared experts' output, but the layer has none. Set "
+                "`num_shared_experts` (or `shared_expert_d_ff`), or leave `shared_expert_gate` false."
+            )
         self.d_model, self.num_experts = d_model, num_experts
         if not isinstance(pad_to_capacity, bool) or (pad_to_capacity and capacity_factor is None):
             raise ValueError(
