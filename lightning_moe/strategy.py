@@ -313,7 +313,15 @@ class MoEStrategy(DDPStrategy):
     def _placement_for(self, num_experts: int) -> ExpertPlacement:
         if self.expert_placement is None:
             return ExpertPlacement.identity(num_experts, self.expert_parallel_size, self.spare_expert_slots)
-        return ExpertPlacement.from_experts_per_rank(self.expert_placement)
+        placement = ExpertPlacement.from_experts_per_rank(self.expert_placement)
+        slots = num_experts // self.expert_parallel_size + self.spare_expert_slots
+        if self.spare_expert_slots and placement.slots_per_rank != slots:
+            raise ValueError(
+                f"`expert_placement` gives each rank {placement.slots_per_rank} slots, but spare_expert_slots="
+                f"{self.spare_expert_slots} asks for {slots}. The table sets the slots: leave spare_expert_slots "
+                f"at 0, or give a table with {slots} experts per rank."
+            )
+        return placement
 
     def _set_expert_groups(self, layer: MoELayer) -> None:
         """Give the gate the devices of its experts under the table in force: the groups of

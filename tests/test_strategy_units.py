@@ -221,3 +221,9 @@ def test_strategy_arguments_and_registry():
         MoEStrategy(device_limited_routing=0)
     with pytest.raises(ValueError, match="`expert_placement` lists 1 ranks but expert_parallel_size=2"):
         MoEStrategy(expert_parallel_size=2, expert_placement=[[0, 1]])
+    # The table sets the slots; a spare count that disagrees with it is named, not ignored.
+    strategy = MoEStrategy(expert_parallel_size=2, expert_placement=[[3, 0], [1, 2]], spare_expert_slots=1)
+    with pytest.raises(ValueError, match="gives each rank 2 slots, but spare_expert_slots=1 asks for 3"):
+        strategy._placement_for(4)
+    agreeing = MoEStrategy(expert_parallel_size=2, expert_placement=[[3, 0, 1], [1, 2, 3]], spare_expert_slots=1)
+    assert agreeing._placement_for(4).slots_per_rank == 3
