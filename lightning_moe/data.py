@@ -134,7 +134,8 @@ def expand_file_patterns(owner: str, name: str, patterns: str | list[str]) -> li
         patterns = [patterns]
     paths: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(str(pattern)))) if glob.has_magic(str(pattern)) else [pattern]
+        pattern = os.path.expanduser(str(pattern))  # `~/data/a.jsonl` as well as `~/data/*.jsonl`
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         for match in matches:
             if not Path(match).is_file():
                 raise ValueError(

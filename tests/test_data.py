@@ -192,3 +192,11 @@ def test_too_short_text_for_seq_len_is_rejected(tmp_path):
     data = TextFileDataModule(train_files=[str(tmp_path / "x.txt")], seq_len=64)
     with pytest.raises(ValueError, match="seq_len"):
         data.setup("fit")
+
+
+def test_a_path_under_home_is_expanded_with_or_without_a_pattern(tmp_path, monkeypatch):
+    from lightning_moe.data import expand_file_patterns
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "a.txt").write_text("the cat")
+    assert expand_file_patterns("X", "train_files", ["~/a.txt", "~/*.txt"]) == [tmp_path / "a.txt"] * 2

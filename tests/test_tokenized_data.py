@@ -369,6 +369,42 @@ def test_bad_lines_are_errors_that_name_file_and_line(tmp_path, qwen, reason, co
         dm.setup()
 
 
+# Templates that refuse a conversation, as Mistral's (roles must alternate) and Qwen2.5's (it reads
+# messages[0] when rendering the prompt before an opening assistant turn) do.
+ALTERNATING = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+READS_FIRST = (
+    "{% if messages[0]['role'] == 'system' %}<|im_start|>system {{ messages[0]['content'] }} <|im_end|> "
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, bad, message",
+    [
+        (ALTERNATING, [("user", "the cat"), ("user", "the dog"), ("assistant", "sat")],
+         "TemplateError: Conversation roles must alternate user/assistant"),
+        (READS_FIRST, [("assistant", "the cat"), ("user", "sat")], "UndefinedError"),
+    ],
+    ids=["raise_exception", "messages[0] of an empty prefix"],
+)
+def test_a_conversation_the_template_refuses_is_a_bad_line(tmp_path, template, bad, message):
+    tokenizer = make_tokenizer(tmp_path / "tok", template=template)
+    good = {"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}]}
+    refused = {"messages": [{"role": role, "content": content} for role, content in bad]}
+    data = write_jsonl(tmp_path / "chat.jsonl", [good, good, refused, good])
+    with pytest.raises(ValueError, match=rf"^{data}:3: the chat template rejects this conversation \({message}"):
+        module(tokenizer, [data], val_files=[str(data)]).setup()
+    skipping = module(tokenizer, [data], val_files=[str(data)], on_bad_line="skip")
+    skipping.setup()
+    assert dict(skipping.bad_lines.counts) == {"template": 2}  # the line, in the training and validation reads
+
+
 def test_bad_text_file_lines_and_empty_files(tmp_path, qwen):
     text = tmp_path / "t.txt"
     text.write_bytes(b"the cat\nsat \xff on\nthe mat\n")

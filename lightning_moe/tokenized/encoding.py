@@ -161,6 +161,21 @@ class DocumentEncoder:
                 "a chat line, but the tokenizer has no chat_template. Use an instruct checkpoint's tokenizer, add a "
                 "chat_template to its tokenizer_config.json, or give the data as text.",
             )
+        from jinja2 import TemplateError
+
+        try:
+            return self._encode_messages(piece)
+        except TemplateError as error:
+            # Templates refuse conversations they do not expect (`raise_exception` on roles that do
+            # not alternate, a system turn; `messages[0]` read before an opening assistant turn).
+            raise BadInputError(
+                piece.location,
+                "template",
+                f"the chat template rejects this conversation ({type(error).__name__}: {error}). Fix the line, "
+                f"or skip such lines with on_bad_line='skip'.",
+            ) from None
+
+    def _encode_messages(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
         messages = piece.messages
         if self.has_generation_blocks:
             encoded = self.tokenizer.apply_chat_template(
