@@ -38,7 +38,7 @@ from lightning_moe.checkpoint import (
     load_local_checkpoint,
     save_sharded_checkpoint,
 )
-from lightning_moe.checkpoint.layout import save_beside_then_swap
+from lightning_moe.checkpoint.layout import save_beside_then_swap, synchronous
 from lightning_moe.layers.balancing import register_global_batch_end
 from lightning_moe.layers.experts import is_expert_param
 from lightning_moe.layers.gates.device_balance import ExpertDevices
@@ -480,7 +480,7 @@ class MoEStrategy(DDPStrategy):
                 # A directory saved by an earlier expert-parallel run of the same path: the file is
                 # written beside it and swapped in, so a failed save keeps the directory.
                 save_beside_then_swap(
-                    path, lambda staged: self.checkpoint_io.save_checkpoint(checkpoint, staged, storage_options)
+                    path, lambda staged: synchronous(self.checkpoint_io).save_checkpoint(checkpoint, staged, storage_options)
                 )
                 return
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)

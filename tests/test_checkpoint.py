@@ -131,6 +131,64 @@ def test_a_save_that_fails_half_way_keeps_the_previous_checkpoint(tmp_path):
     assert len([p for p in path.iterdir() if p.is_dir()]) == 1
 
 
+def test_a_committed_save_whose_cleanup_fails_stays_loadable(tmp_path, monkeypatch):
+    """Once the pointer names the new version the save has succeeded: an error removing the old
+    version only warns (it removed the new one, and nothing loaded)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    path = tmp_path / "last.ckpt"
+    _save(sharded, optimizer, path, global_step=5)
+    old_version = Path(committed_directory(path)).name
+    remove = LocalFileSystem.rm
+
+    def failing_on_the_old_version(self, entry, *args, **kwargs):
+        if old_version in str(entry):
+            raise OSError(5, "Input/output error")
+        return remove(self, entry, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "rm", failing_on_the_old_version)
+    with pytest.warns(UserWarning, match=f"is saved, but its earlier entry .*{old_version} could not be removed"):
+        _save(sharded, optimizer, path, global_step=9)
+    assert read_full_checkpoint(path)["global_step"] == 9
+    monkeypatch.setattr(LocalFileSystem, "rm", remove)
+    _save(sharded, optimizer, path, global_step=11)  # the next save removes what was left
+    assert read_full_checkpoint(path)["global_step"] == 11 and len([p for p in path.iterdir() if p.is_dir()]) == 1
+
+
+def test_checkpoint_directories_are_written_synchronously_under_async_checkpoint_io(tmp_path):
+    """AsyncCheckpointIO returns before its file exists: a directory committed then would point at
+    files not yet written, with the previous checkpoint already removed. Its files are written in turn."""
+    import time
+
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    class SlowStore(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            time.sleep(0.3)
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    path = tmp_path / "last.ckpt"
+    _save(sharded, optimizer, path, global_step=5)
+    asynchronous = AsyncCheckpointIO(SlowStore())
+    with pytest.warns(UserWarning, match="written synchronously, not by AsyncCheckpointIO"):
+        _save(sharded, optimizer, path, checkpoint_io=asynchronous, global_step=9)
+    assert read_full_checkpoint(path)["global_step"] == 9  # complete as soon as the save returns
+    asynchronous.teardown()
+
+
+def test_a_save_into_a_directory_of_other_files_is_refused(tmp_path):
+    """A path that is a directory but not a checkpoint: saving there would delete its files."""
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    folder = tmp_path / "results"
+    (folder / "data").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match=r"holds other files \(\['data', 'notes.txt'\]\), not a checkpoint"):
+        _save(sharded, optimizer, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["data", "notes.txt"]
+
+
 def test_a_directory_replaces_a_single_file_checkpoint_only_once_it_is_complete(tmp_path):
     """A run that switches to expert parallelism and saves over a single-file checkpoint: the file
     survives a failed save untouched, and a save that succeeds replaces it with a directory."""

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,20 @@ def join(path: _PATH, *names: str) -> str:
 def new_version_name(global_step: int) -> str:
     """A version directory name that sorts by step and never collides with an earlier save."""
     return f"step{int(global_step):08d}-{uuid.uuid4().hex[:8]}"
+
+
+#: The entries a checkpoint directory holds: the pointer, version directories, format-1 files.
+_OWN_ENTRY = re.compile(r"(current\.json|step\d{8}-[0-9a-f]{8}|meta\.pt|experts-ep\d{5}\.pt)")
+
+
+def foreign_entries(path: _PATH) -> list[str]:
+    """The entries of directory ``path`` that no checkpoint writes (empty for a checkpoint directory,
+    a failed save's leftovers, or a path that is not a directory): a save must not replace them."""
+    fs = get_filesystem(path)
+    if not fs.isdir(str(path)):
+        return []
+    names = [Path(entry.rstrip("/")).name for entry in fs.ls(str(path), detail=False)]
+    return sorted(name for name in names if not _OWN_ENTRY.fullmatch(name))
 
 
 def committed_directory(path: _PATH) -> str | None:
@@ -118,6 +134,20 @@ def staging_path(path: _PATH) -> str:
     return f"{path}.saving-{uuid.uuid4().hex[:8]}"
 
 
+def synchronous(checkpoint_io: Any) -> Any:
+    """``checkpoint_io`` for the files of a checkpoint that replaces the previous one only once they
+    exist: an ``AsyncCheckpointIO`` (which returns before its file is written) is unwrapped."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    if not isinstance(checkpoint_io, AsyncCheckpointIO):
+        return checkpoint_io
+    warnings.warn(
+        "Checkpoints of sharded experts (and a file that replaces one) are written synchronously, not by "
+        "AsyncCheckpointIO: they replace the previous checkpoint only once every file exists."
+    )
+    return checkpoint_io.checkpoint_io
+
+
 def save_beside_then_swap(path: _PATH, write: Callable[[str], None]) -> None:
     """Write a checkpoint with ``write(staged_path)`` beside ``path``, then :func:`swap_in` it (rank 0
     only). A write that fails removes its debris and leaves ``path`` as it was."""
@@ -131,8 +161,10 @@ def save_beside_then_swap(path: _PATH, write: Callable[[str], None]) -> None:
 
 
 def commit_version(path: _PATH, version: str) -> None:
-    """Point checkpoint ``path`` at its (complete) ``version`` directory, then remove every other entry
-    of ``path`` (earlier versions, failed saves, format-1 files). Rank 0 only, after every rank wrote."""
+    """Point checkpoint ``path`` at its (complete) ``version`` directory, then remove the other entries
+    a checkpoint writes (earlier versions, failed saves, format-1 files). Rank 0 only, after every rank
+    wrote. Once the pointer is written the save has succeeded: a removal that fails only warns (the
+    entry is removed by the next save)."""
     fs = get_filesystem(path)
     pointer = join(path, POINTER_FILE)
     payload = json.dumps({"version": version, "format_version": FORMAT_VERSION}).encode()
@@ -141,8 +173,13 @@ def commit_version(path: _PATH, version: str) -> None:
         with fs.open(pointer, "wb") as file:
             file.write(payload)
     for entry in fs.ls(str(path), detail=False):
-        if Path(entry).name not in (POINTER_FILE, version):
+        name = Path(entry.rstrip("/")).name
+        if name in (POINTER_FILE, version) or not _OWN_ENTRY.fullmatch(name):
+            continue
+        try:
             fs.rm(entry, recursive=True)
+        except Exception as error:  # noqa: BLE001 - the new checkpoint is committed; the old entry only takes space
+            warnings.warn(f"Checkpoint {path} is saved, but its earlier entry {entry} could not be removed: {error}")
 
 
 def remove_quietly(path: _PATH) -> None:

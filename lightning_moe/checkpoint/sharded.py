@@ -36,11 +36,13 @@ from lightning_moe.checkpoint.layout import (
     commit_version,
     expert_file_name,
     expert_key,
+    foreign_entries,
     join,
     new_version_name,
     remove_quietly,
     staging_path,
     swap_in,
+    synchronous,
 )
 from lightning_moe.checkpoint.source import SavedCheckpoint
 from lightning_moe.parallel.expert_state import join_expert_states, split_expert_state
@@ -163,11 +165,19 @@ def save_sharded_checkpoint(
         placements: the per-layer placement tables to store in the manifest.
     """
     is_global_zero = global_rank == 0
+    checkpoint_io = synchronous(checkpoint_io)  # every file exists before the commit
     if is_global_zero:
         # Over a single-file checkpoint the directory is written beside it and swapped in at the end.
         root = staging_path(path) if get_filesystem(path).isfile(str(path)) else str(path)
-        target = (new_version_name(int(checkpoint.get("global_step", 0))), root)
-    version, root = broadcast(target if is_global_zero else None)
+        foreign = foreign_entries(path)
+        refusal = (
+            f"{path} is a directory that holds other files ({foreign[:5]}), not a checkpoint: saving there would "
+            f"delete them. Save to a new path." if foreign else None
+        )
+        target = (new_version_name(int(checkpoint.get("global_step", 0))), root, refusal)
+    version, root, refusal = broadcast(target if is_global_zero else None)
+    if refusal is not None:  # the same on every rank
+        raise CheckpointError(refusal)
     version_dir = join(root, version)
 
     def agree(problem: str | None, error_type: type[Exception], message: str) -> None:
