@@ -44,7 +44,7 @@ def test_resumes_mid_epoch_and_at_epoch_end(tmp_path, workers):
     L.Trainer(max_epochs=3, callbacks=[checkpoints], **TRAINER).fit(full, _loader(workers))
     for name in ("epoch=0-step=6", "epoch=1-step=9", "epoch=2-step=24"):
         resumed = _Recorder()
-        L.Trainer(max_epochs=3, **TRAINER).fit(resumed, _loader(workers), ckpt_path=tmp_path / f"{name}.ckpt")
+        L.Trainer(max_epochs=3, default_root_dir=tmp_path, **TRAINER).fit(resumed, _loader(workers), ckpt_path=tmp_path / f"{name}.ckpt")
         done = int(name.split("step=")[1])
         assert resumed.seen == full.seen[done:], name
 
