@@ -336,6 +336,52 @@ def test_a_restored_loader_continues_where_the_epoch_stopped(tmp_path, qwen, str
         assert all(torch.equal(a, b) for a, b in zip(rest, epochs[epoch][done:]))
 
 
+def test_a_one_pass_stream_resumes_where_it_stopped_after_a_shard_ran_out(tmp_path, qwen):
+    """One pass with two workers whose shards end at different points (long even lines, short odd
+    ones): once shard 1 runs out PyTorch serves shard 0 alone. A loader stopped at any batch, and
+    resumed from its state (also a second time), serves exactly the rest of the epoch."""
+    docs = [{"text": " ".join(["the cat sat"] * (4 if index % 2 == 0 else 1) + [f"doc{index}"])} for index in range(20)]
+    data = write_jsonl(tmp_path / "d.jsonl", docs)
+
+    def loader():
+        dm = module(qwen, [data], val_files=[str(data)], streaming=True, num_workers=2)
+        dm.setup()
+        return dm.train_dataloader()
+
+    def keys(batches):
+        return [tuple(batch[0].flatten().tolist()) for batch in batches]
+
+    epoch = keys(loader())
+    assert len(set(epoch)) == len(epoch) > 6
+    for done in range(1, len(epoch)):
+        interrupted = loader()
+        iterator = iter(interrupted)
+        for _ in range(done):
+            next(iterator)
+        state = interrupted.state_dict()
+        assert state["batches"] == done and sum(state["served_per_role"]) == done
+        resumed = loader()
+        resumed.load_state_dict(state)
+        iterator = iter(resumed)
+        rest = keys(iterator) if done % 3 else keys([next(iterator)])  # every third: stop again after one
+        if done % 3:
+            assert rest == epoch[done:], done
+            continue
+        again = loader()
+        again.load_state_dict(resumed.state_dict())
+        assert rest + keys(again) == epoch[done:], done
+
+
+def test_a_one_pass_stream_refuses_to_resume_with_another_number_of_workers(tmp_path, qwen):
+    data = write_jsonl(tmp_path / "d.jsonl", text_docs(20))
+    dm = module(qwen, [data], val_files=[str(data)], streaming=True, num_workers=2)
+    dm.setup()
+    loader = dm.train_dataloader()
+    loader.load_state_dict({"epoch": 0, "batches": 3, "served_per_role": [1, 1, 1], "next_role": 0})
+    with pytest.raises(ValueError, match="with 3 data-loader worker.*resume it with num_workers=3"):
+        iter(loader)
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 

@@ -133,6 +133,11 @@ def _batches_of(worker: int, start: int, stop: int, num_workers: int) -> int:
     return max(0, served_before(stop) - served_before(start))
 
 
+def control_tensor(num_workers: int) -> torch.Tensor:
+    """A zeroed :attr:`StreamingWindows.control` for ``num_workers`` workers, in shared memory."""
+    return torch.zeros(3 + max(num_workers, 1), dtype=torch.int64).share_memory_()
+
+
 class _LiveStream:
     """A shard's endless window stream and how many windows it has given (kept between epochs)."""
 
@@ -150,8 +155,14 @@ class StreamingWindows(IterableDataset):
     """Packed windows read lazily from files, sharded over ranks and data-loader workers.
 
     Data-loader batch ``j`` of a rank comes from worker ``j % num_workers`` (PyTorch serves workers
-    in turn), so worker ``w`` yields the batches ``j = w, w + W, ...`` of the rank's epoch.
-    :attr:`control` (shared with the workers) holds the epoch and the batches to skip on resume.
+    in turn), so worker ``w`` yields the batches ``j = w, w + W, ...`` of the rank's epoch. In one
+    pass (no ``windows_per_rank``) the shards end at different points, after which PyTorch serves the
+    workers still going: each window then carries its shard's role (a third element, which
+    :class:`WindowLoader` takes off the batch) so that the loader knows which shard served each
+    batch, and a resume skips in each shard what it had served.
+    :attr:`control` (shared with the workers) holds the epoch, the batches to skip on resume, and in
+    one pass the role of the worker served first and the batches each role had served
+    (:meth:`WindowLoader.__init__` sizes it for its workers).
 
     Args:
         source: the documents of this split.
@@ -181,8 +192,11 @@ class StreamingWindows(IterableDataset):
         self.source, self.encoder, self.seq_len, self.pad_id = source, encoder, seq_len, pad_id
         self.on_bad_line, self.batch_size = on_bad_line, batch_size
         self.rank, self.world_size, self.windows_per_rank = rank, world_size, windows_per_rank
-        #: ``[epoch, batches to skip]``, in shared memory so persistent workers see the main process's writes.
-        self.control = torch.zeros(2, dtype=torch.int64).share_memory_()
+        #: ``[epoch, batches to skip, first role, batches served per role ...]``, in shared memory so
+        #: persistent workers see the main process's writes.
+        self.control = control_tensor(1)
+        #: One pass: add each window's role (set by :class:`WindowLoader`, which takes it off again).
+        self.tag_roles = False
         self._live: _LiveStream | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -215,16 +229,26 @@ class StreamingWindows(IterableDataset):
     def __iter__(self) -> Iterator[Window]:
         info = get_worker_info()
         num_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        epoch, skip = (int(value) for value in self.control.tolist())
+        epoch, skip, first_role, *served_R = (int(value) for value in self.control.tolist())
+        batch = self.batch_size
+        if self.windows_per_rank is None:
+            # The loader asks worker 0 first: it takes the role whose turn is next, and every role
+            # skips what it had served (shards that ended yield nothing, as they did).
+            role = (worker + first_role) % num_workers
+            shard, num_shards = self.rank * num_workers + role, self.world_size * num_workers
+            skipped = served_R[role] * batch if role < len(served_R) else 0  # a control not sized: from the start
+            windows = islice(self.shard_windows(shard, num_shards), skipped, None)
+            if not self.tag_roles:
+                yield from windows
+                return
+            role_tensor = torch.tensor(role)
+            for inputs, targets in windows:
+                yield inputs, targets, role_tensor
+            return
         # After skipping `skip` batches the loader still asks worker 0 first; hand it the role of the
         # worker whose turn is next, so the resumed order is the uninterrupted one.
         role = (worker + skip) % num_workers
         shard, num_shards = self.rank * num_workers + role, self.world_size * num_workers
-        batch = self.batch_size
-        if self.windows_per_rank is None:
-            skipped = _batches_of(role, 0, skip, num_workers) * batch
-            yield from islice(self.shard_windows(shard, num_shards), skipped, None)
-            return
         batches_per_epoch = self.windows_per_rank // batch
         per_epoch = _batches_of(role, 0, batches_per_epoch, num_workers)
         start = (epoch * per_epoch + _batches_of(role, 0, skip, num_workers)) * batch
@@ -266,7 +290,9 @@ class WindowLoader(DataLoader):
     stream needs to fast-forward to (it has no sampler that Lightning would call ``set_epoch`` on).
 
     The state is ``{"epoch": e, "batches": k}``: the next batch to train on is batch ``k`` of epoch
-    ``e`` (a checkpoint taken after an epoch's last batch points at the start of the next epoch).
+    ``e`` (a checkpoint taken after an epoch's last batch points at the start of the next epoch). A
+    one-pass stream adds ``"served_per_role"`` (the batches each shard of the rank served) and
+    ``"next_role"`` (the shard whose turn is next): its shards end at different points.
     :attr:`progress` (set by the data module) reads the position from the trainer; without it the
     loader counts the batches it served. The first iteration after :meth:`load_state_dict` runs
     epoch ``e`` from batch ``k``: a :class:`ShuffledWindowSampler` skips the windows of the first
@@ -278,34 +304,76 @@ class WindowLoader(DataLoader):
         super().__init__(*args, **kwargs)
         #: Returns ``(epoch, batches finished in it, whether that was its last batch)``; ``None`` counts locally.
         self.progress: Callable[[], tuple[int, int, bool]] | None = None
-        self._resume: tuple[int, int] | None = None
+        self._resume: dict[str, Any] | None = None
         self._epoch, self._served, self._finished, self._iterations = 0, 0, False, 0
+        self._one_pass = isinstance(self.dataset, StreamingWindows) and self.dataset.windows_per_rank is None
+        if self._one_pass:
+            self.dataset.control, self.dataset.tag_roles = control_tensor(self.num_workers), True
+        # One pass: where the epoch's iteration started (batches, per role, next role) and the role of
+        # each batch served since.
+        self._start: tuple[int, list[int], int] = (0, [0] * max(self.num_workers, 1), 0)
+        self._roles = bytearray()
 
     def state_dict(self) -> dict[str, int]:
         if self.progress is not None:
             epoch, batches, finished = self.progress()
         else:
             epoch, batches, finished = self._epoch, self._served, self._finished
-        return {"epoch": int(epoch) + 1, "batches": 0} if finished else {"epoch": int(epoch), "batches": int(batches)}
+        if finished:
+            return {"epoch": int(epoch) + 1, "batches": 0}
+        state = {"epoch": int(epoch), "batches": int(batches)}
+        if self._one_pass:
+            start, served_R, next_role = self._start
+            served_R = list(served_R)
+            consumed = self._roles[: max(int(batches) - start, 0)]
+            for role in consumed:
+                served_R[role] += 1
+            if consumed:
+                next_role = (consumed[-1] + 1) % len(served_R)
+            state.update(served_per_role=served_R, next_role=next_role)
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = (int(state["epoch"]), int(state["batches"]))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state)
 
     def __iter__(self) -> Iterator[Any]:
-        if self._resume is not None:
+        resume, self._resume = self._resume, None
+        if resume is not None:
             # Lightning creates the resumed iterator before its loops catch up with the checkpoint
             # (its epoch counter can still lag by one), so the saved position decides.
-            (epoch, skip), self._resume = self._resume, None
+            epoch, skip = int(resume["epoch"]), int(resume["batches"])
         else:
             epoch, skip = (self.progress()[0] if self.progress is not None else self._iterations), 0
         self._iterations = epoch + 1
-        if isinstance(self.dataset, StreamingWindows):
-            self.dataset.control.copy_(torch.tensor([epoch, skip]))
+        if self._one_pass:
+            workers = max(self.num_workers, 1)
+            if resume is not None and "served_per_role" in resume:
+                served_R, next_role = [int(n) for n in resume["served_per_role"]], int(resume["next_role"])
+                if len(served_R) != workers:
+                    raise ValueError(
+                        f"WindowLoader: the checkpoint stopped a one-pass stream mid-epoch with {len(served_R)} "
+                        f"data-loader worker(s); resume it with num_workers={len(served_R) if len(served_R) > 1 else 0} "
+                        f"(each worker reads its own shard), or from a checkpoint taken at an epoch boundary."
+                    )
+            else:  # a fresh epoch, or a checkpoint from before the roles were kept: workers in turn
+                served_R, next_role = [_batches_of(role, 0, skip, workers) for role in range(workers)], skip % workers
+            self._start, self._roles = (skip, served_R, next_role), bytearray()
+            self.dataset.control.copy_(torch.tensor([epoch, skip, next_role, *served_R]))
+        elif isinstance(self.dataset, StreamingWindows):
+            self.dataset.control[:2] = torch.tensor([epoch, skip])
         elif isinstance(self.sampler, ShuffledWindowSampler):
             self.sampler.set_epoch(epoch)
             self.sampler.skip = skip * self.batch_size
         iterator = super().__iter__()
+        if self._one_pass:
+            iterator = self._without_roles(iterator)
         return iterator if self.progress is not None else self._counted(iterator, epoch, skip)
+
+    def _without_roles(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        """One pass: the batches without their role column, each batch's role noted."""
+        for inputs, targets, roles in iterator:
+            self._roles.append(int(roles[0]))
+            yield inputs, targets
 
     def _counted(self, iterator: Iterator[Any], epoch: int, skip: int) -> Iterator[Any]:
         self._epoch, self._served, self._finished = epoch, skip, False
