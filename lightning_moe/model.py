@@ -89,12 +89,15 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         attention_out_bias: a bias on the attention output projection.
         qk_norm: ``None``; ``"head"`` for an RMSNorm over each head's queries and keys (Qwen3-MoE);
             ``"full"`` for one over the whole query and key projections (OLMoE).
-        norm_eps: epsilon of every RMSNorm.
-        rope_scaling: ``None`` for plain RoPE; ``{"rope_type": "linear", "factor": s}`` or a YaRN dict
+        norm_eps: epsilon of every RMSNorm but the latent ones of multi-head latent attention, which
+            use 1e-6 as DeepSeek-V3 and transformers do.
+        rope_scaling: ``None`` for plain RoPE; ``{"rope_type": "linear", "factor": s}``, a YaRN dict
             (``{"rope_type": "yarn", "factor", "original_max_position_embeddings", "beta_fast",
-            "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}``, the keys of
-            transformers' ``rope_parameters``). With multi-head latent attention, ``mscale_all_dim``
-            also multiplies the softmax scale by ``mscale**2`` as DeepSeek-V3 does.
+            "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}``) or Llama 3's
+            (``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}``): the keys of transformers' ``rope_parameters``.
+            With multi-head latent attention, ``mscale_all_dim`` also multiplies the softmax scale by
+            ``mscale**2`` as DeepSeek-V3 does.
         rope_interleave: rotate adjacent feature pairs instead of the two halves of a head (DeepSeek).
         q_lora_rank: query latent width of multi-head latent attention; ``None`` projects queries directly.
         kv_lora_rank: key/value latent width; setting it turns every block's attention into multi-head

@@ -148,7 +148,7 @@ def test_a_committed_save_whose_cleanup_fails_stays_loadable(tmp_path, monkeypat
         return remove(self, entry, *args, **kwargs)
 
     monkeypatch.setattr(LocalFileSystem, "rm", failing_on_the_old_version)
-    with pytest.warns(UserWarning, match=f"is saved, but its earlier entry .*{old_version} could not be removed"):
+    with pytest.warns(UserWarning, match="is saved, but its earlier entries could not all be removed: .*Input/output"):
         _save(sharded, optimizer, path, global_step=9)
     assert read_full_checkpoint(path)["global_step"] == 9
     monkeypatch.setattr(LocalFileSystem, "rm", remove)

@@ -302,7 +302,8 @@ def test_bad_planner_options_fail_at_construction_naming_the_field(options, mess
 
 def test_calibration_keeps_the_fixed_cost_non_negative():
     """Step times that a line through them would reach with a negative fixed cost: the fit is the
-    non-negative one (through the origin), and the planners of the same re-plan use it."""
+    non-negative one (through the origin), and it reports the change (the re-plan then rebuilds its
+    planners with it)."""
     from lightning_moe import ExpertMigration
     from lightning_moe.parallel.placement import ExpertPlacement
 

@@ -230,6 +230,7 @@ class ExpertMigration(Callback):
         self._due = self._pending is not None
         if not self._due and step - self._last_plan_step >= self.every_n_steps:
             self._last_plan_step = step  # a window whose counts the checkpoint does not hold: count anew
+        self._restored = False  # a later fit without a checkpoint starts afresh
 
     @override
     def on_train_batch_end(

@@ -70,7 +70,7 @@ def new_version_name(global_step: int) -> str:
 
 
 #: The entries a checkpoint directory holds: the pointer, version directories, format-1 files.
-_OWN_ENTRY = re.compile(r"(current\.json|step\d{8}-[0-9a-f]{8}|meta\.pt|experts-ep\d{5}\.pt)")
+_OWN_ENTRY = re.compile(r"(current\.json|step\d{8,}-[0-9a-f]{8}|meta\.pt|experts-ep\d{5,}\.pt)")
 
 
 def foreign_entries(path: _PATH) -> list[str]:
@@ -172,14 +172,13 @@ def commit_version(path: _PATH, version: str) -> None:
     with fs.transaction:
         with fs.open(pointer, "wb") as file:
             file.write(payload)
-    for entry in fs.ls(str(path), detail=False):
-        name = Path(entry.rstrip("/")).name
-        if name in (POINTER_FILE, version) or not _OWN_ENTRY.fullmatch(name):
-            continue
-        try:
-            fs.rm(entry, recursive=True)
-        except Exception as error:  # noqa: BLE001 - the new checkpoint is committed; the old entry only takes space
-            warnings.warn(f"Checkpoint {path} is saved, but its earlier entry {entry} could not be removed: {error}")
+    try:
+        for entry in fs.ls(str(path), detail=False):
+            name = Path(entry.rstrip("/")).name
+            if name not in (POINTER_FILE, version) and _OWN_ENTRY.fullmatch(name):
+                fs.rm(entry, recursive=True)
+    except Exception as error:  # noqa: BLE001 - the new checkpoint is committed; old entries only take space
+        warnings.warn(f"Checkpoint {path} is saved, but its earlier entries could not all be removed: {error}")
 
 
 def remove_quietly(path: _PATH) -> None:

@@ -92,7 +92,10 @@ def sync_expert_grads(parameters: Iterable[torch.nn.Parameter], *, edp_group: di
     # (appended to the buffer) counts the ranks that had a gradient.
     missing = [p.grad is None for p in parameters]
     grads = [torch.zeros_like(p) if absent else p.grad for p, absent in zip(parameters, missing)]
-    used = torch.tensor([not absent for absent in missing], dtype=grads[0].dtype, device=grads[0].device)
+    used = grads[0].new_ones(len(parameters))  # made on the device: no copy from the host, no sync
+    for index, absent in enumerate(missing):
+        if absent:
+            used[index] = 0
     flat = torch.cat([*(g.reshape(-1) for g in grads), used])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=edp_group)
     flat /= edp_size

@@ -200,7 +200,7 @@ def migrate_layers(
             break
         try:  # a table that is bad on one rank only must raise on every rank, not leave them waiting
             placement = table if isinstance(table, ExpertPlacement) else ExpertPlacement(table)
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             problem = f"MoEStrategy.apply_placement: the table for `{name}`: {error}"
             break
         if not placement.same_layout(current.placement):

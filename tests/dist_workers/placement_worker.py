@@ -118,6 +118,14 @@ class ForcedMigrations(Callback):
                 strategy.apply_placement({LAYERS[0]: invalid})
             except ValueError as error:
                 self.invalid_error = str(error)
+            # Not even a table of integers on rank 1 (a TypeError there): every rank raises too.
+            malformed = table.experts_per_rank()
+            if trainer.global_rank == 1:
+                malformed[0][0] = None
+            try:
+                strategy.apply_placement({LAYERS[0]: malformed})
+            except ValueError as error:
+                self.invalid_error += " | " + str(error)
             self.unchanged_after_refusal = all(strategy.placements()[name] == before[name] for name in LAYERS)
         if step not in self.steps:
             return
