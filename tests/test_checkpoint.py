@@ -394,3 +394,36 @@ def test_a_state_that_cannot_be_split_is_refused_at_save(tmp_path):
     with pytest.raises(ValueError, match=r"optimizer 0 \(_FlatStateSGD\), parameter `moe.experts.w_in`"):
         _save(sharded, optimizer, tmp_path / "ckpt")
     assert not is_sharded_checkpoint(tmp_path / "ckpt")
+
+
+class _TrustedNote:
+    """An object only a full unpickle restores (not a tensor, not a plain container)."""
+
+
+def test_load_from_checkpoint_passes_weights_only_false_to_a_directory(tmp_path):
+    """A checkpoint you trust that holds an object: ``weights_only=False`` reaches the directory's
+    files too (it was dropped there, and the load refused what the user had allowed); without it the
+    object is refused."""
+    import lightning as L
+
+    from lightning_moe import load_from_checkpoint
+
+    class Module(L.LightningModule):  # `_Holder` as a LightningModule
+        def __init__(self):
+            super().__init__()
+            self.dense = torch.nn.Linear(8, 8)
+            self.moe = MoELayer(d_model=8, d_ff=4, num_experts=4, init_std=0.3)
+
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    checkpoint = {"state_dict": sharded.state_dict(), "optimizer_states": [optimizer.state_dict()], "epoch": 3,
+                  "global_step": 7, "pytorch-lightning_version": L.__version__, "note": _TrustedNote()}
+    save_sharded_checkpoint(
+        checkpoint, tmp_path / "c.ckpt", expert_params=sharded_expert_params(sharded), optimizers=[optimizer],
+        module=sharded, global_rank=0, writes_experts=True, ep_rank=0, checkpoint_io=TorchCheckpointIO(),
+        broadcast=lambda obj: obj, all_gather=lambda obj: [obj],
+    )
+    with pytest.raises(Exception, match="_TrustedNote|weights_only"):
+        load_from_checkpoint(Module, tmp_path / "c.ckpt")
+    module = load_from_checkpoint(Module, tmp_path / "c.ckpt", weights_only=False)
+    torch.testing.assert_close(module.moe.experts.w_in, read_full_checkpoint(tmp_path / "c.ckpt", weights_only=False)
+                               ["state_dict"]["moe.experts.w_in"])

@@ -95,12 +95,14 @@ def load_from_checkpoint(module_class: type[ModuleT], checkpoint_path: _PATH, **
     Args:
         module_class: the LightningModule class to build.
         checkpoint_path: a checkpoint directory or file.
-        **kwargs: passed on (``map_location``, ``strict``, ``hparams_file``, hyper-parameter overrides).
+        **kwargs: passed on (``map_location``, ``strict``, ``hparams_file``, ``weights_only``,
+            hyper-parameter overrides).
     """
     if not is_sharded_checkpoint(checkpoint_path):
         return module_class.load_from_checkpoint(checkpoint_path, **kwargs)  # type: ignore[attr-defined]
     buffer = io.BytesIO()
-    torch.save(read_full_checkpoint(checkpoint_path), buffer)
+    # `weights_only=False` (a file you trust) reaches the directory's files too; anything else is True.
+    torch.save(read_full_checkpoint(checkpoint_path, weights_only=kwargs.get("weights_only") is not False), buffer)
     buffer.seek(0)
     return module_class.load_from_checkpoint(buffer, **kwargs)  # type: ignore[attr-defined]
 
