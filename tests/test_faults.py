@@ -33,6 +33,7 @@ def world2(tmp_path_factory) -> Path:
     base = str(out / "base" / "checkpoints" / "epoch=0-step=5.ckpt")
     scenarios = [
         {"name": "fp16_inf"},
+        {"name": "fp16_inf_fused"},
         {"name": "nan_router"},
         {"name": "nan_loss"},
         {"name": "base"},
@@ -47,17 +48,20 @@ def world2(tmp_path_factory) -> Path:
     return out
 
 
-def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(world2):
+@pytest.mark.parametrize("name", ["fp16_inf", "fp16_inf_fused"])
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(world2, name):
     """An inf in rank 1's expert gradient at step 2: both ranks skip that step and halve the scale, so
     the dense replicas stay identical and the sigmoid gate's bias update (a collective after each
-    step) runs on both or neither (it used to hang)."""
-    ranks = read(world2, "fp16_inf")
+    step) runs on both or neither (it used to hang). Also with a fused AdamW, which the scaler does
+    not unscale first: it checks the gradients itself (rank 1 alone skipped, and the scales parted)."""
+    ranks = read(world2, name)
     assert ranks[0]["error"] is None and ranks[1]["error"] is None
     for step0, step1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
         assert step0 == step1  # scale, dense weights and Adam's step count, every step
     by_step = {entry["step"]: entry for entry in ranks[0]["steps"]}
     assert by_step[3]["scale"] == by_step[2]["scale"] / 2  # the overflow at step 2 (the 3rd) backed off
-    assert by_step[3]["adam_step"] == by_step[2]["adam_step"]  # and its optimizer step was skipped
+    assert by_step[3]["adam_step"] == by_step[2]["adam_step"]  # and its optimizer step was skipped,
+    assert by_step[3]["bias"] == by_step[2]["bias"] != by_step[4]["bias"]  # the bias update too
     assert by_step[5]["adam_step"] == 4
     assert ranks[0]["bias"] == ranks[1]["bias"]
 

@@ -17,12 +17,20 @@ def end_global_batch(module: nn.Module) -> None:
         layer.end_global_batch()
 
 
+def _skipped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the gradient scaler handed this (fused) optimizer a step to skip: ``found_inf`` is set
+    during such a ``step`` (the same on every rank under :class:`~lightning_moe.parallel.amp.WorldSyncedGradScaler`)."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    return found_inf is not None and bool(found_inf.item() > 0)
+
+
 def register_global_batch_end(optimizer: torch.optim.Optimizer, module: nn.Module) -> bool:
     """Call :func:`end_global_batch` on ``module`` after every ``optimizer.step()``, and let its MoE
     layers pool the micro-batches of gradient accumulation (:attr:`MoELayer.pool_micro_batches`):
     with the step marking where a global batch ends, their counts can span one.
 
-    A step that the gradient scaler skips (fp16 overflow) does not call ``step``: the biases are not
+    A step that the gradient scaler skips (fp16 overflow) does not call ``step``, or, for a fused
+    optimizer, calls it with ``found_inf`` set (and it changes nothing): either way the biases are not
     updated and the next global batch is counted on top of the skipped one. Registering twice on the
     same optimizer is a no-op. Returns whether a hook was registered now (``False`` also for a module
     without MoE layers).
@@ -30,7 +38,7 @@ def register_global_batch_end(optimizer: torch.optim.Optimizer, module: nn.Modul
     layers = moe_layers(module)
     if not layers or getattr(optimizer, _HOOK_ATTR, None) is not None:
         return False
-    handle = optimizer.register_step_post_hook(lambda *_: end_global_batch(module))
+    handle = optimizer.register_step_post_hook(lambda *_: None if _skipped(optimizer) else end_global_batch(module))
     setattr(optimizer, _HOOK_ATTR, handle)
     for layer in layers:
         layer.pool_micro_batches = True

@@ -6,7 +6,9 @@ all-reduced. Expert gradients are not: each EP rank holds other experts, so an o
 rank's expert gradient would make that rank alone skip the step. The dense replicas would then
 differ, the scales would part, and a collective that only the stepping ranks run (the sigmoid gate's
 bias update) would hang. :class:`WorldSyncedGradScaler` reduces the inf flag over the world after
-unscaling, so all ranks skip together and keep one scale.
+unscaling, so all ranks skip together and keep one scale. A fused optimizer (``AdamW(fused=True)``)
+is not unscaled first: the scaler checks its gradients itself and hands the flag to its ``step``,
+which then changes nothing; that check is reduced over the world too.
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ class WorldSyncedGradScaler(GradScaler):
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         super().unscale_(optimizer)
+        self._agree_on_inf(optimizer)
+
+    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict:
+        # The check `step` runs for an optimizer that unscales in its own (fused) kernel.
+        found_inf_per_device = super()._check_inf_per_device(optimizer)
+        self._agree_on_inf(optimizer)
+        return found_inf_per_device
+
+    def _agree_on_inf(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.is_enabled() or not (dist.is_available() and dist.is_initialized()):
             return
         found_inf_per_device = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]

@@ -45,6 +45,15 @@ class Scheduled(TwoMoELayers):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class FusedAdamW(Scheduled):
+    """AdamW with its fused kernel: the gradient scaler hands it the inf flag instead of skipping its step."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01, fused=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 8))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class Recorder(Callback):
     """Per optimizer step: the loss scale, the dense weights' checksum and Adam's step count."""
 
@@ -62,6 +71,7 @@ class Recorder(Callback):
             "scale": float(scaler.get_scale()) if scaler is not None else None,
             "dense_sum": float(pl_module.proj_in.weight.detach().double().sum()),
             "adam_step": float(adam_step) if adam_step is not None else None,
+            "bias": pl_module.blocks["first"].gate.state_dict().get("expert_bias", torch.zeros(0)).tolist(),
         })
 
 
@@ -158,13 +168,16 @@ def fit(scenario: dict, out_dir: Path, world_size: int, rank: int, *, model=None
 
 def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     name = scenario["name"]
-    if name == "fp16_inf":
+    if name in ("fp16_inf", "fp16_inf_fused"):
         plugin = MixedPrecision("16-mixed", "cpu", scaler=GradScaler("cpu", init_scale=2.0**8, growth_interval=1000))
         # The sigmoid gate's bias update is a collective after each optimizer step: a step taken on one
         # rank only would leave it waiting.
-        model = Scheduled(num_experts=4, gate="sigmoid", gate_kwargs={"bias_update_rate": 0.01})
+        module_class = FusedAdamW if name == "fp16_inf_fused" else Scheduled
+        model = module_class(num_experts=4, gate="sigmoid", gate_kwargs={"bias_update_rate": 0.01})
+        # Lightning refuses to clip the gradients of a fused optimizer (it unscales them itself).
+        clip = {"gradient_clip_val": None} if name == "fp16_inf_fused" else {}
         model, trainer, recorder, error = fit(scenario, out_dir, world_size, rank, model=model,
-                                              callbacks=[InjectInf(1, 2)], plugins=[plugin])
+                                              callbacks=[InjectInf(1, 2)], plugins=[plugin], **clip)
         return {"error": error, "steps": recorder.steps, "bias": model.blocks["first"].gate.expert_bias.tolist()}
     if name in ("nan_router", "nan_loss"):
         target = "router" if name == "nan_router" else "loss"
