@@ -351,7 +351,8 @@ class MoETransformer(PretrainedIO, L.LightningModule):
     def language_model_loss(self, batch: Any) -> tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy of a batch ``(inputs [B, T], targets [B, T])``, and its token count.
 
-        Targets equal to -100 are ignored (padding).
+        Targets equal to -100 are ignored (padding, and the user turns of a chat): a batch with none
+        left has loss 0 (a window inside a long user turn), not NaN.
         """
         loss, tokens = self._next_token_loss(batch)
         return loss, int(tokens)
@@ -367,9 +368,13 @@ class MoETransformer(PretrainedIO, L.LightningModule):
             )
         input_ids_BT, target_ids_BT = batch
         logits_BTV = self(input_ids_BT)
-        # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses precision.
-        loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), target_ids_BT.flatten(), ignore_index=-100)
-        return loss, (target_ids_BT != -100).sum()
+        # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses precision. The sum over
+        # at least one token: PyTorch's mean over no target is 0 / 0.
+        tokens = (target_ids_BT != -100).sum()
+        loss_sum = F.cross_entropy(
+            logits_BTV.flatten(0, 1).float(), target_ids_BT.flatten(), ignore_index=-100, reduction="sum"
+        )
+        return loss_sum / tokens.clamp(min=1), tokens
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         ce_loss, _ = self._next_token_loss(batch)

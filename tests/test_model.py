@@ -119,6 +119,25 @@ def test_training_step_adds_the_aux_loss():
     torch.testing.assert_close(loss, no_aux.language_model_loss(batch)[0])
 
 
+def test_a_batch_without_targets_has_loss_zero_not_nan():
+    """A window inside a long user turn of a chat (assistant-only loss): every target is -100. The
+    mean over no token is 0 / 0 in PyTorch; the loss must stay finite (and the training under
+    MoEStrategy, which stops on a non-finite loss, go on), with no gradient from it."""
+    model = tiny_model()
+    tokens = torch.randint(0, 256, (2, 17))
+    batch = (tokens[:, :-1], torch.full((2, 16), -100))
+    loss, count = model.language_model_loss(batch)
+    assert count == 0 and loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    half = tokens[:, 1:].clone()
+    half[0] = -100  # the mean is over the tokens that count
+    mean, count = model.language_model_loss((tokens[:, :-1], half))
+    expected = torch.nn.functional.cross_entropy(model(tokens[:, :-1])[1].float(), tokens[1, 1:])
+    assert count == 16
+    torch.testing.assert_close(mean, expected)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
 def test_a_training_step_reads_nothing_back_to_the_host(capacity_factor):
     """Forward, loss and backward of a training step stay on the device: on a GPU a read (the token
