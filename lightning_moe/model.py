@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
@@ -265,7 +266,10 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         )
         # NOTE: the arguments are saved explicitly (not read from the call frames), so that a model built
         # with `pretrained` saves the resolved architecture: its checkpoints load without the source.
-        self.save_hyperparameters({**arguments, "adam_betas": adam_betas, "gate": gate_to_hparam(gate)})
+        # What LightningCLI adds (`_class_path`, `_instantiator`) is kept: its `--ckpt_path` reads the
+        # class from them.
+        from_cli = {key: value for key, value in (_given_hyperparameters.get() or {}).items() if key.startswith("_")}
+        self.save_hyperparameters({**arguments, "adam_betas": adam_betas, "gate": gate_to_hparam(gate), **from_cli})
         del self.hparams["pretrained"]
         self.max_seq_len, self.rope_theta, self.rope_scaling = max_seq_len, rope_theta, rope_scaling
         self.head_dim = head_dim or d_model // n_heads

@@ -50,6 +50,15 @@ def test_quickstart_recipe_trains_a_few_steps(tmp_path):
     checkpoint = next((log_dir / "checkpoints").glob("*.ckpt"))
     reloaded = MoETransformer.load_from_checkpoint(checkpoint)
     assert reloaded.hparams.vocab_size == 256 and reloaded.hparams.d_model == 128
+    # `--ckpt_path` on the command line: LightningCLI reads the model's class from the checkpoint's
+    # hyper-parameters (it refused them, as a plain LightningModule's), and resumes or validates.
+    validated = cli.main(["validate", "--config", str(QUICKSTART), f"--ckpt_path={checkpoint}",
+                          "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
+                          f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                          f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.max_bytes=300000"])
+    assert float(validated.trainer.callback_metrics["val_loss"]) == pytest.approx(float(metrics["val_loss"]), rel=1e-5)
+    resumed = cli.main(fit_args(tmp_path, f"--ckpt_path={checkpoint}", max_steps=4))
+    assert resumed.trainer.global_step == 4
 
 
 def test_gate_given_by_class_path_in_yaml(tmp_path):
