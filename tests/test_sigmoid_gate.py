@@ -150,6 +150,15 @@ def test_device_limited_routing_from_the_strategy_applies_to_the_biased_scores()
     torch.testing.assert_close(routing.weight_N, torch.tensor([0.3, 0.2]), atol=1e-6, rtol=0)
 
 
+def test_group_limited_and_device_limited_routing_together_are_refused():
+    """6 experts in 3 groups over 2 ranks of 3: a kept group can straddle the ranks, and one kept rank
+    then holds a single expert of it, fewer than top_k=2 (top-k took experts of dropped groups)."""
+    gate = SigmoidGate(top_k=2, n_group=3, topk_group=1).build(8, 6)
+    with pytest.raises(ValueError, match=r"group-limited routing \(n_group=3, topk_group=1\) and device-limited"):
+        gate.set_expert_groups(torch.tensor([0, 0, 0, 1, 1, 1]), max_groups=1)
+    gate.set_expert_groups(torch.tensor([0, 0, 0, 1, 1, 1]), max_groups=None)  # no device limit: fine
+
+
 def test_sequence_balance_loss_matches_an_independent_computation():
     torch.manual_seed(0)
     num_sequences, seq_len, num_experts, top_k = 3, 5, 6, 2

@@ -219,6 +219,19 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
             self._buffers["expert_bias"] = bias_fp32.to(device=moved.device, dtype=torch.float32)
         return result
 
+    def set_expert_groups(self, groups: torch.Tensor | None, max_groups: int | None) -> None:
+        """Device-limited routing (see the base class), refused next to the group limit: the two masks
+        together can leave a token fewer than ``top_k`` experts when the expert groups do not line up
+        with the ranks, and top-k would then pick experts of dropped groups on dropped ranks."""
+        if self.n_group > 1 and groups is not None and max_groups is not None:
+            raise ValueError(
+                f"SigmoidGate: group-limited routing (n_group={self.n_group}, topk_group={self.topk_group}) and "
+                f"device-limited routing (MoEStrategy(device_limited_routing={max_groups})) both limit where a "
+                f"token's experts are, and together can leave it fewer than top_k={self.top_k}. Use one: n_group=1, "
+                f"or device_limited_routing=None (DeepSeek-V3 limits by groups, one per node)."
+            )
+        super().set_expert_groups(groups, max_groups)
+
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """The ``top_k`` experts of each token from its scores: bias, group limit, top-k. ``[T, K]``."""
         return self._select_and_keep_devices(scores_TE)[0]
