@@ -150,13 +150,19 @@ def test_device_limited_routing_from_the_strategy_applies_to_the_biased_scores()
     torch.testing.assert_close(routing.weight_N, torch.tensor([0.3, 0.2]), atol=1e-6, rtol=0)
 
 
-def test_group_limited_and_device_limited_routing_together_are_refused():
+def test_group_limited_and_device_limited_routing_need_whole_groups_on_each_rank():
     """6 experts in 3 groups over 2 ranks of 3: a kept group can straddle the ranks, and one kept rank
     then holds a single expert of it, fewer than top_k=2 (top-k took experts of dropped groups)."""
     gate = SigmoidGate(top_k=2, n_group=3, topk_group=1).build(8, 6)
-    with pytest.raises(ValueError, match=r"group-limited routing \(n_group=3, topk_group=1\) and device-limited"):
+    with pytest.raises(ValueError, match=r"group-limited routing \(n_group=3, groups of 2 experts\) and device-limited"):
         gate.set_expert_groups(torch.tensor([0, 0, 0, 1, 1, 1]), max_groups=1)
     gate.set_expert_groups(torch.tensor([0, 0, 0, 1, 1, 1]), max_groups=None)  # no device limit: fine
+    # Whole groups on each rank (groups 0 and 1 on rank 0, group 2 on rank 1): every token keeps 2.
+    gate.set_expert_groups(torch.tensor([0, 0, 0, 0, 1, 1]), max_groups=1)
+    torch.manual_seed(0)
+    ids_TK = gate(torch.randn(500, 8)).expert_index_N.view(2, -1).t()
+    assert bool(((ids_TK // 2)[:, 0] == (ids_TK // 2)[:, 1]).all())  # one group (topk_group=1)
+    assert bool(((ids_TK >= 4)[:, 0] == (ids_TK >= 4)[:, 1]).all())  # on one rank
 
 
 def test_sequence_balance_loss_matches_an_independent_computation():

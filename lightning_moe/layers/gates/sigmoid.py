@@ -220,16 +220,25 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
         return result
 
     def set_expert_groups(self, groups: torch.Tensor | None, max_groups: int | None) -> None:
-        """Device-limited routing (see the base class), refused next to the group limit: the two masks
-        together can leave a token fewer than ``top_k`` experts when the expert groups do not line up
-        with the ranks, and top-k would then pick experts of dropped groups on dropped ranks."""
+        """Device-limited routing (see the base class) next to the group limit only where every rank
+        holds whole expert groups of at least ``top_k`` experts: then a kept rank that holds any
+        expert of a kept group holds the group, and a token keeps ``top_k`` experts. Where groups
+        straddle the ranks the two masks can leave fewer, and top-k would pick experts of dropped
+        groups on dropped ranks."""
         if self.n_group > 1 and groups is not None and max_groups is not None:
-            raise ValueError(
-                f"SigmoidGate: group-limited routing (n_group={self.n_group}, topk_group={self.topk_group}) and "
-                f"device-limited routing (MoEStrategy(device_limited_routing={max_groups})) both limit where a "
-                f"token's experts are, and together can leave it fewer than top_k={self.top_k}. Use one: n_group=1, "
-                f"or device_limited_routing=None (DeepSeek-V3 limits by groups, one per node)."
-            )
+            holders = torch.as_tensor(groups).cpu()
+            if holders.dim() == 1:
+                holders = torch.nn.functional.one_hot(holders.long(), int(holders.max()) + 1).t()
+            group_size = self.num_experts // self.n_group
+            held_RGP = holders.bool().reshape(holders.shape[0], self.n_group, group_size)
+            whole_groups = bool((held_RGP.all(dim=-1) | ~held_RGP.any(dim=-1)).all())
+            if not whole_groups or group_size < self.top_k:
+                raise ValueError(
+                    f"SigmoidGate: group-limited routing (n_group={self.n_group}, groups of {group_size} experts) "
+                    f"and device-limited routing (MoEStrategy(device_limited_routing={max_groups})) can together "
+                    f"leave a token fewer than top_k={self.top_k} experts: some rank holds part of a group. Place "
+                    f"whole groups on each rank (groups of at least top_k experts), or use one of the two limits."
+                )
         super().set_expert_groups(groups, max_groups)
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
