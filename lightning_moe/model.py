@@ -14,9 +14,9 @@ import math
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 

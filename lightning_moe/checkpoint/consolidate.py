@@ -101,7 +101,8 @@ def load_from_checkpoint(module_class: type[ModuleT], checkpoint_path: _PATH, **
     if not is_sharded_checkpoint(checkpoint_path):
         return module_class.load_from_checkpoint(checkpoint_path, **kwargs)  # type: ignore[attr-defined]
     buffer = io.BytesIO()
-    # `weights_only=False` (a file you trust) reaches the directory's files too; anything else is True.
+    # A caller that turned weights_only off (a checkpoint they trust) reaches the directory's files too;
+    # anything else loads them with weights_only on.
     torch.save(read_full_checkpoint(checkpoint_path, weights_only=kwargs.get("weights_only") is not False), buffer)
     buffer.seek(0)
     return module_class.load_from_checkpoint(buffer, **kwargs)  # type: ignore[attr-defined]
