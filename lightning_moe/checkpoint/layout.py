@@ -70,7 +70,9 @@ def new_version_name(global_step: int) -> str:
 
 
 #: The entries a checkpoint directory holds: the pointer, version directories, format-1 files.
-_OWN_ENTRY = re.compile(r"(current\.json|step\d{8,}-[0-9a-f]{8}|meta\.pt|experts-ep\d{5,}\.pt)")
+_OWN_ENTRY = re.compile(
+    rf"({re.escape(POINTER_FILE)}|{re.escape(META_FILE)}|step\d{{8,}}-[0-9a-f]{{8}}|experts-ep\d{{5,}}\.pt)"
+)
 
 
 def foreign_entries(path: _PATH) -> list[str]:

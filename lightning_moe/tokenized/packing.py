@@ -314,7 +314,7 @@ class WindowLoader(DataLoader):
         self._start: tuple[int, list[int], int] = (0, [0] * max(self.num_workers, 1), 0)
         self._roles = bytearray()
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         if self.progress is not None:
             epoch, batches, finished = self.progress()
         else:

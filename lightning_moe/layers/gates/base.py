@@ -212,6 +212,18 @@ class Gate(nn.Module):
         holders_GE = groups.bool().cpu()
         if not holders_GE.any(dim=0).all():
             raise ValueError(f"{type(self).__name__}.set_expert_groups: every expert must be in some group.")
+        self._check_group_limit(holders_GE, max_groups)
+        device = next((t.device for t in self.parameters()), None)
+        if device is not None and device.type == "meta":
+            device = None  # no data there; the model's move to its device carries the buffer along
+        # (group, expert) pairs: one column per expert a group holds.
+        self.register_buffer("expert_group", holders_GE.nonzero().t().contiguous().to(device), persistent=False)
+        self.expert_group_count = holders_GE.shape[0]
+        self.expert_group_limit = max_groups
+
+    def _check_group_limit(self, holders_GE: torch.Tensor, max_groups: int) -> None:
+        """Raise ``ValueError`` when a token limited to ``max_groups`` of the groups ``holders_GE``
+        (``[G, E]`` booleans) could be left fewer than ``top_k`` experts."""
         top_k = getattr(self, "top_k", 1)
         smallest_group = int(holders_GE.sum(dim=1).min())
         if smallest_group * max_groups < top_k:
@@ -220,13 +232,6 @@ class Gate(nn.Module):
                 f"expert(s) cannot reach top_k={top_k} experts. Raise the limit (`device_limited_routing`) "
                 f"or lower `top_k`."
             )
-        device = next((t.device for t in self.parameters()), None)
-        if device is not None and device.type == "meta":
-            device = None  # no data there; the model's move to its device carries the buffer along
-        # (group, expert) pairs: one column per expert a group holds.
-        self.register_buffer("expert_group", holders_GE.nonzero().t().contiguous().to(device), persistent=False)
-        self.expert_group_count = holders_GE.shape[0]
-        self.expert_group_limit = max_groups
 
     def set_expert_devices(self, devices: Any) -> None:
         """Give a gate with device-level options (:class:`~lightning_moe.layers.gates.device_balance.DeviceBalance`)

@@ -219,18 +219,15 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
             self._buffers["expert_bias"] = bias_fp32.to(device=moved.device, dtype=torch.float32)
         return result
 
-    def set_expert_groups(self, groups: torch.Tensor | None, max_groups: int | None) -> None:
-        """Device-limited routing (see the base class) next to the group limit only where every rank
-        holds whole expert groups of at least ``top_k`` experts: then a kept rank that holds any
-        expert of a kept group holds the group, and a token keeps ``top_k`` experts. Where groups
-        straddle the ranks the two masks can leave fewer, and top-k would pick experts of dropped
-        groups on dropped ranks."""
-        if self.n_group > 1 and groups is not None and max_groups is not None:
-            holders = torch.as_tensor(groups).cpu()
-            if holders.dim() == 1:
-                holders = torch.nn.functional.one_hot(holders.long(), int(holders.max()) + 1).t()
+    def _check_group_limit(self, holders_GE: torch.Tensor, max_groups: int) -> None:
+        """Device-limited routing next to the group limit only where every rank holds whole expert
+        groups of at least ``top_k`` experts: then a kept rank that holds any expert of a kept group
+        holds the group, and a token keeps ``top_k`` experts. Where groups straddle the ranks the two
+        masks can leave fewer, and top-k would pick experts of dropped groups on dropped ranks."""
+        super()._check_group_limit(holders_GE, max_groups)
+        if self.n_group > 1:
             group_size = self.num_experts // self.n_group
-            held_RGP = holders.bool().reshape(holders.shape[0], self.n_group, group_size)
+            held_RGP = holders_GE.reshape(holders_GE.shape[0], self.n_group, group_size)
             whole_groups = bool((held_RGP.all(dim=-1) | ~held_RGP.any(dim=-1)).all())
             if not whole_groups or group_size < self.top_k:
                 raise ValueError(
@@ -239,7 +236,6 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
                     f"leave a token fewer than top_k={self.top_k} experts: some rank holds part of a group. Place "
                     f"whole groups on each rank (groups of at least top_k experts), or use one of the two limits."
                 )
-        super().set_expert_groups(groups, max_groups)
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """The ``top_k`` experts of each token from its scores: bias, group limit, top-k. ``[T, K]``."""
