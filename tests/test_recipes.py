@@ -1,10 +1,13 @@
 """Every fine-tuning recipe runs through ``lightning-moe fit`` as written, on a tiny checkpoint of its
 family that carries its own tokenizer and chat template (the paths and sizes overridden on the command
-line, as the recipes' headers tell users to do; one process, EP 1, a few steps)."""
+line, as the recipes' headers tell users to do; one process, EP 1, a few steps). The pre-training
+recipe builds the model its header describes, and trains it shrunk on 2 processes at EP 2."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,9 @@ import torch
 from hf_tiny import hf_config, randomize
 from test_tokenized_data import SPECIALS, WORDS, chat_file, make_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
+from launch import clean_env  # noqa: E402
 
 from lightning_moe import MoETransformer
 from lightning_moe.cli import main
@@ -87,3 +93,80 @@ def test_upcycling_recipe_continues_pretraining_an_upcycled_llama(tmp_path):
                 *small_run(tmp_path, upcycled, corpus / "*.txt"), "--data.init_args.samples_per_epoch", "8"])
     assert run.trainer.global_step == 2 and torch.isfinite(run.trainer.callback_metrics["val_loss"])
     assert run.model.hparams.num_experts == 4
+
+
+def recipe_model(recipe: str) -> tuple[dict, MoETransformer]:
+    """The recipe's model section and the model it builds, full size on the meta device (32k vocabulary)."""
+    import yaml
+
+    arguments = yaml.safe_load((RECIPES / recipe).read_text())["model"]["init_args"]
+    with torch.device("meta"):
+        return arguments, MoETransformer(vocab_size=32000, **arguments)
+
+
+def test_pretraining_recipe_builds_the_model_its_header_describes():
+    """The header's sizes (1.7B parameters, 0.31B active per token) are the model the recipe builds."""
+    from lightning_moe import MoELayer
+
+    arguments, model = recipe_model("pretrain.yaml")
+    layers = [module for module in model.modules() if isinstance(module, MoELayer)]
+    assert len(layers) == arguments["n_layers"] - arguments["first_k_dense"] == 15
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = sum(p.numel() for p in layers[0].experts.parameters()) // arguments["num_experts"]
+    active = total - len(layers) * (arguments["num_experts"] - arguments["top_k"]) * per_expert
+    assert round(total / 1e9, 1) == 1.7 and round(active / 1e9, 2) == 0.31
+    assert {type(layer.gate).__name__ for layer in layers} == {"SigmoidGate"}
+    assert all(layer.gate.top_k == 6 and layer.shared_experts is not None for layer in layers)
+
+
+def test_pretraining_recipe_trains_from_scratch_on_two_processes(tmp_path):
+    """`lightning-moe fit --config recipes/pretrain.yaml` as the header says, shortened and shrunk, on 2
+    CPU processes with Lightning starting the second: streamed text, expert parallelism 2 with a spare
+    slot, gradient checkpointing, the monitor and the migration callback, a checkpoint that loads."""
+    import yaml
+
+    tokenizer = make_tokenizer(tmp_path / "tokenizer", family="llama")
+    data = tmp_path / "pretrain"
+    data.mkdir()
+    for part in range(2):
+        lines = (json.dumps({"text": " ".join(WORDS[(part + i + j) % len(WORDS)] for j in range(24))}) for i in range(40))
+        (data / f"part{part}.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": " ".join(WORDS * 2)}) + "\n")
+    recipe = yaml.safe_load((RECIPES / "pretrain.yaml").read_text())
+    callbacks = {entry["class_path"].rsplit(".", 1)[1]: entry for entry in recipe["trainer"]["callbacks"]}
+    for name in ("ExpertLoadMonitor", "ExpertMigration"):  # the recipe as written, with shorter windows
+        callbacks[name]["init_args"]["every_n_steps"] = 3
+    callbacks["ModelCheckpoint"]["init_args"]["every_n_train_steps"] = 3
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    logs = tmp_path / "logs"
+    command = [
+        sys.executable, "-m", "lightning_moe", "fit", "--config", str(tmp_path / "recipe.yaml"),
+        "--data.init_args.tokenizer", str(tokenizer),
+        "--data.init_args.train_files", json.dumps([str(data / "*.jsonl")]),
+        "--data.init_args.val_files", json.dumps([str(tmp_path / "val.jsonl")]),
+        "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2",
+        "--data.init_args.samples_per_epoch", "28",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
+        "--trainer.strategy.init_args.expert_parallel_size", "2",
+        "--trainer.max_steps", "7", "--trainer.val_check_interval", "7", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(logs),
+        "--trainer.logger.init_args.save_dir", str(logs),
+        "--model.init_args.d_model", "32", "--model.init_args.n_layers", "2", "--model.init_args.n_heads", "4",
+        "--model.init_args.n_kv_heads", "2", "--model.init_args.d_ff", "64", "--model.init_args.moe_d_ff", "16",
+        "--model.init_args.max_seq_len", "16", "--model.init_args.warmup_steps", "2",
+    ]
+    done = subprocess.run(command, env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event_file,) = logs.rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file.parent), size_guidance={"scalars": 0})
+    events.Reload()
+    # Re-planned at the start of the batch after steps 3 and 6 (nothing is left to train after step 7).
+    assert [e.step for e in events.Scalars("moe/migration/measured_step_seconds")] == [3, 6]
+    assert torch.isfinite(torch.tensor(events.Scalars("val_loss")[-1].value))
+    (saved,) = logs.rglob("last.ckpt")
+    restored = MoETransformer.load_from_checkpoint(saved)
+    assert restored.hparams.num_experts == 64 and restored.hparams.vocab_size == VOCAB
+    assert all(torch.isfinite(p).all() for p in restored.parameters())
