@@ -388,8 +388,16 @@ class MoEStrategy(DDPStrategy):
             )
         return migrate_layers(
             module, placements, optimizers=self.optimizers, mesh=mesh, all_gather=self._all_gather_object,
-            on_switch=self._set_expert_groups,
+            on_switch=self._set_expert_groups, check_table=self.check_placement,
         )
+
+    def check_placement(self, layer: MoELayer, placement: ExpertPlacement) -> None:
+        """Raise ``ValueError`` when ``layer`` cannot route under ``placement``: with
+        ``device_limited_routing``, when the ranks a token may keep could hold fewer than its gate's
+        top_k experts (replicas of one expert on several ranks count once). :meth:`apply_placement`
+        checks every table with it before anything moves."""
+        if self.device_limited_routing:
+            layer.gate.check_group_limit(placement.holders_RE.bool().cpu(), self.device_limited_routing)
 
     def _make_precision_expert_aware(self) -> None:
         plugin = self.precision_plugin

@@ -457,6 +457,8 @@ def test_expert_choice_capacity_is_ceil_and_clamped():
     assert gate.capacity(6) == 2
     gate = ExpertChoiceGate(capacity_factor=10.0).build(4, 3)
     assert gate.capacity(5) == 5  # clamped to T
+    # 1.1 * 100 / 10 is 11.000000000000002 in binary floating point: the capacity is still 11.
+    assert ExpertChoiceGate(capacity_factor=1.1).build(4, 10).capacity(100) == 11
     routing = gate(torch.randn(5, 4))
     assert routing.expert_index_N.numel() == 15  # every expert takes every token
     assert routing.stats["unrouted_fraction"].item() == 0.0
@@ -516,6 +518,34 @@ def test_dynamic_device_limited_routing():
     assert list(zip(routing.token_index_N.tolist(), routing.expert_index_N.tolist())) == expected
     probs = [softmax(row) for row in LIMITED_LOGITS]
     torch.testing.assert_close(routing.weight_N, torch.tensor([probs[t][e] for t, e in expected]))
+
+
+def test_device_limited_routing_counts_replicas_once():
+    """Ranks that share experts (replicas) hold fewer together than their sizes add up to: a limit
+    that could leave a token fewer than top_k distinct experts is refused, so that top-k never picks
+    an expert outside the kept ranks (DeepSeek-V2 Sec. 2.1.3)."""
+    from lightning_moe.layers.gates.base import fewest_experts_in_groups
+
+    # Ranks 0 and 1 both hold experts {0, 1}; rank 2 holds {2, 3}: two ranks can hold only 2 experts.
+    shared = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert fewest_experts_in_groups(shared, 2) == 2
+    gate = identity_gate(TopKGate(top_k=3), 4)
+    with pytest.raises(ValueError, match="2 distinct expert\\(s\\), fewer than top_k=3"):
+        gate.set_expert_groups(shared, 2)
+    # The same sizes without the shared pair: any two ranks hold 3 experts, and every token keeps 3.
+    spread = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert fewest_experts_in_groups(spread, 2) == 3
+    gate.set_expert_groups(spread, 2)
+    routing = gate(torch.randn(32, 4))
+    kept_TG = routing.allowed_devices_TG[routing.token_index_N]
+    assert bool((kept_TG & spread.t()[routing.expert_index_N]).any(dim=1).all())  # on a kept rank
+    # Beyond the exhaustive search, a lower bound: one rank's experts and the others' own ones.
+    # 40 ranks (C(40, 4) choices of 4), rank r holding experts 2r and 2r + 1, and expert 0 on every
+    # rank: rank 0's 2 experts plus 1 own expert of each of 3 others (smallest counts) bound it by 5;
+    # the fewest is 8 (rank 0 and three others), so the bound is safe, not tight.
+    many = torch.eye(40, dtype=torch.bool).repeat_interleave(2, dim=1)
+    many[:, 0] = True
+    assert fewest_experts_in_groups(many, 4) == 5
 
 
 def test_expert_choice_refuses_device_limited_routing():
@@ -592,3 +622,38 @@ def layer(**kwargs) -> MoELayer:
 def test_bad_config_raises_value_error_naming_the_field(make, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         make()
+
+
+# ----------------------------------------------------------------------------- degenerate inputs
+
+
+@pytest.mark.parametrize(("gate", "gate_kwargs"), [
+    ("topk", {}),
+    ("dynamic", {"z_loss_coef": 1e-3, "entropy_loss_coef": 0.1}),
+    ("sigmoid", {"load_balance_coef": 0.01}),
+    ("sigmoid", {"sequence_balance_coef": 1e-4}),
+    ("noisy_topk", {}),
+])
+def test_a_batch_of_no_tokens_gives_zero_aux_losses(gate, gate_kwargs):
+    """A layer that routes nothing (an empty batch) adds 0 to the loss, not NaN: the means over the
+    tokens have no token to divide by."""
+    layer = MoELayer(d_model=8, d_ff=8, num_experts=4, gate=gate, top_k=2, gate_kwargs=gate_kwargs).train()
+    output = layer(torch.randn(0, 16, 8))
+    assert output.shape == (0, 16, 8) and layer.aux_losses
+    total = output.sum() + collect_aux_loss(layer)
+    assert total.item() == 0.0
+    total.backward()
+    assert torch.isfinite(layer.gate.weight.grad).all()
+
+
+def test_sigmoid_gate_losses_stay_finite_when_every_score_underflows():
+    """A token whose logits are all below about -104 has fp32 sigmoid scores of exactly 0: its
+    normalised scores are a row of zeros (the epsilon DeepSeek-V3 adds to the weights' sum), so the
+    balance losses and their router gradient stay finite."""
+    gate = identity_gate(SigmoidGate(top_k=2, sequence_balance_coef=1e-4, load_balance_coef=1e-2), 4)
+    routing = gate(torch.tensor([[1.0, 0.5, -0.5, -1.0], [-120.0, -130.0, -140.0, -150.0]]))
+    for name, aux in routing.aux_losses.items():
+        assert torch.isfinite(aux.value), name
+    assert torch.isfinite(routing.stats["router_entropy"])
+    sum(aux.weighted for aux in routing.aux_losses.values()).backward()
+    assert torch.isfinite(gate.weight.grad).all()

@@ -46,6 +46,8 @@ def world4_scenarios(out: Path) -> list[dict]:
         {"name": "migrate_ep4", "ep": 4, "model": MODEL, "migrate_at": MIGRATE_AT, "inverse_at": 4},
         {"name": "resume_ep2", "ep": 2, "model": MODEL, "migrate_at": [11, 14, 17], "resume_from": str(out / RESUME_FROM)},
         {"name": "resume_ep4", "ep": 4, "model": MODEL, "resume_from": str(out / RESUME_FROM)},
+        {"name": "device_limited_ep4", "ep": 4, "steps": 4, "device_limit": 2, "unroutable_at": 2,
+         "model": {**MODEL, "top_k": 3}},
     ]
 
 
@@ -146,6 +148,15 @@ def test_tables_that_differ_across_ranks_are_refused_on_every_rank(world4):
         # A table invalid on rank 1 alone raises there and, through the same check, on every rank.
         assert "twice" in result["invalid_error"]  # and a table that is not integers (a TypeError there):
         assert result["invalid_error"].count("the table for `blocks.first`") == 2
+
+
+def test_a_table_device_limited_routing_cannot_route_with_is_refused_before_anything_moves(world4):
+    """Device-limited routing to 2 of 4 ranks with top_k=3: a table where two ranks hold the same two
+    experts is refused on every rank (replicas count once), and the placement in force is kept."""
+    results = read(world4, "device_limited_ep4", 4)
+    for result in results:
+        assert "can leave a token 2 distinct expert(s), fewer than top_k=3" in result["unroutable_error"]
+        assert result["unchanged_after_refusal"] is True and result["global_step"] == 4
 
 
 def test_resume_reinstates_the_saved_placement_at_the_same_layout(world4, world2):

@@ -333,15 +333,22 @@ class ExpertMigration(Callback):
 
         tables, entry = {}, {"step": step, "measured_step_seconds": step_seconds}
         before, after, balance_before, balance_after, cross_before, cross_after = 0.0, 0.0, [], [], [], []
-        plans = {}
+        plans, layers = {}, dict(self._layers)
         for name, (plan, estimate_now, chosen) in self._decide(loads, current, planners).items():
             if plan is not None:  # new slots, or new fractions for the same slots (nothing moves then)
-                tables[name] = ExpertPlacement(
+                table = ExpertPlacement(
                     plan.experts_per_rank, plan.routing_fractions_RER, planned_load_share(plan, loads[name]),
                     assignment_seconds(planners[name].cost, planners[name].topology),
                 )
-                if plan.experts_per_rank != current[name].experts_per_rank():
-                    plans[name] = (plan, loads[name])
+                try:  # the same plan on every rank: every rank keeps or drops it alike
+                    strategy.check_placement(layers[name], table)
+                except ValueError as error:
+                    rank_zero_warn(f"ExpertMigration: step {step}: `{name}` keeps its placement: {error}")
+                    chosen = estimate_now
+                else:
+                    tables[name] = table
+                    if plan.experts_per_rank != current[name].experts_per_rank():
+                        plans[name] = (plan, loads[name])
             before += estimate_now.layer_seconds
             after += chosen.layer_seconds
             balance_before.append(estimate_now.max_over_mean)

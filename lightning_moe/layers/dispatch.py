@@ -10,20 +10,19 @@ Shape legend: ``N`` assignments, ``T`` tokens, ``D`` model width, ``E`` experts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from lightning_moe.layers.gates.base import Routing
-from lightning_moe.ops.counting import count_per_expert, count_routed_tokens, positions_in_groups
+from lightning_moe.ops.counting import ceil_share, count_per_expert, count_routed_tokens, positions_in_groups
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
     """Slots per expert: ``ceil(capacity_factor * assignments / E)`` (GShard, Lepikhin et al. 2020,
     Sec. 2.2, with ``assignments = T * k`` for top-k routing)."""
-    return max(1, math.ceil(capacity_factor * num_assignments / num_experts))
+    return max(1, ceil_share(capacity_factor, num_assignments, num_experts))
 
 
 def limit_to_capacity(routing: Routing, num_experts: int, capacity_factor: float) -> Routing:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def ceil_share(factor: float, count: int, parts: int) -> int:
+    """``ceil(factor * count / parts)`` as written in decimal: ``1.1 * 100 / 10`` is 11, not the 12 that
+    binary floating point gives (11.000000000000002). Capacities (GShard's ``ceil(c N / E)``) use it."""
+    share = factor * count / parts
+    return math.ceil(share - 1e-9 * max(1.0, abs(share)))
 
 
 def count_per_expert(expert_index_N: torch.Tensor, num_experts: int) -> torch.Tensor:

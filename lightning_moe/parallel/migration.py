@@ -181,12 +181,14 @@ def migrate_layers(
     mesh: ExpertParallelMesh,
     all_gather: Callable[[Any], list[Any]],
     on_switch: Callable[[MoELayer], None],
+    check_table: Callable[[MoELayer, ExpertPlacement], None] = lambda layer, placement: None,
 ) -> MigrationReport:
     """Switch the named MoE layers of ``module`` to new tables, moving the changed slots (the body of
     :meth:`~lightning_moe.MoEStrategy.apply_placement`; a collective: every rank calls it).
 
-    The tables are checked and compared across ranks first (one all-gather): a bad or differing table
-    raises ``ValueError`` on every rank. After the transfer each layer switches to its new table,
+    The tables are checked (their shape, and ``check_table(layer, placement)``, which raises
+    ``ValueError`` for a table the layer cannot route with) and compared across ranks first (one
+    all-gather): a bad or differing table raises ``ValueError`` on every rank, before anything moves. After the transfer each layer switches to its new table,
     ``on_switch(layer)`` refreshes what derives from it (the gate's device groups), and the layer's
     expert gradients are dropped (consumed by the last step, and in the old slot order).
     """
@@ -200,6 +202,8 @@ def migrate_layers(
             break
         try:  # a table that is bad on one rank only must raise on every rank, not leave them waiting
             placement = table if isinstance(table, ExpertPlacement) else ExpertPlacement(table)
+            if placement.same_layout(current.placement):
+                check_table(layers[name], placement)
         except (TypeError, ValueError) as error:
             problem = f"MoEStrategy.apply_placement: the table for `{name}`: {error}"
             break

@@ -67,10 +67,12 @@ class ForcedMigrations(Callback):
     every rank: a generator seeded by the step)."""
 
     def __init__(
-        self, steps: list[int], *, inverse_at: int | None, mid_accumulation_at: int | None, differing_at: int | None = None
+        self, steps: list[int], *, inverse_at: int | None, mid_accumulation_at: int | None, differing_at: int | None = None,
+        unroutable_at: int | None = None,
     ) -> None:
         self.steps, self.inverse_at, self.mid_accumulation_at = steps, inverse_at, mid_accumulation_at
-        self.differing_at = differing_at
+        self.differing_at, self.unroutable_at = differing_at, unroutable_at
+        self.unroutable_error: str | None = None
         self.reports: list[dict] = []
         self.inverse_bitwise: bool | None = None
         self.mid_accumulation_error: str | None = None
@@ -127,6 +129,14 @@ class ForcedMigrations(Callback):
             except ValueError as error:
                 self.invalid_error += " | " + str(error)
             self.unchanged_after_refusal = all(strategy.placements()[name] == before[name] for name in LAYERS)
+        if step == self.unroutable_at:
+            # Ranks 0 and 1 both hold experts {0, 1}: a token limited to them could not reach top_k=3.
+            before = strategy.placements()
+            try:
+                strategy.apply_placement({name: [[0, 1], [1, 0], [2, 3], [3, 2]] for name in LAYERS})
+            except ValueError as error:
+                self.unroutable_error = str(error)
+            self.unchanged_after_refusal = all(strategy.placements()[name] == before[name] for name in LAYERS)
         if step not in self.steps:
             return
         old = strategy.placements()
@@ -150,8 +160,9 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
             model.get_submodule(name).compile(backend=scenario["compile_backend"])
     migrations = ForcedMigrations(scenario.get("migrate_at", []), inverse_at=scenario.get("inverse_at"),
                                   mid_accumulation_at=scenario.get("mid_accumulation_at"),
-                                  differing_at=scenario.get("differing_at"))
-    strategy = MoEStrategy(expert_parallel_size=scenario["ep"], spare_expert_slots=scenario.get("spare", 1))
+                                  differing_at=scenario.get("differing_at"), unroutable_at=scenario.get("unroutable_at"))
+    strategy = MoEStrategy(expert_parallel_size=scenario["ep"], spare_expert_slots=scenario.get("spare", 1),
+                           device_limited_routing=scenario.get("device_limit"))
     trainer = L.Trainer(
         accelerator="cpu", devices=world_size, strategy=strategy, max_steps=scenario.get("steps", 20),
         accumulate_grad_batches=ACCUMULATE, gradient_clip_val=0.05,
@@ -183,6 +194,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "mid_accumulation_error": migrations.mid_accumulation_error,
         "differing_error": migrations.differing_error,
         "invalid_error": migrations.invalid_error,
+        "unroutable_error": migrations.unroutable_error,
         "unchanged_after_refusal": migrations.unchanged_after_refusal,
         "placements_at_start": reinstated,
         "placements_at_end": {name: p.experts_per_rank() for name, p in trainer.strategy.placements().items()},

@@ -11,6 +11,10 @@ Shape legend: ``T`` tokens, ``D`` model width, ``E`` experts (logical ids), ``K`
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -100,9 +104,39 @@ def routing_from_topk(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) 
     )
 
 
+#: Up to this many choices of groups, :func:`fewest_experts_in_groups` tries every one.
+_EXACT_GROUP_CHOICES = 5_000
+
+
+def fewest_experts_in_groups(holders_GE: torch.Tensor, max_groups: int) -> int:
+    """The fewest distinct experts that ``max_groups`` of the groups ``holders_GE`` (``[G, E]``
+    booleans) can hold together: what a token limited to them is sure to reach.
+
+    Groups that share experts (replicas) hold fewer together than their sizes add up to. Every choice
+    is tried when there are at most ``_EXACT_GROUP_CHOICES``; beyond, a lower bound: one chosen
+    group's experts plus, for each other one, the experts that no other group holds.
+    """
+    num_groups = holders_GE.shape[0]
+    take = min(max_groups, num_groups)
+    if math.comb(num_groups, take) <= _EXACT_GROUP_CHOICES:
+        held_G = [sum(1 << expert for expert in row.nonzero().flatten().tolist()) for row in holders_GE]
+        return min(
+            functools.reduce(operator.or_, (held_G[group] for group in chosen)).bit_count()
+            for chosen in itertools.combinations(range(num_groups), take)
+        )
+    private_G = (holders_GE & (holders_GE.sum(dim=0, keepdim=True) == 1)).sum(dim=1)
+    return int(holders_GE.sum(dim=1).min()) + (take - 1) * int(private_G.min())
+
+
+def mean_over_tokens(values_T: torch.Tensor) -> torch.Tensor:
+    """The mean over dimension 0 (the tokens), 0 (not NaN) for a batch of no tokens: a rank or a
+    micro-batch that routed nothing must not make the loss NaN."""
+    return values_T.sum(dim=0) / max(values_T.shape[0], 1)
+
+
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     """Mean entropy (nats) of the per-token routing distribution: low means confident routing."""
-    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
+    return mean_over_tokens(-(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1))
 
 
 def check_at_most_experts(owner: str, name: str, value: int, num_experts: int) -> None:
@@ -212,7 +246,7 @@ class Gate(nn.Module):
         holders_GE = groups.bool().cpu()
         if not holders_GE.any(dim=0).all():
             raise ValueError(f"{type(self).__name__}.set_expert_groups: every expert must be in some group.")
-        self._check_group_limit(holders_GE, max_groups)
+        self.check_group_limit(holders_GE, max_groups)
         device = next((t.device for t in self.parameters()), None)
         if device is not None and device.type == "meta":
             device = None  # no data there; the model's move to its device carries the buffer along
@@ -221,16 +255,17 @@ class Gate(nn.Module):
         self.expert_group_count = holders_GE.shape[0]
         self.expert_group_limit = max_groups
 
-    def _check_group_limit(self, holders_GE: torch.Tensor, max_groups: int) -> None:
+    def check_group_limit(self, holders_GE: torch.Tensor, max_groups: int) -> None:
         """Raise ``ValueError`` when a token limited to ``max_groups`` of the groups ``holders_GE``
         (``[G, E]`` booleans) could be left fewer than ``top_k`` experts."""
         top_k = getattr(self, "top_k", 1)
-        smallest_group = int(holders_GE.sum(dim=1).min())
-        if smallest_group * max_groups < top_k:
+        fewest = fewest_experts_in_groups(holders_GE, max_groups)
+        if fewest < top_k:
             raise ValueError(
-                f"{type(self).__name__}: device-limited routing to {max_groups} group(s) of {smallest_group} "
-                f"expert(s) cannot reach top_k={top_k} experts. Raise the limit (`device_limited_routing`) "
-                f"or lower `top_k`."
+                f"{type(self).__name__}: device-limited routing to {max_groups} group(s) can leave a token "
+                f"{fewest} distinct expert(s), fewer than top_k={top_k} (groups of "
+                f"{int(holders_GE.sum(dim=1).min())} or more experts, replicas counted once). Raise the limit "
+                f"(`device_limited_routing`), lower `top_k`, or place fewer replicas of one expert together."
             )
 
     def set_expert_devices(self, devices: Any) -> None:

@@ -32,7 +32,7 @@ import torch
 
 from lightning_moe.layers.gates.base import AuxLoss, Routing
 from lightning_moe.layers.replicas import allowed_replicas, choose_replica_ranks, restrict_to_allowed
-from lightning_moe.ops.counting import count_per_expert, positions_in_groups
+from lightning_moe.ops.counting import ceil_share, count_per_expert, positions_in_groups
 from lightning_moe.validation import check_non_negative
 
 
@@ -167,7 +167,7 @@ class DeviceBalance:
         )
         device_N = choose_replica_ranks(routing.expert_index_N, self.devices.cumulative_EG, allowed_NG)
         num_assignments, num_devices = device_N.numel(), self.devices.num_devices
-        budget = max(1, math.ceil(self.device_capacity_factor * num_assignments / num_devices))
+        budget = max(1, ceil_share(self.device_capacity_factor, num_assignments, num_devices))
         affinity_N = affinity_TE.detach()[routing.token_index_N, routing.expert_index_N]
         by_affinity_N = torch.argsort(-affinity_N, stable=True)  # highest affinity first
         keep_N = positions_in_groups(device_N, by_affinity_N, num_devices) < budget

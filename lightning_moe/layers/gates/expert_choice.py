@@ -12,7 +12,7 @@ import math
 import torch
 
 from lightning_moe.layers.gates.base import LinearRouterGate, Routing, router_entropy
-from lightning_moe.ops.counting import count_per_expert
+from lightning_moe.ops.counting import ceil_share, count_per_expert
 
 
 class ExpertChoiceGate(LinearRouterGate):
@@ -69,7 +69,7 @@ class ExpertChoiceGate(LinearRouterGate):
         """Tokens each expert takes from a batch of ``num_tokens``: ``ceil(T c / E)``, in ``[1, T]``."""
         if num_tokens == 0:
             return 0
-        return min(num_tokens, max(1, math.ceil(num_tokens * self.capacity_factor / self.num_experts)))
+        return min(num_tokens, max(1, ceil_share(self.capacity_factor, num_tokens, self.num_experts)))
 
     def forward(self, x_TD: torch.Tensor, *, num_sequences: int = 1) -> Routing:
         num_tokens = x_TD.shape[0]

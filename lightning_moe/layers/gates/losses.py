@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_moe.layers.gates.base import AuxLoss, Routing, router_entropy
+from lightning_moe.layers.gates.base import AuxLoss, Routing, mean_over_tokens, router_entropy
 from lightning_moe.ops.counting import count_per_expert
 
 
@@ -52,13 +52,13 @@ def switch_load_balance_loss(
         counts_E = reduce_counts(counts_E)
     counts_E = counts_E.to(probs_TE.dtype)
     fraction_E = counts_E / counts_E.sum().clamp_min(1.0)
-    mean_prob_E = probs_TE.mean(dim=0)
+    mean_prob_E = mean_over_tokens(probs_TE)
     return num_experts * torch.sum(fraction_E * mean_prob_E)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): ``mean_t (logsumexp_e logits_te)^2``."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    return mean_over_tokens(torch.logsumexp(logits_TE, dim=-1).square())
 
 
 def add_softmax_router_losses(

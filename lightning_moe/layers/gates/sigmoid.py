@@ -48,6 +48,8 @@ def sequence_balance_loss(
         num_sequences: ``S``; ``T`` must be a multiple of it (consecutive equal-length sequences).
     """
     num_tokens, top_k = topk_ids_TK.shape
+    if num_tokens == 0:  # no sequence: nothing to balance (and no graph to divide)
+        return scores_TE.sum() * 0.0
     if num_tokens % num_sequences:
         raise ValueError(
             f"SigmoidGate: `num_sequences` ({num_sequences}) must divide the number of tokens ({num_tokens}) "
@@ -58,7 +60,7 @@ def sequence_balance_loss(
     counts_SE = torch.zeros(num_sequences, num_experts, device=scores_TE.device, dtype=scores_TE.dtype)
     counts_SE.scatter_add_(1, ids_SN, torch.ones_like(ids_SN, dtype=scores_TE.dtype))
     fraction_SE = counts_SE * (num_experts / (top_k * tokens_per_sequence))  # eq. 18
-    normalized_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)  # eq. 19
+    normalized_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + _NORMALIZE_EPSILON)  # eq. 19
     mean_score_SE = normalized_TE.reshape(num_sequences, tokens_per_sequence, num_experts).mean(dim=1)  # eq. 20
     return (fraction_SE * mean_score_SE).sum(dim=-1).mean()  # eq. 17, without its alpha
 
@@ -219,12 +221,12 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
             self._buffers["expert_bias"] = bias_fp32.to(device=moved.device, dtype=torch.float32)
         return result
 
-    def _check_group_limit(self, holders_GE: torch.Tensor, max_groups: int) -> None:
+    def check_group_limit(self, holders_GE: torch.Tensor, max_groups: int) -> None:
         """Device-limited routing next to the group limit only where every rank holds whole expert
         groups of at least ``top_k`` experts: then a kept rank that holds any expert of a kept group
         holds the group, and a token keeps ``top_k`` experts. Where groups straddle the ranks the two
         masks can leave fewer, and top-k would pick experts of dropped groups on dropped ranks."""
-        super()._check_group_limit(holders_GE, max_groups)
+        super().check_group_limit(holders_GE, max_groups)
         if self.n_group > 1:
             group_size = self.num_experts // self.n_group
             held_RGP = holders_GE.reshape(holders_GE.shape[0], self.n_group, group_size)
@@ -270,7 +272,9 @@ class SigmoidGate(DeviceBalanceOptions, LinearRouterGate):
         if self.sequence_balance_coef > 0:
             loss = sequence_balance_loss(scores_TE, topk_ids_TK, self.num_experts, num_sequences)
             routing.aux_losses["sequence_balance_loss"] = AuxLoss(loss, self.sequence_balance_coef)
-        normalized_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        # The epsilon as for the weights: a token whose scores all underflow to 0 (logits below about -104)
+        # gives a row of zeros, not NaN.
+        normalized_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + _NORMALIZE_EPSILON)
         if self.load_balance_coef > 0:
             loss = switch_load_balance_loss(
                 normalized_TE, routing.expert_index_N, self.num_experts, self.counts_reducer(self.load_balance_scope)
