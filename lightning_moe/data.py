@@ -96,7 +96,8 @@ class EpochShardSampler(DistributedSampler):
 
 
 class SequentialWindowDataset(Dataset):
-    """Non-overlapping windows that tile a token stream; every token after the first is a target once.
+    """Non-overlapping windows that tile a token stream; every token after the first is a target once,
+    up to the last whole window (a tail of fewer than ``T`` tokens is left out: every window is full).
 
     Window ``i`` covers tokens ``[i * T, i * T + T]`` (consecutive windows share one boundary token,
     which is a target in the first and an input in the second).
@@ -128,7 +129,7 @@ def expand_file_patterns(owner: str, name: str, patterns: str | list[str]) -> li
         patterns: one path or pattern, or a list of them.
 
     Raises:
-        ValueError: an entry is not a file, or nothing matches.
+        ValueError: an entry is not a file, or a pattern matches nothing.
     """
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
@@ -136,6 +137,8 @@ def expand_file_patterns(owner: str, name: str, patterns: str | list[str]) -> li
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))  # `~/data/a.jsonl` as well as `~/data/*.jsonl`
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:  # a typo in one of several patterns must not drop its files silently
+            raise ValueError(f"{owner}: `{name}` pattern {pattern!r} matches no file. Check the pattern.")
         for match in matches:
             if not Path(match).is_file():
                 raise ValueError(
@@ -145,6 +148,16 @@ def expand_file_patterns(owner: str, name: str, patterns: str | list[str]) -> li
     if not paths:
         raise ValueError(f"{owner}: `{name}` {patterns!r} matches no file. Give at least one text file.")
     return paths
+
+
+def check_some_batches(owner: str, windows_per_process: int, processes: int, batch_size: int, *, fix: str) -> None:
+    """Raise ``ValueError`` when a process's windows do not fill one batch: with ``drop_last`` the
+    epoch would have no batch, and ``fit`` would end at once without training."""
+    if windows_per_process < batch_size:
+        raise ValueError(
+            f"{owner}: the training data gives each of {processes} process(es) {windows_per_process} window(s), "
+            f"fewer than `batch_size` {batch_size}: an epoch would have no batch. To fix it, {fix}."
+        )
 
 
 class _TokenWindowDataModule(L.LightningDataModule):
@@ -199,9 +212,11 @@ class _TokenWindowDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.distributed_sampler_kwargs:
             shard = {key: self.trainer.distributed_sampler_kwargs[key] for key in ("num_replicas", "rank")}
         # Resumable: a run restarted from a mid-epoch checkpoint continues with the next window.
-        return self._loader(
-            dataset, sampler=EpochShardSampler(dataset, **shard), drop_last=True, loader_class=ResumableDataLoader
-        )
+        sampler = EpochShardSampler(dataset, **shard)
+        loader = self._loader(dataset, sampler=sampler, drop_last=True, loader_class=ResumableDataLoader)
+        check_some_batches(type(self).__name__, len(sampler), shard["num_replicas"], self.batch_size,
+                           fix="give more text, or set `samples_per_epoch`, or lower `batch_size`")
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

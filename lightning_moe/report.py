@@ -311,6 +311,9 @@ def build_report(logdir: str | Path, out: str | Path, *, run: str | None = None)
         raise ValueError(f"report: `--out` must end in .png or .html, got {str(out)!r}.")
     if not logdir.is_dir():
         raise ValueError(f"report: LOGDIR {str(logdir)!r} is not a directory. Pass the logger's directory, e.g. lightning_logs.")
+    if run is not None and not (logdir / run).is_dir():
+        runs = sorted(str(path.relative_to(logdir)) for path in find_runs(logdir))
+        raise ValueError(f"report: `--run` {run!r} is not a directory under {str(logdir)!r}. Runs there: {runs}.")
     candidates = [logdir / run] if run is not None else find_runs(logdir)
     # The newest run that holds the monitor's scalars.
     log = next((log for log in map(read_run, reversed(candidates)) if log.scalars), None)

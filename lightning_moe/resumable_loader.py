@@ -38,7 +38,10 @@ class ResumableDataLoader(DataLoader):
     """``torch.utils.data.DataLoader`` that resumes mid-epoch from a Lightning checkpoint.
 
     Takes exactly ``DataLoader``'s arguments. ``state_dict()`` is ``{"batches_in_epoch": n}``: the
-    batches handed out in the current epoch when the checkpoint was written (0 at an epoch boundary).
+    batches handed out in the current epoch when the checkpoint was written (0 at an epoch boundary),
+    and ``"epoch"``, the sampler's epoch then, when the sampler has one. A resumed run skips the ``n``
+    batches only in that epoch: when the saved epoch ended early (``limit_train_batches``), the run
+    resumes in the next epoch, which starts from its first batch.
 
     The order of the batches must depend on the epoch only, so that the resumed epoch is the same
     permutation: ``DistributedSampler`` (which Lightning injects under DDP and calls ``set_epoch``
@@ -54,6 +57,8 @@ class ResumableDataLoader(DataLoader):
         self._batches_in_epoch = 0
         self._skip_next = 0
         self._skip_now = 0
+        self._epoch: int | None = None
+        self._resume_epoch: int | None = None
 
     @property
     def _index_sampler(self):  # type: ignore[override]
@@ -62,12 +67,24 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         skip, self._skip_next = self._skip_next, 0
-        return self._iterate(skip)
+        resume_epoch, self._resume_epoch = self._resume_epoch, None
+        return self._iterate(skip, resume_epoch)
 
-    def _iterate(self, skip: int) -> Iterator[Any]:
+    def _sampler_epoch(self) -> int | None:
+        """The epoch Lightning set on the sampler (``set_epoch``), if it has one."""
+        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            epoch = getattr(sampler, "epoch", None)
+            if isinstance(epoch, int):
+                return epoch
+        return None
+
+    def _iterate(self, skip: int, resume_epoch: int | None) -> Iterator[Any]:
         # NOTE: a generator, so torch's iterator is built on the first `next()`. On resume Lightning
         # calls `iter()` before `set_epoch`, and worker processes take indices as soon as their
         # iterator exists: built eagerly, the resumed epoch would use the previous epoch's order.
+        self._epoch = self._sampler_epoch()
+        if resume_epoch is not None and self._epoch is not None and self._epoch != resume_epoch:
+            skip = 0  # the saved epoch was over (cut short by a batch limit): this one starts afresh
         self._skip_now = skip
         try:
             iterator = super().__iter__()
@@ -84,7 +101,12 @@ class ResumableDataLoader(DataLoader):
             batches %= len(self)  # the epoch's last batch: the next run starts a new epoch
         except TypeError:
             pass  # an iterable dataset without a length
-        return {"batches_in_epoch": batches}
+        state = {"batches_in_epoch": batches}
+        if self._epoch is not None:
+            state["epoch"] = self._epoch
+        return state
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._skip_next = int(state_dict.get("batches_in_epoch", 0))
+        epoch = state_dict.get("epoch")
+        self._resume_epoch = None if epoch is None else int(epoch)

@@ -99,3 +99,12 @@ def test_python_dash_m_shows_help(monkeypatch, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--model" in out and "--data" in out and "--trainer" in out
+
+
+@pytest.mark.parametrize("command", ["consolidate", "export"])
+def test_a_wrong_checkpoint_path_is_a_usage_error(tmp_path, command, capsys):
+    """As `report` and `upcycle`: the message and exit status 2, not a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, str(tmp_path / "missing.ckpt"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "missing.ckpt" in capsys.readouterr().err

@@ -173,6 +173,8 @@ def test_text_files_with_a_tokenizer(tmp_path):
     [
         (lambda tmp: TextFileDataModule(train_files=[str(tmp / "missing.txt")]), "train_files"),
         (lambda tmp: TextFileDataModule(train_files=[str(tmp / "*.nothing")]), "train_files"),
+        # One pattern of several that matches nothing (a typo) is an error, not silently fewer files.
+        (lambda tmp: TextFileDataModule(train_files=[str(tmp / "*.txt"), str(tmp / "typo/*.txt")]), "train_files"),
         (lambda tmp: TextFileDataModule(train_files=[str(tmp / "x.txt")], tokenizer_file="no.json"), "tokenizer_file"),
         (lambda tmp: TextFileDataModule(train_files=[str(tmp / "x.txt")], seq_len=0), "seq_len"),
         (lambda tmp: TextFileDataModule(train_files=[str(tmp / "x.txt")], val_fraction=1.5), "val_fraction"),
@@ -185,6 +187,17 @@ def test_bad_arguments_raise_value_error_naming_the_field(tmp_path, make, field)
     (tmp_path / "x.txt").write_text("some text\n" * 20)
     with pytest.raises(ValueError, match=field):
         make(tmp_path)
+
+
+def test_data_that_fills_no_batch_is_rejected(tmp_path):
+    """Fewer windows than `batch_size`: the epoch would have no batch (drop_last) and `fit` would end
+    at once without training; it is an error that names `batch_size` instead."""
+    (tmp_path / "x.txt").write_text("hello world, a small file. " * 40)  # 1080 bytes: 8 windows of 128
+    data = TextFileDataModule(train_files=[str(tmp_path / "x.txt")], seq_len=128, batch_size=16, val_fraction=0.05)
+    with pytest.raises(ValueError, match="7 window.*fewer than `batch_size` 16"):
+        data.train_dataloader()
+    data.batch_size = 4
+    assert len(data.train_dataloader()) == 1
 
 
 def test_too_short_text_for_seq_len_is_rejected(tmp_path):

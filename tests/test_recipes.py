@@ -74,6 +74,13 @@ def test_finetuning_recipe_runs_on_a_tiny_checkpoint(tmp_path, recipe, variant):
     (saved,) = (tmp_path / "logs").rglob("last.ckpt")
     restored = MoETransformer.load_from_checkpoint(saved)
     assert "pretrained" not in restored.hparams and restored.hparams.hf_source == str(checkpoint.resolve())
+    # The README's next command: `lightning-moe export` of that checkpoint, which transformers loads with
+    # the fine-tuned model's logits.
+    assert main(["export", str(saved), str(tmp_path / "exported")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    input_ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids).logits, restored.eval()(input_ids), rtol=1e-4, atol=1e-4)
 
 
 def test_upcycling_recipe_continues_pretraining_an_upcycled_llama(tmp_path):

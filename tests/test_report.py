@@ -66,6 +66,8 @@ def test_report_errors_name_the_fix(logdir, tmp_path):
         build_report(tmp_path, tmp_path / "report.png")
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing"), "--out", str(tmp_path / "r.png")])
+    with pytest.raises(ValueError, match="`--run` 'nope' is not a directory.*version_0"):
+        build_report(logdir, tmp_path / "report.png", run="nope")
 
 
 def test_migrations_are_marked(tmp_path):

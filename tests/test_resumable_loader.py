@@ -49,11 +49,25 @@ def test_resumes_mid_epoch_and_at_epoch_end(tmp_path, workers):
         assert resumed.seen == full.seen[done:], name
 
 
+def test_resumes_after_an_epoch_cut_short_by_limit_train_batches(tmp_path):
+    """An epoch that `limit_train_batches` ends before the loader does: a checkpoint after its last
+    batch resumes at the first batch of the next epoch (not `limit` batches into it)."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    options = dict(max_epochs=3, limit_train_batches=3, **TRAINER)
+    full = _Recorder()
+    L.Trainer(callbacks=[checkpoints], **options).fit(full, _loader(0))
+    resumed = _Recorder()
+    L.Trainer(default_root_dir=tmp_path, **options).fit(resumed, _loader(0), ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
+    assert [batch_idx for _, batch_idx, _ in resumed.seen] == [0, 1, 2, 0, 1, 2]
+    assert resumed.seen == full.seen[3:]
+
+
 def test_a_plain_run_and_len_are_unchanged():
     loader = _loader(0)
     assert len(loader) == 8 and sorted(int(b[0][0]) for b in loader) == list(range(8))
     assert [int(b[0][0]) for b in loader] != list(range(8))  # shuffled
-    assert loader.state_dict() == {"batches_in_epoch": 0}  # a whole epoch: the next one starts afresh
+    # A whole epoch: the next one starts afresh. The sampler's epoch is kept beside the count.
+    assert loader.state_dict() == {"batches_in_epoch": 0, "epoch": 0}
     loader.load_state_dict({"batches_in_epoch": 5})
-    assert len(list(loader)) == 3 and loader.state_dict() == {"batches_in_epoch": 0}
+    assert len(list(loader)) == 3 and loader.state_dict() == {"batches_in_epoch": 0, "epoch": 0}
     assert len(list(loader)) == 8  # the skip applies to one epoch only

@@ -134,6 +134,34 @@ def test_a_txt_file_is_one_document(tmp_path, qwen):
     assert dm.val_windows.ids_N.tolist() == ids_of("the cat sat on the mat <|endoftext|>")
 
 
+def test_one_txt_file_and_a_fraction_point_at_val_files(tmp_path, qwen):
+    """A `.txt` file is one document and the split keeps whole documents: a fraction puts the one file
+    on one side, and the error says that only `val_files` separates them."""
+    text = tmp_path / "notes.txt"
+    text.write_text("the cat sat on the mat " * 20)
+    for fraction in (0.05, 0.9):
+        with pytest.raises(ValueError, match="a `.txt` file is one: with few documents, give `val_files`"):
+            module(qwen, [text], val_fraction=fraction).setup()
+
+
+def test_in_memory_data_that_fills_no_batch_is_rejected(tmp_path, qwen):
+    data = write_jsonl(tmp_path / "d.jsonl", text_docs(8))
+    dm = module(qwen, [data], val_files=[str(data)], batch_size=64)
+    with pytest.raises(ValueError, match="fewer than `batch_size` 64: an epoch would have no batch"):
+        dm.train_dataloader()
+
+
+def test_a_file_name_that_is_not_utf8_is_split_by_its_bytes(tmp_path, qwen):
+    import os
+
+    name = os.fsdecode(b"caf\xe9.jsonl")  # Latin-1: a surrogate escape in a str path
+    path = tmp_path / name
+    write_jsonl(path, text_docs(40))
+    dm = module(qwen, [path], val_fraction=0.25)
+    dm.setup()
+    assert len(dm.train_windows) > 0 and len(dm.val_windows) > 0
+
+
 @pytest.mark.parametrize("template", [CHATML, CHATML_GENERATION], ids=["prefix-diff", "generation-blocks"])
 def test_chat_loss_mask_covers_only_assistant_turns(tmp_path, template):
     tokenizer = make_tokenizer(tmp_path / "tok", template=template)

@@ -120,6 +120,9 @@ def consolidate_main(argv: Sequence[str]) -> int:
     parser.add_argument("checkpoint", help="checkpoint directory (e.g. lightning_logs/.../epoch=0-step=100.ckpt)")
     parser.add_argument("output", help="single-file checkpoint to write")
     args = parser.parse_args(list(argv))
-    output = consolidate_checkpoint(args.checkpoint, args.output)
+    try:
+        output = consolidate_checkpoint(args.checkpoint, args.output)
+    except (CheckpointError, FileNotFoundError, ValueError) as error:  # a wrong path: a usage error, exit 2
+        parser.error(str(error))
     print(f"wrote {output}")
     return 0

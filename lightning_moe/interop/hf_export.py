@@ -206,8 +206,10 @@ def export_checkpoint(
             f"{checkpoint} has no hyper-parameters or state_dict: it is not a Lightning checkpoint of an "
             f"MoETransformer."
         )
+    # What LightningCLI adds to the hyper-parameters (`_class_path`, `_instantiator`) is not an argument.
+    arguments = {key: value for key, value in saved["hyper_parameters"].items() if not key.startswith("_")}
     with torch.device("meta"):
-        model = MoETransformer(**saved["hyper_parameters"])
+        model = MoETransformer(**arguments)
     # assign=True: the meta tensors are replaced by the checkpoint's, with no second copy.
     model.load_state_dict(saved["state_dict"], strict=True, assign=True)
     if model.hparams.tie_embeddings:
@@ -228,7 +230,12 @@ def export_main(argv: Sequence[str]) -> int:
     parser.add_argument("output", help="directory to write (config.json, safetensors, tokenizer files)")
     parser.add_argument("--dtype", default=None, help="dtype of the written weights (default: the checkpoint's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest weight file (default: 5GB)")
+    from lightning_moe.checkpoint.layout import CheckpointError
+
     args = parser.parse_args(list(argv))
-    output = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    try:
+        output = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    except (CheckpointError, FileNotFoundError, ValueError) as error:  # a wrong path or option: exit 2
+        parser.error(str(error))
     print(f"wrote {output}")
     return 0

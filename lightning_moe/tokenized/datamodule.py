@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
-from lightning_moe.data import expand_file_patterns
+from lightning_moe.data import check_some_batches, expand_file_patterns
 from lightning_moe.tokenized.encoding import DocumentEncoder, checkpoint_vocab_size, load_tokenizer
 from lightning_moe.tokenized.packing import (
     PackedWindows,
@@ -162,9 +162,12 @@ class TokenizedDataModule(L.LightningDataModule):
         ids_N, trainable_N = encode_all(source, self.encoder, self.bad_lines)
         windows = PackedWindows(ids_N, trainable_N, seq_len=self.seq_len, pad_id=self.pad_id)
         if len(windows) == 0:
+            # The split keeps whole documents (a `.txt` file is one): with few of them, a fraction can put
+            # all of them on one side, and only `val_files` separates the two.
             raise ValueError(
                 f"{type(self).__name__}: the {what} split holds {len(ids_N)} token(s), too few for one window. "
-                + ("Raise `val_fraction` or give `val_files`." if what == "validation" else "Give more data.")
+                + ("Give `val_files`, or raise `val_fraction`" if what == "validation" else "Give more data")
+                + " (the split keeps whole documents, and a `.txt` file is one: with few documents, give `val_files`)."
             )
         return windows
 
@@ -236,6 +239,8 @@ class TokenizedDataModule(L.LightningDataModule):
             loader = WindowLoader(dataset, **self._loader_options())
         else:
             sampler = ShuffledWindowSampler(self.train_windows, num_replicas=world_size, rank=rank, seed=self.seed)
+            check_some_batches(type(self).__name__, len(sampler), world_size, self.batch_size,
+                               fix="give more data, or lower `batch_size` or `seq_len`")
             loader = WindowLoader(self.train_windows, sampler=sampler, drop_last=True, **self._loader_options())
         if self.trainer is not None:
             loader.progress = self._progress

@@ -119,7 +119,8 @@ def is_validation_document(path: str, line: int, *, val_fraction: float, seed: i
         val_fraction: expected share of documents that validate.
         seed: seeds the draw.
     """
-    digest = hashlib.blake2b(f"{seed}\0{path}\0{line}".encode(), digest_size=8).digest()
+    # `surrogateescape`: a file name that is not UTF-8 hashes as its bytes instead of failing.
+    digest = hashlib.blake2b(f"{seed}\0{path}\0{line}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "little") < val_fraction * 2**64
 
 
