@@ -194,6 +194,8 @@ class MoEStrategy(DDPStrategy):
         self.pretrained_load_report: Any = None
         #: A backward ran whose gradients no optimizer step consumed yet (mid-accumulation).
         self._pending_backward = False
+        #: MoE layers with frozen expert parameters, hooked for gradient sync once they train.
+        self._frozen_expert_layers: list[MoELayer] = []
         self.expert_mesh: ExpertParallelMesh | None = None
         self._loss_nonfinite: Tensor | None = None
 
@@ -297,7 +299,8 @@ class MoEStrategy(DDPStrategy):
             layer.dispatcher.configure_replica_balance(self.balance_replicas, self._node_of_ep_rank(mesh))
             self._set_expert_groups(layer)
             # On the parameters in place now (loading a meta model replaces them); once per parameter.
-            reduce_expert_grads_on_arrival(layer, ep_size=mesh.ep_size, ep_group=mesh.ep_group)
+            if not reduce_expert_grads_on_arrival(layer, ep_size=mesh.ep_size, ep_group=mesh.ep_group):
+                self._frozen_expert_layers.append(layer)
         # DDP (and the states sync outside fitting) must leave the experts and per-forward counters
         # alone; a user's own list of ignored names is kept.
         user_ignored = [name for name in getattr(module, "_ddp_params_and_buffers_to_ignore", [])]
@@ -428,6 +431,17 @@ class MoEStrategy(DDPStrategy):
         return output
 
     @override
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        super().pre_backward(closure_loss)
+        mesh = self.expert_mesh
+        if self._frozen_expert_layers and mesh is not None:
+            # Experts frozen at set-up and unfrozen since (staged fine-tuning) get their hook now.
+            self._frozen_expert_layers = [
+                layer for layer in self._frozen_expert_layers
+                if not reduce_expert_grads_on_arrival(layer, ep_size=mesh.ep_size, ep_group=mesh.ep_group)
+            ]
+
+    @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
         self._pending_backward = True
@@ -462,6 +476,44 @@ class MoEStrategy(DDPStrategy):
             ep_group=mesh.ep_group if mesh is not None else None,
             ep_size=mesh.ep_size if mesh is not None else 1,
             replicas_of_slots=replica_counts_of_slots(_sharded_layers(self.lightning_module)),
+        )
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        self._check_equal_batches(dataloader)
+        return dataloader
+
+    def _check_equal_batches(self, dataloader: object) -> None:
+        """Raise ``ValueError`` on every rank when the ranks would run different numbers of batches.
+
+        Under expert parallelism every MoE forward is an all-to-all over the EP group, so a rank with
+        one more batch would wait for its partners forever. Lightning's ``DistributedSampler`` gives
+        equal shares for training, validation and test, but not for ``predict``, whose sampler does not
+        repeat samples (9 samples over 4 ranks: 3, 2, 2, 2).
+        """
+        mesh = self.expert_mesh
+        if mesh is None or mesh.ep_size == 1 or not dist.is_initialized():
+            return
+        try:
+            batches = len(dataloader)  # type: ignore[arg-type]
+        except TypeError:  # an iterable without a length: its shares are the user's
+            return
+        per_rank = self._all_gather_object(batches)
+        if len(set(per_rank)) == 1:
+            return
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        stage = trainer.state.stage if trainer is not None else None
+        prefix = stage.dataloader_prefix if stage is not None else None
+        limit = getattr(trainer, f"limit_{prefix}_batches", None) if prefix else None
+        if isinstance(limit, int) and limit <= min(per_rank):
+            return  # the limit runs the same number everywhere
+        raise ValueError(
+            f"MoEStrategy: the {prefix or 'current'} dataloader gives the ranks different numbers of batches "
+            f"({per_rank}). Under expert parallelism every MoE forward is a collective of the expert-parallel "
+            f"group, so a rank with more batches would wait forever. Give every rank the same number of "
+            f"batches: a dataset size that is a multiple of world size x batch size (Lightning's `predict` "
+            f"sampler does not pad), or a sampler of your own with `use_distributed_sampler=False`."
         )
 
     def _all_gather_object(self, obj: Any) -> list[Any]:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
 
 from launch import REPO_ROOT, clean_env, free_port, launch, read_results  # noqa: E402
 from launch import step_losses as per_step_losses  # noqa: E402
-from models import LateExperts, TwoMoELayers, dataset, reference_run  # noqa: E402
+from models import LateExperts, StagedExperts, TwoMoELayers, dataset, reference_run  # noqa: E402
 
 from lightning_moe.checkpoint import (  # noqa: E402
     committed_directory,
@@ -84,6 +84,7 @@ def world4_scenarios(out: Path) -> list[dict]:
          "validate": True, **TRAIN},
         {"name": "ep2_permuted", "ep": 2, "max_epochs": 2, "placement": [[3, 0], [1, 2]], "model": NO_AUX, **TRAIN},
         {"name": "ep2_late_experts", "ep": 2, "late_experts": True, "model": NO_AUX, **TRAIN},
+        {"name": "ep2_staged_experts", "ep": 2, "spare": 1, "staged_experts": True, "model": NO_AUX, **TRAIN},
         {"name": "ep2_compiled", "ep": 2, "compile_backend": "aot_eager", "model": NO_AUX, **TRAIN},
         {"name": "ep2_replicas", "ep": 2, "spare": 1, "model": NO_AUX, **TRAIN},
         {"name": "ep2_global_balance", "ep": 2, "model": GLOBAL_BALANCE, **TRAIN},
@@ -103,6 +104,9 @@ def world4_scenarios(out: Path) -> list[dict]:
         {"name": "err_experts", "ep": 4, "expect_error": True, "model": {"num_experts": 6}, **TRAIN},
         {"name": "err_root", "ep": 2, "expect_error": True, "root_expert_param": True, **TRAIN},
         {"name": "err_mismatch", "ep": 2, "expect_error": True, "mismatch": True, **TRAIN},
+        # 9 samples over 4 ranks: Lightning's predict sampler gives 3, 2, 2, 2 batches of 1.
+        {"name": "predict_uneven", "ep": 2, "predict_samples": 9, "model": NO_AUX},
+        {"name": "predict_even", "ep": 2, "predict_samples": 8, "model": NO_AUX},
         {"name": "err_device_balance", "ep": 1, "expect_error": True,
          "model": {"num_experts": 4, "gate_kwargs": {"device_balance_coef": 0.05}}, **TRAIN},
     ]
@@ -221,6 +225,22 @@ def test_experts_created_in_configure_model(world4):
     sharded and trained like any other: the same steps as its single-process reference."""
     ref_losses, _ = reference(NO_AUX, steps=STEPS_PER_EPOCH, model_class=LateExperts)
     np.testing.assert_allclose(step_losses(read(world4, "ep2_late_experts", 4)), ref_losses, rtol=1e-4)
+
+
+def test_experts_frozen_at_setup_train_once_unfrozen(world4, tmp_path):
+    """Staged fine-tuning at EP 2 with replicas: one layer's experts frozen when the strategy sets up
+    (they take no gradient hook then) and unfrozen after 2 steps train like the single-process run."""
+    ref_losses, ref_state = reference(NO_AUX, steps=STEPS_PER_EPOCH, model_class=StagedExperts)
+    np.testing.assert_allclose(step_losses(read(world4, "ep2_staged_experts", 4)), ref_losses, rtol=1e-4)
+    assert_states_close(read_full_checkpoint(world4 / "ep2_staged_experts" / FIRST_EPOCH)["state_dict"], ref_state)
+
+
+def test_predict_with_uneven_shares_is_refused_on_every_rank(world4):
+    """Every MoE forward is a collective under expert parallelism: a predict sampler that gives one
+    rank an extra batch would hang it, so every rank refuses; even shares predict."""
+    for result in read(world4, "predict_uneven", 4):
+        assert "different numbers of batches ([3, 2, 2, 2])" in result["error"]
+    assert [r["batches"] for r in read(world4, "predict_even", 4)] == [2, 2, 2, 2]
 
 
 def test_compiled_layers_match_single_process(world4):

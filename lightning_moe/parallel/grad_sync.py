@@ -35,7 +35,7 @@ from lightning_moe.parallel.placement import ExpertPlacement
 _HOOKED = "_lightning_moe_grad_hook"
 
 
-def reduce_expert_grads_on_arrival(layer: MoELayer, *, ep_size: int, ep_group: dist.ProcessGroup | None) -> None:
+def reduce_expert_grads_on_arrival(layer: MoELayer, *, ep_size: int, ep_group: dist.ProcessGroup | None) -> bool:
     """Hook each expert parameter of ``layer`` so that, in every backward, its gradient is divided by
     ``ep_size`` and, for an expert with replicas, summed over the slots of all its holders.
 
@@ -46,11 +46,15 @@ def reduce_expert_grads_on_arrival(layer: MoELayer, *, ep_size: int, ep_group: d
     accumulation and several ``manual_backward`` calls add up exactly as without replicas. The
     placement is read at each backward: a migration changes it between steps. A parameter is hooked
     once, however often this is called.
+
+    A frozen parameter (``requires_grad=False``, which takes no hook) is left for a later call.
+    Returns whether every expert parameter of the layer is hooked now.
     """
     if ep_size == 1:
-        return
+        return True
     scale = 1.0 / ep_size
-    parameters = [p for p in layer.experts.parameters(recurse=False) if not getattr(p, _HOOKED, False)]
+    pending = [p for p in layer.experts.parameters(recurse=False) if not getattr(p, _HOOKED, False)]
+    parameters = [p for p in pending if p.requires_grad]
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad * scale
@@ -62,6 +66,7 @@ def reduce_expert_grads_on_arrival(layer: MoELayer, *, ep_size: int, ep_group: d
     for parameter in parameters:
         parameter.register_hook(hook)
         setattr(parameter, _HOOKED, True)
+    return len(parameters) == len(pending)
 
 
 def _sum_replica_rows(

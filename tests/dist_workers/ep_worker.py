@@ -22,7 +22,8 @@ torch.set_num_threads(1)
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from launch import fit_scenario, run_scenarios  # noqa: E402
-from models import LateExperts, TwoMoELayers, dataloader  # noqa: E402
+from models import LateExperts, StagedExperts, TwoMoELayers, dataloader, dataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_moe import MoEStrategy, mark_expert_param  # noqa: E402
@@ -90,6 +91,19 @@ class TriesApplyPlacement(L.Callback):
                 self.error = str(error)
 
 
+def predict_scenario(model, scenario: dict, world_size: int) -> dict:
+    """``trainer.predict`` with Lightning's own distributed sampler (which does not pad): the error
+    every rank raises, or ``None`` and the number of predicted batches."""
+    predictor = L.Trainer(accelerator="cpu", devices=world_size, strategy=MoEStrategy(expert_parallel_size=scenario["ep"]),
+                          logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(dataset(scenario["predict_samples"]), batch_size=1)
+    try:
+        predictions = predictor.predict(model, loader)
+    except ValueError as error:
+        return {"error": str(error)}
+    return {"error": None, "batches": len(predictions)}
+
+
 def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     model_kwargs = dict(scenario.get("model", {}))
     if scenario.get("mismatch") and rank == 1:
@@ -97,6 +111,8 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     model_class = RootExpertParam if scenario.get("root_expert_param") else TwoMoELayers
     if scenario.get("late_experts"):
         model_class = LateExperts
+    if scenario.get("staged_experts"):
+        model_class = StagedExperts
     if "skip_second_on_ranks" in scenario:
         model_class = SkipsSecondLayer
         SkipsSecondLayer.skip_on_ranks = tuple(scenario["skip_second_on_ranks"])
@@ -105,6 +121,8 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         model_kwargs.update(accumulate=scenario.pop("accumulate"), clip=scenario.pop("clip"))
         model_class = ManualAccumulation
     model = model_class(**model_kwargs)
+    if scenario.get("predict_samples"):
+        return predict_scenario(model, scenario, world_size)
     if scenario.get("compile_backend"):
         for layer in moe_layers(model):
             layer.compile(backend=scenario["compile_backend"])

@@ -67,6 +67,9 @@ class TwoMoELayers(L.LightningModule):
         x_BSD, y_BSD = batch
         self.log("val_loss", F.mse_loss(self(x_BSD).float(), y_BSD), sync_dist=True)
 
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)
 
@@ -86,6 +89,24 @@ class LateExperts(TwoMoELayers):
                       gate=self.hparams.gate, top_k=self.hparams.top_k, gate_kwargs=self.hparams.gate_kwargs,
                       capacity_factor=self.hparams.capacity_factor, init_std=0.2)
         self.blocks = nn.ModuleDict({"first": MoELayer(**common), "second": MoELayer(**common)})
+
+
+class StagedExperts(TwoMoELayers):
+    """Staged fine-tuning: the first layer's experts start frozen and train from optimizer step
+    ``UNFREEZE_AT`` on (the dense weights and the second layer's experts train throughout)."""
+
+    UNFREEZE_AT = 2
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.blocks["first"].experts.requires_grad_(False)
+
+    def at_step(self, step: int) -> None:
+        if step >= self.UNFREEZE_AT:
+            self.blocks["first"].experts.requires_grad_(True)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.at_step(self.global_step)
 
 
 def dataset(num_samples: int, seed: int = 1) -> TensorDataset:
@@ -135,6 +156,8 @@ def reference_run(
     per_epoch = num_samples // (world_size * batch_size * accumulate)
     losses = []
     for step in range(steps):
+        if hasattr(model, "at_step"):
+            model.at_step(step)
         optimizer.zero_grad()
         step_losses = []
         for micro in range(accumulate):
