@@ -10,6 +10,7 @@ frequencies.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import nn
 
 from lightning_moe.layers.aux_loss import collect_aux_loss, collect_aux_losses
@@ -244,6 +246,7 @@ class MoETransformer(PretrainedIO, L.LightningModule):
             head_dim=head_dim,
             attention_bias=attention_bias,
             attention_out_bias=attention_out_bias,
+            tie_embeddings=tie_embeddings,
             qk_norm=qk_norm,
             norm_eps=norm_eps,
             rope_scaling=rope_scaling,
@@ -269,7 +272,14 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         # What LightningCLI adds (`_class_path`, `_instantiator`) is kept: its `--ckpt_path` reads the
         # class from them.
         from_cli = {key: value for key, value in (_given_hyperparameters.get() or {}).items() if key.startswith("_")}
-        self.save_hyperparameters({**arguments, "adam_betas": adam_betas, "gate": gate_to_hparam(gate), **from_cli})
+        # A subclass's own `__init__` arguments (the frames that called this one), as Lightning's
+        # `save_hyperparameters()` collects them, so that `load_from_checkpoint` rebuilds the subclass.
+        subclass = {}
+        for frame_arguments in collect_init_args(inspect.currentframe().f_back, [], classes=(MoETransformer,)):
+            subclass.update(frame_arguments)
+        self.save_hyperparameters(
+            {**subclass, **arguments, "adam_betas": adam_betas, "gate": gate_to_hparam(gate), **from_cli}
+        )
         del self.hparams["pretrained"]
         self.max_seq_len, self.rope_theta, self.rope_scaling = max_seq_len, rope_theta, rope_scaling
         self.head_dim = head_dim or d_model // n_heads
@@ -411,29 +421,25 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         self._eval_loss_sum, self._eval_tokens = None, 0
 
     def on_validation_epoch_end(self) -> None:
-        self._log_perplexity("val")
+        self._log_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_perplexity("test")
+        self._log_evaluation("test")
 
     def _evaluation_step(self, batch: Any, stage: str) -> None:
         loss, tokens = self._next_token_loss(batch)
-        self._log_evaluation(stage, loss)
         weighted = loss.detach() * tokens
         self._eval_loss_sum = weighted if self._eval_loss_sum is None else self._eval_loss_sum + weighted
         self._eval_tokens += tokens
 
-    @torch.compiler.disable  # as `_log_training`
-    def _log_evaluation(self, stage: str, loss: torch.Tensor) -> None:
-        # sync_dist: under data or expert parallelism every rank sees other sequences.
-        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
+    def _log_evaluation(self, stage: str) -> None:
+        """Log the token-weighted mean loss over every rank's evaluation tokens (``{stage}_loss``) and
+        its ``exp`` (``{stage}_ppl``).
 
-    def _log_perplexity(self, stage: str) -> None:
-        """Log ``exp`` of the token-weighted mean loss over every rank's evaluation tokens.
-
-        NOTE: averaging each rank's ``exp(loss)`` (``sync_dist=True``) would overstate the perplexity
-        (Jensen) and weight ranks equally whatever their token counts; the sums are reduced instead.
-        Every rank joins the reduction, even one that evaluated no batch.
+        NOTE: a mean of per-batch means would weight a batch of few targets like a full one, and a
+        batch with none (a window inside a long user turn of a chat, loss 0) would pull the loss
+        down; averaging each rank's ``exp(loss)`` would overstate the perplexity (Jensen). The sums
+        are reduced instead. Every rank joins the reduction, even one that evaluated no batch.
         """
         device = self.device if self._eval_loss_sum is None else self._eval_loss_sum.device
         loss_sum = torch.zeros((), device=device) if self._eval_loss_sum is None else self._eval_loss_sum.float()
@@ -444,7 +450,9 @@ class MoETransformer(PretrainedIO, L.LightningModule):
         if totals[1] > 0:
             # Identical on every rank already; `sync_dist` averages equal values (a no-op) and keeps
             # Lightning's check for unsynced epoch-level metrics quiet.
-            self.log(f"{stage}_ppl", torch.exp(totals[0] / totals[1]), sync_dist=True)
+            mean_loss = totals[0] / totals[1]
+            self.log(f"{stage}_loss", mean_loss, prog_bar=True, sync_dist=True)
+            self.log(f"{stage}_ppl", torch.exp(mean_loss), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hparams = self.hparams

@@ -161,12 +161,15 @@ def test_uploading_loggers_are_refused_with_sharded_experts(world2):
         assert "lightning-moe consolidate" in result["error"]
 
 
-def test_val_ppl_is_exp_of_the_worlds_token_weighted_loss(world2):
+def test_val_loss_and_ppl_are_the_worlds_token_weighted_mean(world2):
     results = read(world2, "val_ppl")
     loss_sum = sum(r["loss_sum"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     expected = torch.exp(torch.tensor(loss_sum / tokens)).item()
     mean_of_exp = sum(torch.exp(torch.tensor(r["loss_sum"] / r["tokens"])).item() for r in results) / 2
     assert abs(expected - mean_of_exp) > 1e-3 * expected  # the two definitions differ on this data
+    mean_of_means = sum(r["loss_sum"] / r["tokens"] for r in results) / 2
+    assert abs(loss_sum / tokens - mean_of_means) > 1e-3  # so do a token-weighted and a per-rank mean
     for result in results:
         assert result["val_ppl"] == pytest.approx(expected, rel=1e-5)
+        assert result["val_loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)

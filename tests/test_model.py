@@ -138,6 +138,52 @@ def test_a_batch_without_targets_has_loss_zero_not_nan():
     torch.testing.assert_close(mean, expected)
 
 
+class SmoothedModel(MoETransformer):
+    """A user's subclass with an argument of its own."""
+
+    def __init__(self, *, label_smoothing: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.label_smoothing = label_smoothing
+
+
+def test_freezing_a_tied_head_by_its_second_name_points_at_the_first():
+    with pytest.raises(ValueError, match="`lm_head.weight` is `embed.weight`"):
+        tiny_model(tie_embeddings=True, freeze=["*", "!lm_head.weight"])
+    assert not tiny_model(tie_embeddings=True, freeze=["embed.weight"]).lm_head.weight.requires_grad
+
+
+def test_a_subclass_saves_and_reloads_its_own_arguments(tmp_path):
+    model = SmoothedModel(label_smoothing=0.2, vocab_size=64, **TINY)
+    assert model.hparams.label_smoothing == 0.2 and model.hparams.d_model == TINY["d_model"]
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    tokens = torch.randint(0, 64, (2, 9))
+    trainer.fit(model, DataLoader([(tokens[:, :-1], tokens[:, 1:])], batch_size=None))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    restored = SmoothedModel.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert restored.label_smoothing == 0.2 and restored.hparams.num_experts == TINY["num_experts"]
+
+
+def test_val_loss_is_the_token_weighted_mean_over_batches():
+    """Validation batches with different numbers of targets, one with none (loss 0): val_loss is the
+    mean over the tokens (the loss of one batch holding them all), not over the batches, and val_ppl
+    its exp."""
+    model = tiny_model()
+    tokens = torch.randint(0, 256, (3, 2, 17), generator=torch.Generator().manual_seed(1))
+    targets = tokens[:, :, 1:].clone()
+    targets[1] = -100  # no target: a window inside a user turn
+    targets[2, :, 1:] = -100  # one target per row
+    batches = [(tokens[i, :, :-1], targets[i]) for i in range(3)]
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    metrics = trainer.validate(model, DataLoader(batches, batch_size=None), verbose=False)[0]
+    with torch.no_grad():
+        sums = [model.language_model_loss(batch) for batch in batches]
+    expected = sum(float(loss) * int(count) for loss, count in sums) / sum(int(count) for _, count in sums)
+    assert metrics["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
 def test_a_training_step_reads_nothing_back_to_the_host(capacity_factor):
     """Forward, loss and backward of a training step stay on the device: on a GPU a read (the token
@@ -171,6 +217,10 @@ def test_a_training_step_reads_nothing_back_to_the_host(capacity_factor):
         (dict(min_lr_ratio=1.5), ["min_lr_ratio"]),
         (dict(weight_decay=-0.1), ["weight_decay"]),
         (dict(rope_theta=0.0), ["rope_theta"]),
+        # The suggested head counts are those whose head width is also even: 96 / 5 suggests no 32.
+        (dict(d_model=96, n_heads=5), ["d_model", "n_heads", "[1, 2, 3, 4, 6, 8, 12, 16, 24, 48]"]),
+        (dict(tie_embeddings="false"), ["tie_embeddings"]),
+        (dict(adam_betas=("0.9", "0.95")), ["adam_betas"]),
     ],
 )
 def test_bad_configs_raise_value_error_naming_the_field(overrides, fields):

@@ -59,7 +59,8 @@ def check_transformer_config(
     if moe_d_ff is not None:
         check_positive_int(OWNER, "moe_d_ff", moe_d_ff)
     if not head_width_given and d_model % n_heads:
-        divisors = [h for h in range(1, d_model + 1) if d_model % h == 0 and h <= 64]
+        # Head counts that also pass the next check (an even head width, for RoPE).
+        divisors = [h for h in range(1, min(d_model, 64) + 1) if d_model % h == 0 and (d_model // h) % 2 == 0]
         raise ValueError(
             f"{OWNER}: `d_model` ({d_model}) must be divisible by `n_heads` ({n_heads}). "
             f"Choose `n_heads` from {divisors} or change `d_model`."
@@ -100,7 +101,11 @@ def check_transformer_config(
             f"{OWNER}: `min_lr_ratio` must lie in [0, 1], got {min_lr_ratio!r}. It is the final learning rate "
             f"as a fraction of `learning_rate`; 0.1 is common."
         )
-    if len(adam_betas) != 2 or not all(0 <= beta < 1 for beta in adam_betas):
+    if (
+        len(adam_betas) != 2
+        or not all(isinstance(beta, (int, float)) and not isinstance(beta, bool) for beta in adam_betas)
+        or not all(0 <= beta < 1 for beta in adam_betas)
+    ):
         raise ValueError(f"{OWNER}: `adam_betas` must be two numbers in [0, 1), got {adam_betas!r}. Try [0.9, 0.95].")
     if not (isinstance(init_std, (int, float)) and init_std > 0):
         raise ValueError(f"{OWNER}: `init_std` must be a number > 0, got {init_std!r}. Try 0.02.")

@@ -47,6 +47,12 @@ def freeze_by_pattern(module: nn.Module, patterns: Sequence[str], *, owner: str 
             except re.error as error:
                 raise ValueError(f"{owner}: pattern {pattern!r} is not a valid regular expression ({error}).") from None
         if not any(_matches(body, name) for name in names):
+            tied = [f"`{alias}` is `{name}`" for alias, name in _tied_aliases(module).items() if _matches(body, alias)]
+            if tied:
+                raise ValueError(
+                    f"{owner}: pattern {pattern!r} names only tied parameters ({', '.join(tied)}: the same tensor, "
+                    f"listed under its first name). Name the first one instead."
+                )
             examples = ", ".join(names[:4] + (["..."] if len(names) > 4 else []))
             raise ValueError(
                 f"{owner}: pattern {pattern!r} matches no parameter. Names look like {examples}; globs must match "
@@ -64,3 +70,16 @@ def freeze_by_pattern(module: nn.Module, patterns: Sequence[str], *, owner: str 
         if not parameter.requires_grad:
             frozen.append(name)
     return frozen
+
+
+def _tied_aliases(module: nn.Module) -> dict[str, str]:
+    """Second names of shared parameters (``lm_head.weight`` with tied embeddings) -> their first name,
+    the one ``named_parameters()`` lists."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return aliases

@@ -43,6 +43,7 @@ def check_architecture_options(
     head_dim: int | None,
     attention_bias: bool,
     attention_out_bias: bool,
+    tie_embeddings: bool,
     qk_norm: str | None,
     norm_eps: float,
     rope_scaling: dict[str, Any] | None,
@@ -57,6 +58,7 @@ def check_architecture_options(
     for name, value in (
         ("attention_bias", attention_bias),
         ("attention_out_bias", attention_out_bias),
+        ("tie_embeddings", tie_embeddings),
         ("rope_interleave", rope_interleave),
     ):
         _check_bool(name, value)

@@ -215,7 +215,7 @@ def averager_check(world_size: int, rank: int) -> dict:
 
 def val_ppl_check(out_dir: Path, world_size: int, rank: int) -> dict:
     """Ranks evaluate different numbers of tokens (padding masked with -100) with different losses:
-    val_ppl must be exp of the token-weighted mean over the world. (Every rank runs the same number
+    val_loss must be the token-weighted mean over the world, and val_ppl its exp. (Every rank runs the same number
     of batches: under expert parallelism each forward is a collective.)"""
     torch.manual_seed(0)
     model = MoETransformer(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16, num_experts=4,
@@ -236,7 +236,7 @@ def val_ppl_check(out_dir: Path, world_size: int, rank: int) -> dict:
             loss, count = model.language_model_loss(batch)
             loss_sum += float(loss) * count
             tokens += count
-    return {"val_ppl": metrics["val_ppl"], "loss_sum": loss_sum, "tokens": tokens}
+    return {"val_ppl": metrics["val_ppl"], "val_loss": metrics["val_loss"], "loss_sum": loss_sum, "tokens": tokens}
 
 
 def main() -> None:
