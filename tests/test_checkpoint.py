@@ -131,6 +131,48 @@ def test_a_save_that_fails_half_way_keeps_the_previous_checkpoint(tmp_path):
     assert len([p for p in path.iterdir() if p.is_dir()]) == 1
 
 
+def test_a_failed_first_save_leaves_no_directory_that_looks_like_a_checkpoint(tmp_path):
+    """`fit(ckpt_path="last")` after a first save that failed must start afresh (no `last.ckpt`), not
+    find an empty directory there and refuse it."""
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    path = tmp_path / "last.ckpt"
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        _save(sharded, optimizer, path, checkpoint_io=_FailingIO(writes_before_failure=1), global_step=9)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_to_a_link_replaces_the_link_not_the_checkpoint_it_points_at(tmp_path):
+    """`ModelCheckpoint(save_last="link")` makes `last.ckpt` a link to a top-k checkpoint; a later save
+    to `last.ckpt` (the first after a resume is a real one) replaces the link, as Lightning's single
+    file saves do: the top-k checkpoint keeps its step."""
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    top_k, last = tmp_path / "step=8.ckpt", tmp_path / "last.ckpt"
+    _save(sharded, optimizer, top_k, global_step=8)
+    last.symlink_to(top_k.name)
+    _save(sharded, optimizer, last, global_step=12)
+    assert not last.is_symlink() and read_full_checkpoint(last)["global_step"] == 12
+    assert read_full_checkpoint(top_k)["global_step"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=8.ckpt"]
+
+
+def test_the_pointer_is_renamed_into_place_beside_itself(tmp_path, monkeypatch):
+    """The pointer names a complete version at every moment: it is written beside itself and renamed
+    over, not staged in the temporary directory (on another filesystem fsspec's move copies into the
+    pointer, truncating it first). A temporary directory that does not exist shows where it is staged."""
+    import tempfile
+
+    from lightning_moe.checkpoint.layout import commit_version
+
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    path = tmp_path / "last.ckpt"
+    _save(sharded, optimizer, path, global_step=5)
+    version = Path(committed_directory(path)).name
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    commit_version(path, version)
+    assert read_full_checkpoint(path)["global_step"] == 5
+    assert sorted(p.name for p in path.iterdir()) == sorted([POINTER_FILE, version])
+
+
 def test_a_committed_save_whose_cleanup_fails_stays_loadable(tmp_path, monkeypatch):
     """Once the pointer names the new version the save has succeeded: an error removing the old
     version only warns (it removed the new one, and nothing loaded)."""

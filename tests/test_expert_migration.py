@@ -100,6 +100,19 @@ def world2(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def world4_resumed(world2, tmp_path_factory) -> Path:
+    """World 4 (two EP groups of 2) resumed from world 2's checkpoint at step 4, a re-plan step whose
+    window (and the monitor's) world 2 counted."""
+    out = tmp_path_factory.mktemp("migration_world4_resumed")
+    (out / "scenarios.json").write_text(json.dumps([
+        {"name": "monitor_resumed_at_4", "migrate": True, "every": 4, "monitor": True, "steps": 9, "resume_from": 4,
+         "checkpoints": str(world2 / "monitored")},
+    ]))
+    launch(WORKER, [str(out / "scenarios.json"), str(out)], world_size=4, timeout=300, log_dir=out / "logs")
+    return out
+
+
 def replans(results: list[dict]) -> list[tuple]:
     return [(entry["step"], entry["layers_moved"], entry["experts_moved"]) for entry in results[0]["history"]]
 
@@ -120,6 +133,17 @@ def test_a_run_resumed_at_a_replan_step_replans_there_from_the_saved_window(worl
         np.testing.assert_allclose(mine["planned_loads"], theirs["planned_loads"], rtol=1e-12)
         assert mine["placements"] == theirs["placements"]
     np.testing.assert_allclose(step_losses(resumed), step_losses(full)[4:], rtol=1e-5)
+
+
+def test_a_run_resumed_at_another_world_size_measures_its_windows_afresh(world2, world4_resumed):
+    """The saved window holds world 2's counts (one EP group); at world 4 two groups share the world's
+    tokens, so it would plan from another scale (or, at another EP size, other ranks). The resumed run
+    drops it, measures from the resume and re-plans at step 8 from its own per-group load: half of
+    world 2's per step (the same global batch over two EP groups)."""
+    full, resumed = read(world2, "monitor_full", 2), read(world4_resumed, "monitor_resumed_at_4", 4)
+    assert [r[0] for r in replans(full)] == [4, 8] and [r[0] for r in replans(resumed)] == [8]
+    (world2_per_step,) = set(np.round(per_step_totals(full), 6))
+    assert set(np.round(per_step_totals(resumed), 6)) == {world2_per_step / 2}
 
 
 def test_a_run_resumed_mid_window_keeps_the_schedule_and_the_per_step_load(world2):

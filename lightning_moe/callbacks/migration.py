@@ -162,6 +162,8 @@ class ExpertMigration(Callback):
         # them after the step that closes a window and before the next batch, where the re-plan runs.
         self._pending: dict[str, Any] | None = None
         self._restored = False
+        # (world size, EP size) of the run that saved the restored state (None: not restored, or older).
+        self._saved_layout: tuple[int, int] | None = None
         self._layers: list[tuple[str, MoELayer]] = []
         self._metric: ExpertLoadMetric | None = None
         self._counted_from = 0  # the step after which the callback's own counts start
@@ -226,6 +228,11 @@ class ExpertMigration(Callback):
         self._step_elapsed, self._step_seconds = 0.0, []
         if not self._restored:
             self._last_plan_step, self._pending = step, None
+        elif self._saved_layout is not None and self._saved_layout != _layout(ep_size):
+            # Resumed at another world or EP size: the saved window (and the monitor's windows before
+            # now) counted other ranks, or world sums that another number of EP groups shared. The
+            # next window is measured afresh, from here; so are the windows the trigger weighs.
+            self._last_plan_step, self._pending, self._previous_loads = step, None, {}
         # Resumed from a checkpoint written after a window closed: its re-plan runs at the first batch.
         self._due = self._pending is not None
         if not self._due and step - self._last_plan_step >= self.every_n_steps:
@@ -283,6 +290,7 @@ class ExpertMigration(Callback):
                 },
             },
             "moved_at": self._moved_at,
+            "layout": None if not self._layers else list(_layout(self._layers[0][1].dispatcher.ep_size)),
         }
 
     @override
@@ -300,6 +308,8 @@ class ExpertMigration(Callback):
             },
         }
         self._moved_at = state_dict.get("moved_at")
+        layout = state_dict.get("layout")  # absent in checkpoints from before it was kept
+        self._saved_layout = None if layout is None else tuple(layout)
         previous = state_dict.get("previous_loads", {})  # absent in checkpoints from before it was kept
         # One [R, E] window per layer in checkpoints from before several were kept.
         self._previous_loads = {
@@ -508,6 +518,11 @@ class ExpertMigration(Callback):
 
 def _as_plan(placement: ExpertPlacement) -> PlacementPlan:
     return PlacementPlan(placement.experts_per_rank(), placement.routing_fractions_RER.clone())
+
+
+def _layout(ep_size: int) -> tuple[int, int]:
+    """(world size, EP size): what the saved windows' shapes and per-group scale depend on."""
+    return (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1), ep_size
 
 
 def _world_max(value: float, device: torch.device) -> float:

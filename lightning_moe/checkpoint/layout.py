@@ -69,9 +69,11 @@ def new_version_name(global_step: int) -> str:
     return f"step{int(global_step):08d}-{uuid.uuid4().hex[:8]}"
 
 
-#: The entries a checkpoint directory holds: the pointer, version directories, format-1 files.
+#: The entries a checkpoint directory holds: the pointer (and a staged copy a crash left), version
+#: directories, format-1 files.
 _OWN_ENTRY = re.compile(
-    rf"({re.escape(POINTER_FILE)}|{re.escape(META_FILE)}|step\d{{8,}}-[0-9a-f]{{8}}|experts-ep\d{{5,}}\.pt)"
+    rf"({re.escape(POINTER_FILE)}(\.[0-9a-f]{{8}}\.tmp)?|{re.escape(META_FILE)}|step\d{{8,}}-[0-9a-f]{{8}}|"
+    rf"experts-ep\d{{5,}}\.pt)"
 )
 
 
@@ -123,12 +125,36 @@ def swap_in(path: _PATH, staged: _PATH) -> None:
     """
     fs = get_filesystem(path)
     aside = None
-    if fs.exists(str(path)):
+    link = is_local_link(path)
+    if link or fs.exists(str(path)):
         aside = f"{path}.replaced-{uuid.uuid4().hex[:8]}"
-        fs.mv(str(path), aside, recursive=True)
+        if link:  # moved as the link itself, never as the checkpoint it points at
+            os.rename(str(path), aside)
+        else:
+            fs.mv(str(path), aside, recursive=True)
     fs.mv(str(staged), str(path), recursive=True)
     if aside is not None:
-        fs.rm(aside, recursive=True)
+        if link:
+            os.unlink(aside)  # only the link: its target is another checkpoint (a top-k one)
+        else:
+            fs.rm(aside, recursive=True)
+
+
+def is_local_link(path: _PATH) -> bool:
+    """Whether ``path`` is a symbolic link on the local filesystem: ``ModelCheckpoint(save_last="link")``
+    makes ``last.ckpt`` one, to a top-k checkpoint that a save to ``last.ckpt`` must not write into."""
+    fs = get_filesystem(path)
+    return "file" in _protocols(fs) and os.path.islink(_local_path(path))
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _local_path(path: _PATH) -> str:
+    text = str(path)
+    return text[len("file://"):] if text.startswith("file://") else text
 
 
 def staging_path(path: _PATH) -> str:
@@ -170,10 +196,21 @@ def commit_version(path: _PATH, version: str) -> None:
     fs = get_filesystem(path)
     pointer = join(path, POINTER_FILE)
     payload = json.dumps({"version": version, "format_version": FORMAT_VERSION}).encode()
-    # A transaction writes to a temporary file and moves it over the pointer on commit.
-    with fs.transaction:
-        with fs.open(pointer, "wb") as file:
+    if "file" in _protocols(fs):
+        # Written beside the pointer and renamed over it: one rename within the directory, so the
+        # pointer always names a complete version. (fsspec's transaction writes its temporary file
+        # in $TMPDIR; on another filesystem its move copies into the pointer, truncating it first.)
+        staged = f"{_local_path(pointer)}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(staged, "wb") as file:
             file.write(payload)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(staged, _local_path(pointer))
+    else:
+        # An object store replaces an object whole: a transaction uploads it on commit.
+        with fs.transaction:
+            with fs.open(pointer, "wb") as file:
+                file.write(payload)
     try:
         for entry in fs.ls(str(path), detail=False):
             name = Path(entry.rstrip("/")).name
@@ -188,6 +225,16 @@ def remove_quietly(path: _PATH) -> None:
     fs = get_filesystem(path)
     try:
         if fs.exists(str(path)):
+            fs.rm(str(path), recursive=True)
+    except OSError:
+        pass
+
+
+def remove_if_empty(path: _PATH) -> None:
+    """Best-effort removal of directory ``path`` when nothing is in it."""
+    fs = get_filesystem(path)
+    try:
+        if fs.isdir(str(path)) and not fs.ls(str(path), detail=False):
             fs.rm(str(path), recursive=True)
     except OSError:
         pass

@@ -37,8 +37,10 @@ from lightning_moe.checkpoint.layout import (
     expert_file_name,
     expert_key,
     foreign_entries,
+    is_local_link,
     join,
     new_version_name,
+    remove_if_empty,
     remove_quietly,
     staging_path,
     swap_in,
@@ -167,8 +169,10 @@ def save_sharded_checkpoint(
     is_global_zero = global_rank == 0
     checkpoint_io = synchronous(checkpoint_io)  # every file exists before the commit
     if is_global_zero:
-        # Over a single-file checkpoint the directory is written beside it and swapped in at the end.
-        root = staging_path(path) if get_filesystem(path).isfile(str(path)) else str(path)
+        # Over a single-file checkpoint, or a link to another checkpoint (`save_last="link"`), the
+        # directory is written beside it and swapped in at the end: the link's target is untouched.
+        replaced = get_filesystem(path).isfile(str(path)) or is_local_link(path)
+        root = staging_path(path) if replaced else str(path)
         foreign = foreign_entries(path)
         refusal = (
             f"{path} is a directory that holds other files ({foreign[:5]}), not a checkpoint: saving there would "
@@ -185,6 +189,10 @@ def save_sharded_checkpoint(
         if problems:
             if is_global_zero:
                 remove_quietly(version_dir if root == str(path) else root)
+                if root == str(path):
+                    # A first save leaves no empty directory behind: `ckpt_path="last"` would take it
+                    # for a checkpoint (and fail) instead of starting afresh.
+                    remove_if_empty(path)
             raise error_type(f"{message} {'; '.join(problems)}")
 
     problem = None
