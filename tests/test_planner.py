@@ -12,6 +12,7 @@ import torch
 
 from lightning_moe.planning import LayerCost, PlacementPlan, PlacementPlanner, Topology
 from lightning_moe.planning.baselines import eplb_plan, smartmoe_greedy_plan
+from lightning_moe.planning.trigger import MigrationTrigger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIXTRAL_LIKE = LayerCost.swiglu(d_model=4096, d_ff=14336, flops_per_second=4e14)
@@ -217,6 +218,29 @@ def test_plans_are_deterministic_across_calls_and_processes():
     assert output == digest.hexdigest()
 
 
+def test_the_routing_lp_gives_the_same_bytes_at_any_thread_count():
+    """At 4 x 8 ranks the LP's Schur complement (160 rows) is large enough for a threaded LAPACK to
+    add in another order; it is factored on one thread, so every rank computes the same fractions."""
+    from lightning_moe.planning.construct import initial_placement
+    from lightning_moe.planning.local_search import lists_to_holds
+    from lightning_moe.planning.routing_lp import solve_routing
+
+    load = np.random.default_rng(5).gamma(0.6, 500, size=(32, 64))
+    cost = LayerCost.swiglu(d_model=1024, d_ff=2048, flops_per_second=1e14)
+    topology = Topology(4, 8, 100e9, 20e9)
+    holds = lists_to_holds(initial_placement(load, topology, 3), 64)
+    threads = torch.get_num_threads()
+    solutions = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            solutions.append(solve_routing(load, holds, topology, cost))
+    finally:
+        torch.set_num_threads(threads)
+    assert solutions[0].fractions_RER.tobytes() == solutions[1].fractions_RER.tobytes()
+    assert solutions[0].objective == solutions[1].objective
+
+
 def _two_node_setup():
     topology = Topology(2, 4, 160e9, 50e9)
     cost = LayerCost.swiglu(d_model=4096, d_ff=14336, flops_per_second=4e14)
@@ -316,3 +340,34 @@ def test_plan_inputs_are_checked():
         planner.plan(-np.ones((4, 8)))
     with pytest.raises(ValueError, match="slots per rank"):
         planner.plan(np.ones((4, 8)), current=PlacementPlan.default(8, 4, 3))
+
+
+def test_plans_and_fresh_fractions_are_never_slower_than_the_plan_in_force_with_the_overhead():
+    """The search's LP leaves out the per-slot overhead, which counts only slots that receive tokens:
+    where a cold expert leaves slots empty, its best plan can be slower by :meth:`estimate`. Neither
+    `plan` nor `route` returns one that is (here the plan was 53% slower, fresh fractions 5%)."""
+    planner = PlacementPlanner(Topology(1, 2), 4, 3, token_bytes=8192.0, seconds_per_token=1e-7,
+                               per_expert_overhead=1e-5, expert_bytes=0.0)
+    load = np.array([[0.0, 20.0, 0.0, 0.0], [0.0, 10.0, 0.0, 20.0]])
+    current = PlacementPlan.default(4, 2, 3)
+    plan = planner.plan(load, current=current)
+    assert planner.estimate(plan, load).layer_seconds <= planner.estimate(current, load).layer_seconds
+
+    planner = PlacementPlanner(Topology(1, 3), 4, 3, token_bytes=8192.0, seconds_per_token=1e-7,
+                               per_expert_overhead=1e-5, expert_bytes=1e9)
+    before = np.array([[0.0, 0.0, 1.0, 17.0], [0.0, 2.0, 0.0, 0.0], [39.0, 25.0, 0.0, 3.0]])
+    load = np.array([[1.0, 21.0, 8.0, 0.0], [47.0, 7.0, 35.0, 0.0], [35.0, 0.0, 0.0, 0.0]])
+    now = planner.route(PlacementPlan.default(4, 3, 3), before)
+    assert planner.estimate(planner.route(now, load), load).layer_seconds <= planner.estimate(now, load).layer_seconds
+    chosen = MigrationTrigger(horizon_steps=500).choose(now, [load], planner)
+    assert planner.estimate(chosen, load).layer_seconds <= planner.estimate(now, load).layer_seconds
+
+
+def test_route_returns_a_plan_with_colocated_replicas_unchanged():
+    """EPLB can put two replicas of one expert on one GPU; the LP does not model that, and `route`
+    hands such a plan back as it is instead of refusing it."""
+    load_E = np.array([600, 560, 120, 120, 20, 10, 10, 10], dtype=float)
+    plan = eplb_plan(load_E, num_ranks=8, slots_per_rank=2)
+    assert any(len(set(experts)) < len(experts) for experts in plan.experts_per_rank)
+    planner = PlacementPlanner(Topology(1, 8), 8, 2, token_bytes=8192.0, seconds_per_token=1e-6)
+    assert planner.route(plan, np.tile(load_E / 8, (8, 1))) is plan

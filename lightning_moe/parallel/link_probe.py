@@ -77,7 +77,10 @@ def measure_links(
         latency = _one_way_seconds(first, peer, me, _LATENCY_BYTES, repetitions, device, group)
         one_way = _one_way_seconds(first, peer, me, message_bytes, repetitions, device, group)
         if me == first:
-            figures[2 * index] = message_bytes / max(one_way - latency, 1e-9)
+            # The message's transfer time is its one-way time less the latency; timing noise can make
+            # that difference vanish (a small message, one repetition), and a link would look almost
+            # free. At least half the one-way time is counted as transfer: a bound, not a blow-up.
+            figures[2 * index] = message_bytes / max(one_way - latency, 0.5 * one_way, 1e-9)
             figures[2 * index + 1] = latency
     dist.broadcast(figures, src=ranks[0], group=group)
     values = figures.tolist()

@@ -53,8 +53,10 @@ class PlacementPlanner:
             replicas).
         token_bytes: bytes of one hidden row on the wire.
         seconds_per_token: expert compute seconds per assignment, forward plus backward.
-        per_expert_overhead: seconds per non-empty local slot (reported by :meth:`estimate`; the same
-            on every rank for every plan with all slots used, so it does not steer the search).
+        per_expert_overhead: seconds per non-empty local slot. The search's LP leaves it out (it is
+            the same on every rank for every plan whose slots all receive tokens); a plan it would
+            make slower than ``current`` by :meth:`estimate` (slots left empty by a cold expert) is
+            not returned.
         expert_bytes: bytes to migrate one slot (weights and optimizer state).
         all_to_all_passes: all-to-alls per step (4 when training).
         horizon_steps: steps until the next re-plan: the gain of a move is weighed over them.
@@ -141,7 +143,8 @@ class PlacementPlanner:
             **options,
         )
 
-    def _check_current(self, current: PlacementPlan | None) -> None:
+    def _check_current(self, current: PlacementPlan | None, *, strict: bool = True) -> None:
+        """``current`` fits the planner's shape and (``strict``) holds distinct replicas per rank."""
         if current is None:
             return
         if (current.num_ranks, current.num_experts, current.slots_per_rank) != (
@@ -154,7 +157,8 @@ class PlacementPlanner:
                 f"{current.slots_per_rank} slots per rank; the planner expects {self.topology.num_ranks}, "
                 f"{self.num_experts} and {self.slots_per_rank}."
             )
-        current.validate()
+        if strict:
+            current.validate()
 
     def plan(self, load: torch.Tensor | np.ndarray, current: PlacementPlan | None = None) -> PlacementPlan:
         """The placement and routing fractions for a window's load, or for several windows'.
@@ -212,18 +216,31 @@ class PlacementPlanner:
         self.last_solves = scorer.solves  # LP solves of the last call, for benchmarks
         experts_per_rank = _keep_slots(holds_to_lists(best.holds_ER), current)
         fractions = torch.tensor(best.solution.fractions_RER, dtype=torch.float64)
-        return PlacementPlan(experts_per_rank, fractions).validate()
+        plan = PlacementPlan(experts_per_rank, fractions).validate()
+        if current is not None and self._full_score(plan, load_WRE, current) >= self._full_score(current, load_WRE, current):
+            return current  # the search's LP left out the per-slot overhead, and with it the plan loses
+        return plan
+
+    def _full_score(self, plan: PlacementPlan, load_WRE: np.ndarray, current: PlacementPlan) -> float:
+        """The search's score by :meth:`estimate` (overhead included): the mean layer time over the
+        windows for the horizon, plus the margin times the migration from ``current``."""
+        mean = float(np.mean([self.estimate(plan, load_RE).layer_seconds for load_RE in load_WRE]))
+        migration = self.estimate(plan, load_WRE[0], current).migration_seconds
+        return self.horizon_steps * mean + self.migration_margin * migration
 
     def route(self, plan: PlacementPlan, load: torch.Tensor | np.ndarray) -> PlacementPlan:
         """``plan``'s slots with the routing fractions that suit ``load`` best (one window ``[R, E]``
         or several ``[W, R, E]``, as in :meth:`plan`): nothing moves, only the tables change."""
         load_WRE = as_windows_WRE(load, self.topology.num_ranks, self.num_experts, where="PlacementPlanner.route")
-        self._check_current(plan)
+        self._check_current(plan, strict=False)
         if (plan.slot_counts_ER() > 1).any():
             return plan  # an expert twice on one rank (a baseline's plan): the LP does not model it
+        plan.validate()
         holds_ER = lists_to_holds(plan.experts_per_rank, self.num_experts)
         solution = solve_routing(load_WRE, holds_ER, self.topology, self.cost, locality_weight=self.locality_weight)
-        return PlacementPlan(plan.experts_per_rank, torch.tensor(solution.fractions_RER, dtype=torch.float64)).validate()
+        routed = PlacementPlan(plan.experts_per_rank, torch.tensor(solution.fractions_RER, dtype=torch.float64)).validate()
+        # Kept only when faster by :meth:`estimate`: the LP leaves out the per-slot overhead.
+        return routed if self._full_score(routed, load_WRE, plan) < self._full_score(plan, load_WRE, plan) else plan
 
     def estimate(
         self, plan: PlacementPlan, load_RE: torch.Tensor | np.ndarray, current: PlacementPlan | None = None

@@ -42,6 +42,8 @@ block rows (sources and experts with load), ``K`` coupling rows, ``C`` coupling 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,13 +239,17 @@ class _RoutingProgram:
         schur = schur.reshape(k, k)
         schur += np.where(self.bound_K[:, None] == self.bound_K[None, :], d[self.bound_K][:, None], 0.0)
         schur[np.diag_indices(k)] += d[self.slack_start :] + 1e-13 * (1.0 + np.trace(schur) / k)
-        # torch's LAPACK runs on torch's thread pool (``torch.set_num_threads``), which callers control.
+        # torch's LAPACK on one thread: its blocked factorisations add in an order that depends on the
+        # thread count, and every rank must compute the same plan to the byte (whatever its threads).
         schur_t = torch.from_numpy(schur)
-        factor, info = torch.linalg.cholesky_ex(schur_t)
-        if int(info) == 0:
-            solve_schur = lambda rhs: torch.cholesky_solve(torch.from_numpy(rhs)[:, None], factor)[:, 0].numpy()  # noqa: E731
-        else:
-            solve_schur = lambda rhs: torch.linalg.lstsq(schur_t, torch.from_numpy(rhs)[:, None]).solution[:, 0].numpy()  # noqa: E731
+        with _one_thread():
+            factor, info = torch.linalg.cholesky_ex(schur_t)
+
+        def solve_schur(rhs):
+            with _one_thread():
+                if int(info) == 0:
+                    return torch.cholesky_solve(torch.from_numpy(rhs)[:, None], factor)[:, 0].numpy()
+                return torch.linalg.lstsq(schur_t, torch.from_numpy(rhs)[:, None]).solution[:, 0].numpy()
 
         def solve(h_block, h_coupling):
             scaled = d_flows * h_block[self.block_N] / block_weight[self.block_N]
@@ -379,3 +385,14 @@ def program_size(load: np.ndarray, holds_ER: np.ndarray) -> int:
     replicas_E = holds_ER.sum(axis=1)
     sources_E = (load_RE > 0).sum(axis=0)
     return int((sources_E * (windows * replicas_E + windows**2 * replicas_E**2)).sum())
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's intra-op thread pool at one thread inside the block (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
