@@ -188,9 +188,10 @@ def migrate_layers(
 
     The tables are checked (their shape, and ``check_table(layer, placement)``, which raises
     ``ValueError`` for a table the layer cannot route with) and compared across ranks first (one
-    all-gather): a bad or differing table raises ``ValueError`` on every rank, before anything moves. After the transfer each layer switches to its new table,
-    ``on_switch(layer)`` refreshes what derives from it (the gate's device groups), and the layer's
-    expert gradients are dropped (consumed by the last step, and in the old slot order).
+    all-gather): a bad or differing table raises ``ValueError`` on every rank, before anything
+    moves. After the transfer each layer switches to its new table, ``on_switch(layer)`` refreshes
+    what derives from it (the gate's device groups), and the layer's expert gradients are dropped
+    (consumed by the last step, and in the old slot order).
     """
     layers = {name: layer for name, layer in module.named_modules() if isinstance(layer, MoELayer)}
     new: dict[str, ExpertPlacement] = {}

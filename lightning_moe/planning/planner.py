@@ -217,8 +217,10 @@ class PlacementPlanner:
         experts_per_rank = _keep_slots(holds_to_lists(best.holds_ER), current)
         fractions = torch.tensor(best.solution.fractions_RER, dtype=torch.float64)
         plan = PlacementPlan(experts_per_rank, fractions).validate()
-        if current is not None and _slower(self._full_score(plan, load_WRE, current), self._full_score(current, load_WRE, current)):
-            return current  # the search's LP left out the per-slot overhead, and with it the plan loses
+        if current is not None:
+            # The search's LP leaves out the per-slot overhead: with it, the plan must not lose.
+            if _slower(self._full_score(plan, load_WRE, current), self._full_score(current, load_WRE, current)):
+                return current
         return plan
 
     def _full_score(self, plan: PlacementPlan, load_WRE: np.ndarray, current: PlacementPlan) -> float:
@@ -238,10 +240,12 @@ class PlacementPlanner:
         plan.validate()
         holds_ER = lists_to_holds(plan.experts_per_rank, self.num_experts)
         solution = solve_routing(load_WRE, holds_ER, self.topology, self.cost, locality_weight=self.locality_weight)
-        routed = PlacementPlan(plan.experts_per_rank, torch.tensor(solution.fractions_RER, dtype=torch.float64)).validate()
+        fractions = torch.tensor(solution.fractions_RER, dtype=torch.float64)
+        routed = PlacementPlan(plan.experts_per_rank, fractions).validate()
         # Not kept when slower by :meth:`estimate`: the LP leaves out the per-slot overhead. (On a tie
         # the LP's fractions win: its locality tie-break keeps more traffic on the node.)
-        return plan if _slower(self._full_score(routed, load_WRE, plan), self._full_score(plan, load_WRE, plan)) else routed
+        slower = _slower(self._full_score(routed, load_WRE, plan), self._full_score(plan, load_WRE, plan))
+        return plan if slower else routed
 
     def estimate(
         self, plan: PlacementPlan, load_RE: torch.Tensor | np.ndarray, current: PlacementPlan | None = None
@@ -268,7 +272,6 @@ def _keep_slots(experts_per_rank: list[list[int]], current: PlacementPlan | None
         arriving = iter(sorted(set(experts) - set(now)))
         ordered.append([e if e is not None else next(arriving) for e in slots])
     return ordered
-
 
 
 def _slower(score: float, reference: float) -> bool:
