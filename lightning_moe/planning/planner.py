@@ -226,9 +226,9 @@ class PlacementPlanner:
     def _full_score(self, plan: PlacementPlan, load_WRE: np.ndarray, current: PlacementPlan) -> float:
         """The search's score by :meth:`estimate` (overhead included): the mean layer time over the
         windows for the horizon, plus the margin times the migration from ``current``."""
-        mean = float(np.mean([self.estimate(plan, load_RE).layer_seconds for load_RE in load_WRE]))
-        migration = self.estimate(plan, load_WRE[0], current).migration_seconds
-        return self.horizon_steps * mean + self.migration_margin * migration
+        first = self.estimate(plan, load_WRE[0], current)  # the first window's time, and the move's
+        times = [first.layer_seconds, *(self.estimate(plan, load_RE).layer_seconds for load_RE in load_WRE[1:])]
+        return self.horizon_steps * float(np.mean(times)) + self.migration_margin * first.migration_seconds
 
     def route(self, plan: PlacementPlan, load: torch.Tensor | np.ndarray) -> PlacementPlan:
         """``plan``'s slots with the routing fractions that suit ``load`` best (one window ``[R, E]``

@@ -116,16 +116,26 @@ def fewest_experts_in_groups(holders_GE: torch.Tensor, max_groups: int) -> int:
     is tried when there are at most ``_EXACT_GROUP_CHOICES``; beyond, a lower bound: one chosen
     group's experts plus, for each other one, the experts that no other group holds.
     """
-    num_groups = holders_GE.shape[0]
+    # NOTE: a migration checks each new table up to three times (ExpertMigration, apply_placement,
+    # then the switch itself); the search runs once per table.
+    held_G = tuple(sum(1 << expert for expert in row.nonzero().flatten().tolist()) for row in holders_GE.bool())
+    return _fewest_experts(held_G, max_groups)
+
+
+@functools.lru_cache(maxsize=256)
+def _fewest_experts(held_G: tuple[int, ...], max_groups: int) -> int:
+    """:func:`fewest_experts_in_groups` of the groups' expert sets as bit masks."""
+    num_groups = len(held_G)
     take = min(max_groups, num_groups)
     if math.comb(num_groups, take) <= _EXACT_GROUP_CHOICES:
-        held_G = [sum(1 << expert for expert in row.nonzero().flatten().tolist()) for row in holders_GE]
         return min(
             functools.reduce(operator.or_, (held_G[group] for group in chosen)).bit_count()
             for chosen in itertools.combinations(range(num_groups), take)
         )
-    private_G = (holders_GE & (holders_GE.sum(dim=0, keepdim=True) == 1)).sum(dim=1)
-    return int(holders_GE.sum(dim=1).min()) + (take - 1) * int(private_G.min())
+    holders = [sum(held >> expert & 1 for held in held_G) for expert in range(max(held_G).bit_length())]
+    private_G = [sum(1 for expert in range(held.bit_length()) if held >> expert & 1 and holders[expert] == 1)
+                 for held in held_G]
+    return min(held.bit_count() for held in held_G) + (take - 1) * min(private_G)
 
 
 def mean_over_tokens(values_T: torch.Tensor) -> torch.Tensor:
