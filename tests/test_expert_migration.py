@@ -178,6 +178,28 @@ def test_planning_that_fails_on_one_rank_stops_every_rank(world4):
         assert "rank 1, layer 'blocks." in result["error"] and "the planner broke here" in result["error"], result
 
 
+def test_a_plan_device_limited_routing_cannot_use_keeps_the_placement(tmp_path):
+    """World 3 at EP 3, tokens limited to 2 ranks and routed to all 3 experts: the trigger returns a
+    plan whose ranks 0 and 1 hold experts 0 and 1 only. Every rank keeps the placement in force (no
+    layer moved or re-routed), warns once per layer and trains on."""
+    (tmp_path / "scenarios.json").write_text(json.dumps([
+        {"name": "unroutable", "migrate": True, "every": 4, "steps": 6, "ep": 3, "device_limit": 2,
+         "unroutable_plan": True},
+    ]))
+    launch(WORKER, [str(tmp_path / "scenarios.json"), str(tmp_path)], world_size=3, timeout=300,
+           log_dir=tmp_path / "logs")
+    results = read(tmp_path, "unroutable", 3)
+    default = [[0, 1], [1, 2], [2, 0]]
+    for result in results:
+        assert result["placements"] == {"blocks.first": default, "blocks.second": default}, result["placements"]
+        (entry,) = result["history"]
+        assert entry["step"] == 4 and entry["layers_moved"] == entry["layers_rerouted"] == 0, entry
+        assert entry["predicted_layer_seconds_after"] == entry["predicted_layer_seconds_before"], entry
+        assert len(result["losses"]) == 2 * 6  # two micro-batches per step
+    messages = results[0]["migration_warnings"]
+    assert len(messages) == 2 and all("keeps its placement" in m and "top_k=3" in m for m in messages), messages
+
+
 def test_measure_links_plans_with_the_links_it_timed_the_same_on_every_rank(world4):
     """`measure_links`: the callback times the link inside the node (EP 2 on one machine: no link
     across nodes to time) when training starts; every rank plans with the same figures."""

@@ -87,6 +87,16 @@ def test_experts_compute_in_the_autocast_dtype():
     torch.testing.assert_close(y_mixed.float(), layer(x), atol=2e-2, rtol=2e-2)
 
 
+def test_bf16_input_into_an_fp32_layer_with_shared_experts():
+    """Without autocast, a bf16 input into an fp32 layer runs in bf16 on the shared path as on the
+    routed one (it used to fail in the shared experts' matmul), close to the fp32 result."""
+    layer = _layer(num_experts=4, top_k=2, num_shared_experts=1, shared_expert_gate=True)
+    x = torch.randn(2, 8, 16).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x.float()), atol=2e-2, rtol=2e-2)
+
+
 def test_combine_weights_and_sums_in_fp32():
     """bf16 rows times fp32 gate weights: 1 * (1 + 2**-9) + 1 * (2**-9 + 2**-12) is 1 + 2**-8 + 2**-12,
     just above the midpoint between the bf16 neighbours 1 and 1 + 2**-7, so rounding once gives

@@ -265,11 +265,16 @@ def test_calibrate_recovers_the_per_token_cost_and_overhead():
         plan = _random_plan(rng, num_experts=6, num_ranks=4, slots_per_rank=2)
         load = rng.gamma(0.7, 2000, size=(4, 6)) * (rng.random((4, 6)) > 0.3)
         samples.append((load, plan, estimate_plan(plan, load, topology, truth).layer_seconds))
-    start = LayerCost(token_bytes=4096.0, seconds_per_token=1e-5)
-    fitted = calibrate(samples, topology, start)
-    assert fitted.cost.seconds_per_token == pytest.approx(2e-6, rel=1e-6)
-    assert fitted.cost.per_expert_overhead == pytest.approx(3e-5, rel=1e-4)
-    assert fitted.max_relative_error < 1e-6
+    # From all-zero constants too: every sample's slowest rank would start at rank 0, and the
+    # alternation used to stop there (overhead 7e-3, no per-token cost, 62% off).
+    for start in (
+        LayerCost(token_bytes=4096.0, seconds_per_token=1e-5),
+        LayerCost(token_bytes=4096.0, seconds_per_token=0.0, per_expert_overhead=0.0),
+    ):
+        fitted = calibrate(samples, topology, start)
+        assert fitted.cost.seconds_per_token == pytest.approx(2e-6, rel=1e-6)
+        assert fitted.cost.per_expert_overhead == pytest.approx(3e-5, rel=1e-4)
+        assert fitted.max_relative_error < 1e-6
     with pytest.raises(ValueError, match="positive"):
         calibrate([(samples[0][0], samples[0][1], 0.0)], topology, start)
 

@@ -133,10 +133,12 @@ class FeedForward(nn.Module):
         nn.init.normal_(self.w_out.weight, std=init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.w_in(x)
+        # In the input's dtype, as the routed experts compute: a bf16 input into an fp32 layer runs
+        # in bf16 on both paths (under autocast, F.linear casts both operands as usual).
+        hidden = F.linear(x, self.w_in.weight.to(x.dtype))
         if self.activation == "swiglu":
             gate, up = hidden.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
         else:
             hidden = F.gelu(hidden)
-        return self.w_out(hidden)
+        return F.linear(hidden, self.w_out.weight.to(hidden.dtype))

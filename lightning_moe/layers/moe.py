@@ -9,6 +9,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_moe.layers.dispatch import (
@@ -190,7 +191,8 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:
-                shared_TD = shared_TD * torch.sigmoid(self.shared_expert_gate(x_TD))
+                gate_weight = self.shared_expert_gate.weight.to(x_TD.dtype)  # the experts' dtype rule
+                shared_TD = shared_TD * torch.sigmoid(F.linear(x_TD, gate_weight))
             y_TD = y_TD + shared_TD
 
         if self.record_routing:

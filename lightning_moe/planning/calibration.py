@@ -11,7 +11,7 @@ all-to-all time from the topology. The bandwidths are taken as known (declared o
 makes the fit non-linear, so it alternates (Lloyd-style): pick each sample's slowest rank under
 the current constants, solve the linear least squares ``seconds - comm ~ a * tokens + o * slots``
 on those ranks (non-negative: a negative coefficient is dropped and the other refitted), and
-repeat until the slowest ranks stop changing.
+repeat until the slowest ranks stop changing; from three starting points, keeping the best fit.
 
 Shape legend: ``R`` EP ranks, ``E`` logical experts, ``M`` samples.
 """
@@ -87,19 +87,15 @@ def calibrate(
         target_M.append(seconds - comm)
     tokens_MR, slots_MR, target_M = np.array(tokens_MR), np.array(slots_MR), np.array(target_M)
 
-    per_token, overhead = cost.seconds_per_token, cost.per_expert_overhead
-    rows = np.arange(len(target_M))
-    slowest_M = None
-    for _ in range(_MAX_ROUNDS):
-        predicted_MR = per_token * tokens_MR + overhead * slots_MR
-        new_slowest_M = predicted_MR.argmax(axis=1)
-        if slowest_M is not None and np.array_equal(new_slowest_M, slowest_M):
-            break
-        slowest_M = new_slowest_M
-        columns = [tokens_MR[rows, slowest_M]] + ([slots_MR[rows, slowest_M]] if fit_overhead else [])
-        residual_M = target_M - (0.0 if fit_overhead else overhead * slots_MR[rows, slowest_M])
-        per_token, fitted_overhead = _nonnegative_least_squares(np.stack(columns, axis=1), residual_M)
-        overhead = fitted_overhead if fit_overhead else overhead
+    # The alternation stops at a fixed point, not always the best one (from all-zero constants every
+    # sample's slowest rank is rank 0). It runs from the given constants and from two that rank the
+    # samples' ranks by tokens alone and by slots alone; the fit with the least squared error wins.
+    starts = [(cost.seconds_per_token, cost.per_expert_overhead), (1.0, 0.0)] + ([(0.0, 1.0)] if fit_overhead else [])
+    fits = [
+        _alternate(tokens_MR, slots_MR, target_M, per_token, overhead, fit_overhead=fit_overhead)
+        for per_token, overhead in starts
+    ]
+    per_token, overhead = min(fits, key=lambda fit: _squared_error(tokens_MR, slots_MR, target_M, *fit))
     fitted = dataclasses.replace(cost, seconds_per_token=per_token, per_expert_overhead=overhead)
     predicted_M = (per_token * tokens_MR + overhead * slots_MR).max(axis=1)
     error_M = predicted_M - target_M
@@ -109,6 +105,34 @@ def calibrate(
         rms_error=float(np.sqrt(np.mean(error_M**2))),
         max_relative_error=float(np.max(np.abs(error_M) / measured_M)),
     )
+
+
+def _alternate(
+    tokens_MR: np.ndarray,
+    slots_MR: np.ndarray,
+    target_M: np.ndarray,
+    per_token: float,
+    overhead: float,
+    *,
+    fit_overhead: bool,
+) -> tuple[float, float]:
+    """The Lloyd-style alternation of the module docstring from ``(per_token, overhead)``."""
+    rows = np.arange(len(target_M))
+    slowest_M = None
+    for _ in range(_MAX_ROUNDS):
+        new_slowest_M = (per_token * tokens_MR + overhead * slots_MR).argmax(axis=1)
+        if slowest_M is not None and np.array_equal(new_slowest_M, slowest_M):
+            break
+        slowest_M = new_slowest_M
+        columns = [tokens_MR[rows, slowest_M]] + ([slots_MR[rows, slowest_M]] if fit_overhead else [])
+        residual_M = target_M - (0.0 if fit_overhead else overhead * slots_MR[rows, slowest_M])
+        per_token, fitted_overhead = _nonnegative_least_squares(np.stack(columns, axis=1), residual_M)
+        overhead = fitted_overhead if fit_overhead else overhead
+    return per_token, overhead
+
+
+def _squared_error(tokens_MR, slots_MR, target_M, per_token: float, overhead: float) -> float:
+    return float(np.sum(((per_token * tokens_MR + overhead * slots_MR).max(axis=1) - target_M) ** 2))
 
 
 def _nonnegative_least_squares(columns_MK: np.ndarray, target_M: np.ndarray) -> tuple[float, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from launch import run_scenarios  # noqa: E402
 from models import TwoMoELayers, dataloader, dataset  # noqa: E402
 
 from lightning_moe import ExpertLoadMonitor, ExpertMigration, MoEStrategy, ResumableDataLoader  # noqa: E402
+from lightning_moe.planning.plan import PlacementPlan  # noqa: E402
 from lightning_moe.planning.trigger import MigrationTrigger  # noqa: E402
 
 GLOBAL_BATCH, SAMPLES = 8, 80
@@ -64,10 +66,22 @@ class CountingTrigger(MigrationTrigger):
         return super().choose(now, loads, planner)
 
 
+class UnroutablePlanTrigger(CountingTrigger):
+    """Plans that device-limited routing to 2 of 3 EP ranks cannot use with top-3 of 3 experts:
+    ranks 0 and 1 together hold experts 0 and 1 only."""
+
+    def choose(self, now, loads, planner):
+        super().choose(now, loads, planner)
+        return PlacementPlan.even_split([[0, 1], [0, 1], [2, 0]], 3)
+
+
 def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     torch.manual_seed(0)
     CountingTrigger.calls, CountingTrigger.fail_on_rank, CountingTrigger.loads = 0, scenario.get("fail_on_rank"), []
-    model = skewed_model()
+    if scenario.get("unroutable_plan"):  # EP 3, device-limited to 2 ranks, every token on all 3 experts
+        model = TwoMoELayers(num_experts=3, top_k=3)
+    else:
+        model = skewed_model()
     SlowValidation.validation_seconds = scenario.get("validation_seconds", 0.0)
     callbacks = []
     migration = monitor = None
@@ -77,7 +91,8 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         callbacks.append(monitor)
     if scenario.get("migrate"):
         migration = ExpertMigration(every_n_steps=scenario.get("every", 4), measure_links=scenario.get("measure_links", False))
-        migration.trigger = CountingTrigger(**vars(migration.trigger))
+        trigger = UnroutablePlanTrigger if scenario.get("unroutable_plan") else CountingTrigger
+        migration.trigger = trigger(**vars(migration.trigger))
         callbacks.append(migration)
     if scenario.get("checkpoint_every"):
         callbacks.append(ModelCheckpoint(dirpath=out_dir.parent / scenario["checkpoints"], save_top_k=-1,
@@ -88,19 +103,24 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         validation = dataloader(batch_size, batch_size, rank=rank, world_size=world_size)
     trainer = L.Trainer(
         accelerator="cpu", devices=world_size, max_steps=scenario.get("steps", 12), accumulate_grad_batches=2,
-        gradient_clip_val=0.05, strategy=MoEStrategy(expert_parallel_size=2, spare_expert_slots=1),
+        gradient_clip_val=0.05, strategy=MoEStrategy(expert_parallel_size=scenario.get("ep", 2), spare_expert_slots=1,
+                                                     device_limited_routing=scenario.get("device_limit")),
         callbacks=callbacks, logger=TensorBoardLogger(out_dir, name="tb", version=0),
         enable_checkpointing=bool(scenario.get("checkpoint_every")), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
         val_check_interval=scenario.get("validate_every_batches"), limit_val_batches=1,
     )
     # Resumable, so that a run resumed from a checkpoint reads the batches the full run read next.
-    loader = ResumableDataLoader(dataset(SAMPLES), batch_size=batch_size, sampler=list(range(rank, SAMPLES, world_size)))
+    # Every rank the same number of batches (world 3 does not divide SAMPLES).
+    samples = SAMPLES - SAMPLES % (world_size * batch_size)
+    loader = ResumableDataLoader(dataset(SAMPLES), batch_size=batch_size, sampler=list(range(rank, samples, world_size)))
     resume_from = scenario.get("resume_from")
     if resume_from is not None:
         (resume_from,) = (out_dir.parent / scenario["checkpoints"]).glob(f"*-step={resume_from}.ckpt")
     try:
-        trainer.fit(model, loader, validation, ckpt_path=resume_from)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, loader, validation, ckpt_path=resume_from)
     except RuntimeError as error:
         if scenario.get("fail_on_rank") is None:
             raise
@@ -115,6 +135,7 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         "topology": dataclasses.asdict(migration.topology) if migration is not None else None,
         "replica_split": [[kept.tolist() for kept in window.replica_split] for window in monitor.history] if monitor else [],
         "planned_loads": CountingTrigger.loads,
+        "migration_warnings": [str(w.message) for w in caught if "ExpertMigration" in str(w.message)],
     }
 
 
