@@ -52,6 +52,31 @@ def test_grouped_mm_matches_loop_with_empty_groups(dtype):
     assert gw[1].abs().sum() == 0 and gw[3].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_takes_views_and_gradients_that_are_not_contiguous(dtype):
+    """The kernel refuses rows that are not contiguous and 16-byte aligned, in its backward too:
+    `.sum()` (a gradient of ones broadcast over the output), a transposed consumer's gradient and
+    sliced operands used to raise there, where the loop takes them."""
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 2])
+    x_wide, w_wide = torch.randn(10, 18, dtype=dtype), torch.randn(4, 16, 10, dtype=dtype)
+    consumer = torch.randn(8, 10, dtype=dtype)
+    losses = {
+        "sum": lambda y: y.sum(),
+        "transposed": lambda y: (y * consumer.t()).sum(),
+    }
+    for name, loss in losses.items():
+        grads = []
+        for multiply in (grouped_mm, grouped_mm_loop):
+            x = x_wide[:, :16].detach().requires_grad_(True)  # row stride 18 elements
+            w = w_wide[..., :8].detach().requires_grad_(True)
+            loss(multiply(x, w, counts)).backward()
+            grads.append((x.grad, w.grad))
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for mine, reference in zip(*grads):
+            torch.testing.assert_close(mine, reference, atol=tol, rtol=tol, msg=name)
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_grouped_mm_path_equals_per_expert_loop(activation):
     layer = _layer(activation=activation, num_experts=8, top_k=2)

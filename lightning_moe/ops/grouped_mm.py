@@ -66,7 +66,13 @@ def grouped_mm(x_NI: torch.Tensor, w_GIO: torch.Tensor, tokens_per_group_G: torc
 def _grouped_mm_eager(x_NI: torch.Tensor, w_GIO: torch.Tensor, tokens_per_group_G: torch.Tensor) -> torch.Tensor:
     if _grouped_mm_supported(x_NI, w_GIO) and x_NI.shape[0] > 0:  # the kernel refuses zero rows
         offsets_G = torch.cumsum(tokens_per_group_G, dim=0).to(torch.int32)
-        return F.grouped_mm(x_NI, w_GIO, offs=offsets_G)
+        # The kernel takes rows that are contiguous and 16-byte aligned only, in its backward too:
+        # views are copied here, and so is a gradient that is not (`.sum()`'s ones broadcast over
+        # the output, a transposed consumer's).
+        output_NO = F.grouped_mm(x_NI.contiguous(), w_GIO.contiguous(), offs=offsets_G)
+        if output_NO.requires_grad and not torch.compiler.is_compiling():
+            output_NO.register_hook(torch.Tensor.contiguous)
+        return output_NO
     return _grouped_mm_loop(x_NI, w_GIO, tokens_per_group_G)
 
 
