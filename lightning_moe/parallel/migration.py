@@ -228,6 +228,8 @@ def migrate_layers(
             "pass the same tables (compute them from values that are the same on every rank)."
         )
 
+    # In name order on every rank, as checked: `move_slots` pairs each send with a receive by position.
+    new = dict(sorted(new.items()))
     moves, tensors_of_layer = [], {}
     for name, placement in new.items():
         layer_moves = plan_slot_moves(name, layers[name].dispatcher.placement, placement)
