@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from lightning_moe.ops.tensor_operations import TensorOperations, copies_of
@@ -178,6 +179,27 @@ def worker(out_dir: Path) -> None:
         json.dumps({"tokens_sent": traffic.tokens_sent_per_rank.tolist(), "assignments_sent": sent, "kept": kept})
     )
     dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("operation", ["mask_index", "mask_assign", "masked_select", "unique", "item", "nonzero"])
+def test_the_recorder_sees_every_read_back(operation):
+    """What `run` relies on: every operation whose output size (or value) the host must read is
+    recorded, boolean-mask indexing and `unique` too (their `nonzero` runs below the dispatch mode);
+    indexing with integers reads nothing back."""
+    x = torch.arange(6.0)
+    mask = x > 2
+    operations_of = {
+        "mask_index": lambda: x[mask], "mask_assign": lambda: x.clone().index_put_((mask,), torch.zeros(())),
+        "masked_select": lambda: torch.masked_select(x, mask), "unique": lambda: torch.unique(x),
+        "item": lambda: x.sum().item(), "nonzero": lambda: mask.nonzero(),
+    }
+    with TensorOperations() as operations:
+        operations_of[operation]()
+    assert len(operations.read_back) == 1, operations.read_back
+    with TensorOperations() as operations:
+        x[torch.tensor([0, 2])]
+        x.clone().index_put_((torch.tensor([1]),), torch.zeros(()))
+    assert operations.read_back == []
 
 
 def test_tokens_cross_once_per_rank_and_results_match_one_process(tmp_path):

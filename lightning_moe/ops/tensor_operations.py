@@ -1,8 +1,8 @@
 """What a piece of code costs on a GPU, seen on any device: the tensor operations it runs that
 compute something (views aside; on a GPU each is a kernel launch, however small the tensors) and those
 that read a value back to the host (``Tensor.item``, indexing with a 0-d tensor, ``nonzero``,
-``repeat_interleave`` without its output size; on a GPU each waits for every kernel queued before
-it). ``Tensor.tolist`` does not pass through the recorder; :func:`copies_of` sees ``Tensor.to`` calls
+``repeat_interleave`` without its output size, indexing or assigning through a boolean mask,
+``masked_select``, ``unique``; on a GPU each waits for every kernel queued before it). ``Tensor.tolist`` does not pass through the recorder; :func:`copies_of` sees ``Tensor.to`` calls
 on given tensors (a copy from the host that is not asynchronous waits too). The tests use them to
 keep the dispatcher and the replica balancer cheap, and ``benchmarks/replica_balance.py`` to count
 launches; ``torch.cuda.set_sync_debug_mode`` is the check on a real GPU.
@@ -15,7 +15,25 @@ from contextlib import contextmanager
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_READS_BACK = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+_aten = torch.ops.aten
+# Operations whose output size is a value on the device: each reads it back.
+_READS_BACK = (
+    _aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
+    _aten._unique.default, _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default,
+)
+# Indexing (and assigning) through a boolean mask runs `nonzero` inside the kernel, below this mode.
+_INDEXING = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default)
+
+
+def _reads_back(func, args, kwargs) -> bool:
+    if func in _READS_BACK:
+        return True
+    if func is _aten.repeat_interleave.Tensor:
+        return kwargs.get("output_size") is None
+    if func in _INDEXING:
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(index is not None and index.dtype in (torch.bool, torch.uint8) for index in indices)
+    return False
 
 
 class TensorOperations(TorchDispatchMode):
@@ -29,7 +47,7 @@ class TensorOperations(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.count += not func.is_view and func is not torch.ops.aten._unsafe_view.default
-        if func in _READS_BACK or (func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None):
+        if _reads_back(func, args, kwargs):
             self.read_back.append(str(func))
         return func(*args, **kwargs)
 
