@@ -211,6 +211,14 @@ class MoETransformer(PretrainedIO, L.LightningModule):
                 f"then optimistic, and generating one token at a time routes differently from training. Use "
                 f"'topk' or 'sigmoid' for a language model you will sample from."
             )
+        elif capacity_factor is not None:
+            rank_zero_warn(
+                f"{OWNER}: capacity_factor={capacity_factor!r} is not causal: an expert over capacity drops "
+                f"assignments in priority order over the whole batch (GShard), so a position's logits can depend on "
+                f"later tokens (and on the other sequences). The training loss is then slightly optimistic, and "
+                f"generating one token at a time routes differently from training. Use capacity_factor=None "
+                f"(dropless) for a language model you will sample from."
+            )
         check_transformer_config(
             vocab_size=vocab_size,
             d_model=d_model,

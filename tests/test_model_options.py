@@ -112,3 +112,22 @@ def test_expert_choice_warns_that_a_causal_model_sees_later_tokens():
     with torch.no_grad():
         assert not torch.allclose(model(ids)[:, :8], model(changed)[:, :8])
         torch.testing.assert_close(causal(ids)[:, :8], causal(changed)[:, :8])
+
+
+@pytest.mark.parametrize("pad_to_capacity", [False, True])
+def test_a_capacity_limit_warns_that_a_causal_model_sees_later_tokens(pad_to_capacity):
+    """An expert over capacity drops in priority order over the whole batch: the warning is true
+    (earlier logits move when only the last token changes; without the limit they do not)."""
+    options = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16, num_experts=4,
+                   top_k=2, init_std=0.3)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="capacity_factor=1.0 is not causal"):
+        model = MoETransformer(capacity_factor=1.0, pad_to_capacity=pad_to_capacity, **options).eval()
+    moved = 0.0
+    with torch.no_grad():
+        for seed in range(8):  # a few batches: one may drop nothing
+            ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(seed))
+            later = ids.clone()
+            later[:, -1] = (later[:, -1] + 7) % 32
+            moved = max(moved, (model(ids)[:, :-1] - model(later)[:, :-1]).abs().max().item())
+    assert moved > 1e-3
