@@ -173,6 +173,7 @@ def test_drop_over_capacity_keeps_first_choices_first():
     # capacity = ceil(0.5 * 8 / 2) = 2 per expert
     assert expert_capacity(8, 2, 0.5) == 2
     assert expert_capacity(100, 10, 1.1) == 11  # as written in decimal, not ceil(11.000000000000002)
+    assert expert_capacity(10**9 + 1, 1, 1.0) == 10**9 + 1  # exact, however many assignments
     assert expert_capacity(100, 10, 1.15) == 12
     limited = limit_to_capacity(routing, num_experts=2, capacity_factor=0.5)
     assert limited.capacity == 2 and limited.position_in_expert_N.tolist() == [0, 1, 2, 0, 1, 2, 3, 3]

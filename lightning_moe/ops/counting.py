@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import torch
 
@@ -10,8 +10,17 @@ import torch
 def ceil_share(factor: float, count: int, parts: int) -> int:
     """``ceil(factor * count / parts)`` as written in decimal: ``1.1 * 100 / 10`` is 11, not the 12 that
     binary floating point gives (11.000000000000002). Capacities (GShard's ``ceil(c N / E)``) use it."""
-    share = factor * count / parts
-    return math.ceil(share - 1e-9 * max(1.0, abs(share)))
+    # Exact, in integers (which the compiler traces with a symbolic `count`): the factor's shortest
+    # decimal form, what `repr` prints, as a fraction. A relative tolerance instead would round a
+    # billion-and-one assignments down to a billion.
+    numerator, denominator = _decimal_ratio(factor)
+    return -(-numerator * count // (denominator * parts))
+
+
+@torch.compiler.assume_constant_result
+def _decimal_ratio(factor: float) -> tuple[int, int]:
+    ratio = Fraction(str(float(factor)))
+    return ratio.numerator, ratio.denominator
 
 
 def count_per_expert(expert_index_N: torch.Tensor, num_experts: int) -> torch.Tensor:
