@@ -57,6 +57,10 @@ def test_placement_identity_permuted_and_with_spare_slots():
         ([[0, 1], [2]], "same, non-zero number of slots"),
         ([[0, 0, 1], [2, 3, 1]], "an expert twice"),
         ([[0, 1], [2, 5]], "at least once"),
+        ([[0, 1], [2.5, 3]], "integer expert ids"),  # int() took it as expert 2
+        ([[0, 1], [float("inf"), 3]], "integer expert ids"),  # an OverflowError, not a ValueError
+        ([[0, 1], [2, 10**30]], "at least once"),  # an OverflowError building range(10**30)
+        ([[0, 1], [-1, 2]], "from 0 up"),
     ],
 )
 def test_placement_rejects_bad_tables(experts_per_rank, message):

@@ -205,8 +205,8 @@ def migrate_layers(
             placement = table if isinstance(table, ExpertPlacement) else ExpertPlacement(table)
             if placement.same_layout(current.placement):
                 check_table(layers[name], placement)
-        except (TypeError, ValueError) as error:
-            problem = f"MoEStrategy.apply_placement: the table for `{name}`: {error}"
+        except Exception as error:  # noqa: BLE001 (whatever it is, every rank must hear of it)
+            problem = f"MoEStrategy.apply_placement: the table for `{name}`: {type(error).__name__}: {error}"
             break
         if not placement.same_layout(current.placement):
             problem = (

@@ -17,6 +17,7 @@ physical positions ``rank * S + slot``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +56,10 @@ class ExpertPlacement:
         load_share_R: torch.Tensor | None = None,
         assignment_seconds: torch.Tensor | None = None,
     ) -> None:
-        table = [[int(e) for e in experts] for experts in experts_per_rank]
+        try:  # integers only: int() would take 2.5 as expert 2
+            table = [[operator.index(e) for e in experts] for experts in experts_per_rank]
+        except TypeError as error:
+            raise ValueError(f"ExpertPlacement: {experts_per_rank} must hold integer expert ids ({error}).") from None
         num_ranks = len(table)
         if num_ranks == 0 or any(len(experts) != len(table[0]) for experts in table) or not table[0]:
             raise ValueError(
@@ -64,10 +68,12 @@ class ExpertPlacement:
         slots = len(table[0])
         flat = [e for experts in table for e in experts]
         num_experts = max(flat) + 1 if flat and min(flat) >= 0 else 0
-        if min(flat) < 0 or sorted(set(flat)) != list(range(num_experts)):
+        # Ids in [0, max] name every expert 0..max when there are max + 1 distinct ones.
+        if min(flat) < 0 or len(set(flat)) != num_experts:
+            named = f"0..{num_experts - 1}" if num_experts else "from 0 up"
             raise ValueError(
-                f"ExpertPlacement: {experts_per_rank} must name every logical expert 0..{num_experts - 1} at least "
-                f"once, and nothing else."
+                f"ExpertPlacement: {experts_per_rank} must name every logical expert {named} at least once, and "
+                f"nothing else."
             )
         for rank, experts in enumerate(table):
             if len(set(experts)) != len(experts):
