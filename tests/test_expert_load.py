@@ -199,7 +199,7 @@ def test_resume_restores_the_callback_state(tmp_path):
     fit.save_checkpoint(checkpoint)
 
     # What is saved is plain tensors and containers: it loads with weights_only=True.
-    saved = torch.load(checkpoint, weights_only=True)["callbacks"]["ExpertLoadMonitor"]
+    saved = torch.load(checkpoint, weights_only=True)["callbacks"][first.state_key]
     assert [window["step"] for window in saved["history"]] == [2, 4]
 
     resumed = ExpertLoadMonitor(every_n_steps=2, log_images=False)
@@ -213,6 +213,75 @@ def test_resume_restores_the_callback_state(tmp_path):
     # The run-level MaxVio covers the steps before the checkpoint too.
     expected = (resumed.run_load(0).max() - resumed.run_load(0).float().mean()) / resumed.run_load(0).float().mean()
     assert resumed.latest_metrics["moe/layer0/max_vio_run"] == pytest.approx(expected.item())
+
+
+def test_two_monitors_keep_their_own_state(tmp_path):
+    """A frequent monitor and a long one in one Trainer (Lightning refused two callbacks with one
+    state key); each restores its own windows, and a checkpoint from before the keys named the
+    settings (the class name alone) still restores."""
+    torch.manual_seed(3)
+    frequent = ExpertLoadMonitor(every_n_steps=1, log_images=False, log_histograms=False)
+    long = ExpertLoadMonitor(every_n_steps=2, log_images=False, log_histograms=False)
+    fit = trainer(tmp_path, frequent, max_steps=4, callbacks=[long])
+    fit.fit(TinyMoE(), loader())
+    checkpoint = tmp_path / "step4.ckpt"
+    fit.save_checkpoint(checkpoint)
+    resumed = [ExpertLoadMonitor(every_n_steps=n, log_images=False, log_histograms=False) for n in (1, 2)]
+    trainer(tmp_path, resumed[0], max_steps=4, callbacks=[resumed[1]]).fit(TinyMoE(), loader(), ckpt_path=checkpoint)
+    assert [w.step for w in resumed[0].history] == [1, 2, 3, 4] and [w.step for w in resumed[1].history] == [2, 4]
+
+    legacy = torch.load(checkpoint, weights_only=True)
+    legacy["callbacks"] = {"ExpertLoadMonitor": legacy["callbacks"][long.state_key]}
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    old = ExpertLoadMonitor(every_n_steps=2, log_images=False, log_histograms=False)
+    trainer(tmp_path, old, max_steps=4).fit(TinyMoE(), loader(), ckpt_path=tmp_path / "legacy.ckpt")
+    assert [w.step for w in old.history] == [2, 4]
+
+
+def test_run_load_is_a_copy(tmp_path):
+    """What a caller keeps of `run_load` does not move with later windows, and editing it does not
+    edit the monitor's totals."""
+    monitor = ExpertLoadMonitor(every_n_steps=1, log_images=False, log_histograms=False)
+
+    class KeepRunLoad(L.Callback):
+        kept: list[torch.Tensor] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.kept.append(monitor.run_load(0))
+
+    keep = KeepRunLoad()
+    trainer(tmp_path, monitor, max_steps=3, callbacks=[keep]).fit(TinyMoE(), loader())
+    per_step = [int(kept.sum()) for kept in keep.kept]
+    assert per_step == [BATCH * SEQ * 2 * step for step in (1, 2, 3)]  # top-2: two assignments a token
+    keep.kept[-1].zero_()
+    assert int(monitor.run_load(0).sum()) == 3 * BATCH * SEQ * 2
+
+
+class SometimesSecondLayer(TinyMoE):
+    """The second MoE layer runs in odd training batches only, and in validation."""
+
+    def training_step(self, batch, batch_idx):
+        x_BSD, y_BS = batch
+        x_BSD = x_BSD + self.blocks[0](x_BSD)
+        if batch_idx % 2:
+            x_BSD = x_BSD + self.blocks[1](x_BSD)
+        return nn.functional.mse_loss(self.head(x_BSD).squeeze(-1), y_BS)
+
+    def validation_step(self, batch, batch_idx):
+        x_BSD, _ = batch
+        self.blocks[1](x_BSD + self.blocks[0](x_BSD))
+
+
+def test_a_layer_that_skips_a_batch_adds_nothing_for_it(tmp_path):
+    """A layer that does not run in a training batch used to add its last forward again, a
+    validation forward's included (60 and 140 tokens in windows that hold 40)."""
+    monitor = ExpertLoadMonitor(every_n_steps=4, log_images=False, log_histograms=False)
+    validation = DataLoader(TensorDataset(torch.randn(16, SEQ, D_MODEL), torch.randn(16, SEQ)), batch_size=16)
+    trainer(tmp_path, monitor, max_steps=8, val_check_interval=4, limit_val_batches=1,
+            num_sanity_val_steps=0).fit(SometimesSecondLayer(), loader(), validation)
+    tokens = BATCH * SEQ
+    assert [(w.step, w.num_tokens) for w in monitor.history] == [(4, [4 * tokens, 2 * tokens]), (8, [4 * tokens, 2 * tokens])]
+    assert [int(w.tokens_per_expert[1].sum()) for w in monitor.history] == [2 * tokens, 2 * tokens]  # top-1
 
 
 def test_resume_with_another_model_is_refused(tmp_path):

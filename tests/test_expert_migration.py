@@ -95,6 +95,8 @@ def world2(tmp_path_factory) -> Path:
          "history_size": 2, "steps": 5},
         {"name": "slow_validation", "migrate": True, "every": 4, "steps": 5, "validation_seconds": 3.0,
          "validate_every_batches": 4},
+        {"name": "second_layer_in_odd_batches", "migrate": True, "every": 4, "steps": 5,
+         "second_layer_in_odd_batches": True},
     ]))
     launch(WORKER, [str(out / "scenarios.json"), str(out)], world_size=2, timeout=400, log_dir=out / "logs")
     return out
@@ -163,6 +165,14 @@ def test_a_monitor_whose_history_is_shorter_than_the_window_is_not_read(world2):
     itself, and plans from the same load as without the monitor."""
     for short, full in zip(read(world2, "monitor_short_history", 2), read(world2, "full", 2)):
         np.testing.assert_allclose(short["planned_loads"][0], full["planned_loads"][0], rtol=1e-12)
+
+
+def test_a_layer_that_skips_a_batch_adds_nothing_for_it(world2):
+    """Counting itself, the callback used to add a layer's last forward again in a batch where the
+    layer did not run: the second layer, in one micro-batch of two, counted as much as the first.
+    Rank 0 plans the first layer, rank 1 the second (one assignment per token, none dropped)."""
+    first, second = (per_step_totals([result]) for result in read(world2, "second_layer_in_odd_batches", 2))
+    assert len(first) == len(second) == 1 and second[0] == pytest.approx(first[0] / 2), (first, second)
 
 
 def test_validation_time_is_not_a_training_step(world2):

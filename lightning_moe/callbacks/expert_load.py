@@ -128,8 +128,9 @@ class ExpertLoadMonitor(Callback):
         return [(window.step, window.tokens_per_expert[layer_index]) for window in self.history]
 
     def run_load(self, layer_index: int) -> torch.Tensor:
-        """Tokens per expert ``[E]`` of layer ``layer_index`` since training began (up to the last log)."""
-        return self._run_tokens_per_expert[layer_index]
+        """Tokens per expert ``[E]`` of layer ``layer_index`` since training began (up to the last log);
+        a copy, which later windows do not change."""
+        return self._run_tokens_per_expert[layer_index].clone()
 
     def traffic(self, layer_index: int | None = None) -> torch.Tensor | None:
         """The ``[P, P]`` EP traffic of the last window (rows: source, columns: destination EP rank)
@@ -182,6 +183,23 @@ class ExpertLoadMonitor(Callback):
         ep_size = self._layers[0].dispatcher.ep_size
         self._metric = ExpertLoadMetric(num_experts=num_experts, ep_size=ep_size).to(pl_module.device)
         self._last_step = self._window_opened = trainer.global_step
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Several monitors in one Trainer (say, a frequent one and a long one) each keep their state.
+        return self._generate_state_key(every_n_steps=self.every_n_steps, history_size=self.history_size)
+
+    @property
+    @override
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # The key of checkpoints written before the key above: Lightning falls back to it on load.
+        return type(self).__qualname__
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        for layer in self._layers:  # a layer that does not run in this batch must add nothing
+            layer.clear_records()
 
     @override
     def on_train_batch_end(

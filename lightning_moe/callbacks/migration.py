@@ -273,6 +273,9 @@ class ExpertMigration(Callback):
         if self._due:
             self._due = False
             self.replan(trainer, pl_module)
+        if self._metric is not None:  # counting itself: a layer that does not run in this batch adds nothing
+            for _, layer in self._layers:
+                layer.clear_records()
         self._batch_started = time.perf_counter()  # a step's time is its batches' (not the re-plan's)
 
     @override

@@ -201,6 +201,19 @@ class MoELayer(nn.Module):
         return y_TD.view(x.shape)
 
     @torch.no_grad()
+    def clear_records(self) -> None:
+        """Forget what the last forward recorded (counts, statistics, traffic). A callback that adds
+        up the records of each training batch clears them at the batch's start, so that a layer that
+        does not run in the batch adds nothing (rather than its last forward again, or a validation
+        forward's)."""
+        self.tokens_per_expert.zero_()
+        self.dropped_tokens.zero_()
+        self.routed_tokens.zero_()
+        self.stats = {}
+        self.num_tokens = 0
+        self.traffic = None
+
+    @torch.no_grad()
     def _record(self, routing: Routing, num_tokens: int, routed: int, dropped: torch.Tensor | int) -> None:
         self.aux_losses = dict(routing.aux_losses)
         self.stats = {name: value.detach() for name, value in routing.stats.items()}

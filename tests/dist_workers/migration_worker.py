@@ -42,9 +42,23 @@ class SlowValidation(TwoMoELayers):
         return super().validation_step(batch, batch_idx)
 
 
-def skewed_model() -> TwoMoELayers:
-    model = SlowValidation(num_experts=4, gate="sigmoid", top_k=1,
-                           gate_kwargs={"bias_update_rate": 0.0, "load_balance_coef": 0.0})
+class SecondLayerInOddBatches(SlowValidation):
+    """The second MoE layer runs in the odd training batches only (and in validation)."""
+
+    def training_step(self, batch, batch_idx):
+        self.skip_second = batch_idx % 2 == 0
+        return super().training_step(batch, batch_idx)
+
+    def forward(self, x_BSD):
+        if not (self.training and self.skip_second):
+            return super().forward(x_BSD)
+        h_BSD = self.proj_in(x_BSD)
+        return self.proj_out(h_BSD + self.blocks["first"](h_BSD))
+
+
+def skewed_model(model_class: type[TwoMoELayers] = SlowValidation) -> TwoMoELayers:
+    model = model_class(num_experts=4, gate="sigmoid", top_k=1,
+                        gate_kwargs={"bias_update_rate": 0.0, "load_balance_coef": 0.0})
     with torch.no_grad():
         for block in model.blocks.values():
             block.gate.expert_bias.copy_(torch.tensor(SKEW))
@@ -80,6 +94,8 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     CountingTrigger.calls, CountingTrigger.fail_on_rank, CountingTrigger.loads = 0, scenario.get("fail_on_rank"), []
     if scenario.get("unroutable_plan"):  # EP 3, device-limited to 2 ranks, every token on all 3 experts
         model = TwoMoELayers(num_experts=3, top_k=3)
+    elif scenario.get("second_layer_in_odd_batches"):
+        model = skewed_model(SecondLayerInOddBatches)
     else:
         model = skewed_model()
     SlowValidation.validation_seconds = scenario.get("validation_seconds", 0.0)
@@ -104,7 +120,8 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
     trainer = L.Trainer(
         accelerator="cpu", devices=world_size, max_steps=scenario.get("steps", 12), accumulate_grad_batches=2,
         gradient_clip_val=0.05, strategy=MoEStrategy(expert_parallel_size=scenario.get("ep", 2), spare_expert_slots=1,
-                                                     device_limited_routing=scenario.get("device_limit")),
+                                                     device_limited_routing=scenario.get("device_limit"),
+                                                     find_unused_parameters=bool(scenario.get("second_layer_in_odd_batches"))),
         callbacks=callbacks, logger=TensorBoardLogger(out_dir, name="tb", version=0),
         enable_checkpointing=bool(scenario.get("checkpoint_every")), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
