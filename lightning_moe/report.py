@@ -88,12 +88,12 @@ def read_run(run_dir: Path) -> RunLog:
     run = RunLog(path=run_dir)
     for tag in tags.get("scalars", []):
         if tag.startswith("moe/"):
-            events = accumulator.Scalars(tag)
+            events = _last_per_step(accumulator.Scalars(tag))
             run.scalars[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events]))
     for tag in tags.get("histograms", []):
         match = _LAYER_TAG.match(tag)
         if match and match.group(2) == "tokens_per_expert":
-            events = accumulator.Histograms(tag)
+            events = _last_per_step(accumulator.Histograms(tag))
             width = max(len(e.histogram_value.bucket) for e in events)
             load_SE = np.zeros((len(events), width))
             for row, event in enumerate(events):
@@ -105,6 +105,13 @@ def read_run(run_dir: Path) -> RunLog:
             latest = accumulator.Images(tag)[-1]
             run.images[tag] = (latest.step, latest.encoded_image_string)
     return run
+
+
+def _last_per_step(events: list) -> list:
+    """``events`` in step order, the last one written for each step: a run resumed into the same
+    directory writes the steps after its checkpoint again, in a new event file read after the first."""
+    latest = {event.step: event for event in events}
+    return [latest[step] for step in sorted(latest)]
 
 
 def _plot_layer_lines(axes, series: dict[int, tuple[np.ndarray, np.ndarray]], title: str) -> None:

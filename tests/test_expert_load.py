@@ -318,6 +318,41 @@ def test_images_only_every_n_steps(tmp_path):
     assert [h.step for h in events.Histograms("moe/layer0/tokens_per_expert")] == [1, 2, 3, 4]
 
 
+class TwoOptimizers(TinyMoE):
+    """Manual optimization with two optimizers: `global_step` moves by 2 a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        optimizers = self.optimizers()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in optimizers:
+            optimizer.step()
+
+    def configure_optimizers(self):
+        gates = [p for name, p in self.named_parameters() if ".gate." in name]
+        rest = [p for name, p in self.named_parameters() if ".gate." not in name]
+        return torch.optim.SGD(gates, lr=self.lr), torch.optim.SGD(rest, lr=self.lr)
+
+
+def test_images_when_a_step_that_moves_by_two_crosses_a_multiple(tmp_path):
+    """Windows end at steps 4, 6, 10, 12, 16, 18 (each the first past a multiple of 3); an image
+    goes with each window that crossed a multiple of 9: 10 and 18 (it went with those that landed
+    on one only: 18)."""
+    monitor = ExpertLoadMonitor(every_n_steps=3, image_every_n_steps=9, log_histograms=False)
+    logger = TensorBoardLogger(tmp_path)
+    trainer(tmp_path, monitor, max_steps=18, logger=logger).fit(TwoOptimizers(), loader())
+    assert [window.step for window in monitor.history] == [4, 6, 10, 12, 16, 18]
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [i.step for i in events.Images("moe/load_heatmap")] == [10, 18]
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

@@ -34,6 +34,29 @@ def test_read_run_finds_what_the_monitor_wrote(logdir):
     assert {tag: step for tag, (step, _) in run.images.items()} == {"moe/load_heatmap": 6}
 
 
+def test_a_run_resumed_into_the_same_directory_reads_once_per_step(tmp_path):
+    """Resumed from step 2 with the same TensorBoard version: the second event file writes steps 4
+    and 6 again. The report reads each step once, in order, the resumed run's value (it read
+    2, 4, 6, 4, 6)."""
+    def fit(max_steps, seed, ckpt_path=None):
+        torch.manual_seed(seed)
+        logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+        run = trainer(tmp_path, ExpertLoadMonitor(every_n_steps=2, log_images=False), max_steps=max_steps, logger=logger)
+        run.fit(TinyMoE(), loader(seed=seed), ckpt_path=ckpt_path)
+        return run
+
+    fit(6, seed=0)
+    first = trainer(tmp_path, ExpertLoadMonitor(every_n_steps=2, log_images=False), max_steps=2)
+    first.fit(TinyMoE(), loader(seed=1))
+    first.save_checkpoint(tmp_path / "step2.ckpt")
+    resumed = fit(6, seed=1, ckpt_path=tmp_path / "step2.ckpt")
+    run = read_run(tmp_path / "tb" / "version_0")
+    steps, values = run.scalars["moe/layer0/max_vio"]
+    assert steps.tolist() == [2, 4, 6] and run.expert_load[0][0].tolist() == [2, 4, 6]
+    monitor = next(c for c in resumed.callbacks if isinstance(c, ExpertLoadMonitor))
+    assert values[-1] == pytest.approx(monitor.latest_metrics["moe/layer0/max_vio"])
+
+
 def test_png_report(logdir, tmp_path):
     out = tmp_path / "report.png"
     assert main([str(logdir), "--out", str(out)]) == 0

@@ -239,7 +239,7 @@ class ExpertLoadMonitor(Callback):
         # Collective: every rank sums the window over the world, never only rank 0.
         window = self._metric.compute_window(step, steps=step - self._window_opened)
         self._metric.reset()
-        self._window_opened = step
+        previous, self._window_opened = self._window_opened, step
         for index, load_E in enumerate(window.tokens_per_expert):
             self._run_tokens_per_expert[index] += load_E
         self.history.append(window)
@@ -251,13 +251,15 @@ class ExpertLoadMonitor(Callback):
             logger.log_metrics(self.latest_metrics, step=step)
         if trainer.is_global_zero:
             for experiment in _tensorboard_writers(trainer):
-                self._write_tensorboard(experiment, window, step)
+                self._write_tensorboard(experiment, window, step, previous)
 
-    def _write_tensorboard(self, experiment: Any, window: LoadWindow, step: int) -> None:
+    def _write_tensorboard(self, experiment: Any, window: LoadWindow, step: int, previous: int) -> None:
         if self.log_histograms:
             for index, load_E in enumerate(window.tokens_per_expert):
                 write_expert_histogram(experiment, f"moe/layer{index}/tokens_per_expert", load_E, step)
-        if self.log_images and step % self.image_every_n_steps == 0:
+        # When the window crossed a multiple of `image_every_n_steps` (a step that moves by more than
+        # one, as with two optimizers under manual optimization, need not land on one).
+        if self.log_images and step // self.image_every_n_steps > previous // self.image_every_n_steps:
             heatmap = render_load_heatmap(window.tokens_per_expert, step=step)
             experiment.add_image("moe/load_heatmap", heatmap, global_step=step, dataformats="HWC")
             traffic_PP = torch.stack(window.traffic).sum(dim=0)
