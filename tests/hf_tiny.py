@@ -53,6 +53,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                             "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
                             "mscale": 1.0, "mscale_all_dim": 1.0},
     }),
+    # No shared expert: transformers builds (and saves) an empty one.
+    "deepseek_v3_no_shared": ("deepseek_v3", {**_DEEPSEEK, "n_shared_experts": 0}),
     # The non-interleaved rotary layout, and an rms_norm_eps that the latent norms (always 1e-6) do not take.
     "deepseek_v3_plain_rope": ("deepseek_v3", {
         **_DEEPSEEK, "rope_interleave": False, "n_group": 1, "topk_group": 1, "rms_norm_eps": 1e-2,

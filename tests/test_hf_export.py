@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from hf_tiny import VOCAB, hf_logits, save_tiny, token_ids
 from torch.utils.data import DataLoader, TensorDataset
@@ -75,6 +76,26 @@ def test_export_writes_the_requested_dtype_and_shards(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
     assert exported.model.embed_tokens.weight.dtype == torch.bfloat16
     torch.testing.assert_close(exported.lm_head.weight.float(), model.lm_head.weight, atol=1e-2, rtol=1e-2)
+
+
+def test_save_pretrained_refuses_experts_out_of_logical_order(tmp_path):
+    """Rows held in a dispatcher's slot order other than the logical one route right, but a transformers
+    checkpoint stores expert e at index e: writing the rows as they are would permute the experts."""
+    from lightning_moe.layers.dispatch import LocalDispatcher
+
+    source, reference = save_tiny("mixtral", tmp_path / "source")
+    model = MoETransformer.from_pretrained(source).eval()
+    layer = model.blocks[0].ffn
+    expert_of_slot = [2, 0, 3, 1]
+    with torch.no_grad():
+        for parameter in (layer.experts.w_in, layer.experts.w_out):
+            parameter.copy_(parameter[expert_of_slot])
+    layer.dispatcher = LocalDispatcher(4, slot_of_expert_E=torch.argsort(torch.tensor(expert_of_slot)))
+    ids = token_ids()
+    with torch.no_grad():  # the model still computes the checkpoint's logits
+        torch.testing.assert_close(model(ids), hf_logits(reference, ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"`blocks.0.ffn` hold the logical experts \[2, 0, 3, 1\].*permuted"):
+        model.save_pretrained(tmp_path / "out")
 
 
 def worker(source: Path, out: Path) -> None:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from hf_tiny import save_tiny, token_ids
+from hf_tiny import hf_logits, save_tiny, token_ids
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -117,6 +117,26 @@ def test_transformers_fused_expert_layout_is_read_row_by_row(deepseek, tmp_path)
     assert report.bytes_read == report.checkpoint_bytes - fused_bytes * 5 // 8
 
 
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe"])
+def test_a_file_of_transformers_in_memory_state_dict_is_read(tmp_path, variant):
+    """transformers 5 keeps every family's MoE block as `mlp` in memory (Mixtral's too, which its files
+    call `block_sparse_moe`), with fused 3-D experts: a file of that state dict reads the same."""
+    directory, reference = save_tiny(variant, tmp_path / "saved")
+    fused = tmp_path / "in_memory"
+    fused.mkdir()
+    (fused / "config.json").write_text((directory / "config.json").read_text())
+    state = {key: tensor.contiguous() for key, tensor in reference.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
+
+    model = MoETransformer.from_pretrained(fused, load_weights=False)
+    report = load_pretrained_weights(model, fused)
+    assert report.unused_keys == [] and report.bytes_read == report.checkpoint_bytes
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), hf_logits(reference, ids), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("ep_size", [1, 2, 4])
 def test_expert_parallel_ranks_split_the_expert_bytes(deepseek, ep_size):
     """Rank r of EP size p reads experts [r*E/p, (r+1)*E/p) and every dense tensor: the ranks' expert
@@ -147,6 +167,17 @@ def test_bad_local_experts_are_refused(deepseek, local_experts, message):
     model = MoETransformer.from_pretrained(deepseek[0], load_weights=False)
     with pytest.raises(ValueError, match=message):
         load_pretrained_weights(model, deepseek[0], local_experts=local_experts)
+
+
+def test_every_expert_in_another_order_is_refused_where_the_layer_routes_locally(deepseek):
+    """A LocalDispatcher sends expert e's tokens to row e: row i holding expert 7 - i would compute other
+    logits, silently."""
+    directory, full = deepseek
+    model = MoETransformer.from_pretrained(directory, load_weights=False)
+    with pytest.raises(ValueError, match=r"order \[7, 6, 5, 4, 3, 2, 1, 0\].*routes locally.*list\(range\(8\)\)"):
+        load_pretrained_weights(model, directory, local_experts={MOE_LAYER: list(range(8))[::-1]})
+    load_pretrained_weights(model, directory, local_experts={MOE_LAYER: list(range(8))})
+    torch.testing.assert_close(model.blocks[1].ffn.experts.w_in, full.blocks[1].ffn.experts.w_in, atol=0, rtol=0)
 
 
 def test_a_missing_expert_tensor_is_named(deepseek, tmp_path):

@@ -46,7 +46,9 @@ def test_save_pretrained_loads_in_transformers_with_the_same_logits(checkpoints,
     directory, reference = checkpoints[variant]
     model = MoETransformer.from_pretrained(directory).eval()
     model.save_pretrained(tmp_path / "out")
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    exported, loading_info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not loading_info["missing_keys"] and not loading_info["unexpected_keys"]
+    exported.eval()
     ids = token_ids(seed=4)
     torch.testing.assert_close(hf_logits(exported, ids), hf_logits(reference, ids), **TOLERANCE)
     # config.json keeps the source's fields (what transformers reads back is the same architecture).
@@ -135,6 +137,8 @@ def test_bf16_load_keeps_the_correction_bias_fp32_and_exports_bf16(checkpoints, 
     "options, family",
     [
         (dict(), "mixtral"),
+        # YaRN needs head_dim in config.json (transformers' Mixtral leaves a missing one None).
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}), "mixtral"),
         (dict(num_shared_experts=1, shared_expert_gate=True, first_k_dense=1, attention_bias=True), "qwen2_moe"),
         (dict(qk_norm="head", head_dim=16, moe_d_ff=8), "qwen3_moe"),
         (dict(qk_norm="full", gate_kwargs={"normalize": False}), "olmoe"),
@@ -239,9 +243,68 @@ def test_a_tied_checkpoint_that_also_stores_the_head_loads_as_transformers_loads
                                    hf_logits(checkpoints["qwen3_moe_bias_tied"][1], ids), **TOLERANCE)
 
 
+def test_stored_rotary_frequencies_are_ignored_as_transformers_ignores_them(checkpoints, tmp_path):
+    """Older transformers versions and conversion scripts store each layer's `rotary_emb.inv_freq`; the
+    frequencies follow from the config."""
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "with_inv_freq"
+    shutil.copytree(checkpoints["mixtral"][0], directory)
+    tensors = load_file(directory / "model.safetensors")
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = 1e6 ** -(torch.arange(0, 8, 2) / 8)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(MoETransformer.from_pretrained(directory).eval()(ids),
+                                   hf_logits(checkpoints["mixtral"][1], ids), **TOLERANCE)
+
+
+def test_swish_is_read_as_the_silu_it_is(checkpoints, tmp_path):
+    """transformers' `hidden_act: "swish"` is SiLU (ACT2FN["swish"])."""
+    directory = tmp_path / "swish"
+    shutil.copytree(checkpoints["mixtral"][0], directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "hidden_act": "swish"}))
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(MoETransformer.from_pretrained(directory).eval()(ids),
+                                   hf_logits(checkpoints["mixtral"][1], ids), **TOLERANCE)
+
+
 def test_an_architecture_override_that_disagrees_with_the_weights_is_refused(checkpoints):
-    with pytest.raises(ValueError, match="does not match the weights"):
+    with pytest.raises(ValueError, match="`moe_d_ff`=8 differs from the checkpoint's 16"):
         MoETransformer.from_pretrained(checkpoints["mixtral"][0], moe_d_ff=8)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_an_override_of_a_feature_the_family_lacks_is_refused(checkpoints, variant):
+    """`rope_interleave=True` fits every weight shape (no load-time check sees it) but rotates other
+    feature pairs: it must be refused by both entry points, not give other logits."""
+    directory = checkpoints[variant][0]
+    message = r"`rope_interleave`=True differs from the checkpoint's False"
+    with pytest.raises(ValueError, match=message):
+        MoETransformer.from_pretrained(directory, rope_interleave=True)
+    with pytest.raises(ValueError, match=message):
+        MoETransformer(pretrained=str(directory), rope_interleave=True)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_config_gives_every_architecture_argument(checkpoints, variant):
+    """Every MoETransformer argument that is not a fine-tuning option comes from config.json, so that an
+    override of any of them is compared with the checkpoint (a new architecture argument must be added
+    to the config translation, or here if it is a fine-tuning option)."""
+    from lightning_moe.interop.hf_config import model_kwargs_from_hf_config
+    from lightning_moe.modeling.pretrained_io import init_defaults
+
+    finetuning_options = {
+        "learning_rate", "weight_decay", "warmup_steps", "min_lr_ratio", "adam_betas", "lr_schedule", "freeze",
+        "load_balance_coef", "z_loss_coef", "gradient_checkpointing", "compile_blocks", "capacity_factor",
+        "pad_to_capacity", "gate_kwargs", "hf_config", "hf_source", "pretrained",
+    }
+    config = json.loads((checkpoints[variant][0] / "config.json").read_text())
+    kwargs = model_kwargs_from_hf_config(config)
+    assert set(init_defaults(MoETransformer)) - finetuning_options - set(kwargs) == set()
 
 
 def test_sliding_window_caps_the_sequence_length(tmp_path):

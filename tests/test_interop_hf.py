@@ -217,3 +217,32 @@ def test_export_into_a_mismatched_block_names_the_field():
 def test_non_silu_experts_are_refused():
     with pytest.raises(ValueError, match="silu"):
         from_hf_moe_block(_mixtral(hidden_act="gelu"))
+
+
+def test_export_refuses_a_layer_with_another_dropped_group_fill():
+    """The block's fill (the installed transformers') decides its routing when biased scores are negative:
+    a layer routed with the other one would be copied into a block that computes something else."""
+    layer = from_hf_moe_block(_randomize(_deepseek(), 0))
+    installed = layer.gate.dropped_group_fill
+    layer.gate.dropped_group_fill = 0.0 if installed == float("-inf") else float("-inf")
+    message = f"`gate.dropped_group_fill` is {layer.gate.dropped_group_fill}.*fills dropped groups with {installed}"
+    with pytest.raises(ValueError, match=message):
+        to_hf_moe_block(layer, _randomize(_deepseek(), 5))
+
+
+@pytest.mark.parametrize(
+    "make_block",
+    [lambda: _qwen2(shared_expert_intermediate_size=0), lambda: _deepseek(n_shared_experts=0)],
+    ids=["qwen2_moe_shared_width_0", "deepseek_v3_no_shared_experts"],
+)
+def test_a_block_whose_shared_expert_is_empty_converts_without_one(make_block):
+    """An empty shared expert (what `lightning-moe upcycle` writes for Qwen2-MoE) outputs zeros: the layer
+    has none, and exports back into such a block."""
+    block = _randomize(make_block(), seed=0)
+    layer = from_hf_moe_block(block)
+    assert layer.shared_experts is None and layer.shared_expert_gate is None
+    x, _ = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), block(x), atol=1e-5, rtol=0)
+        fresh = to_hf_moe_block(layer, _randomize(make_block(), seed=5))
+        torch.testing.assert_close(fresh(x), block(x), atol=0, rtol=0)

@@ -108,9 +108,17 @@ def _check_silu(owner: str, act_fn: nn.Module) -> None:
 
 
 def _shared_mlp(block: nn.Module, family: str) -> nn.Module | None:
-    """The block's always-on shared-expert MLP, if its family has one."""
+    """The block's always-on shared-expert MLP, if its family has one and it is not empty.
+
+    An empty one (width 0: Qwen2-MoE's ``shared_expert_intermediate_size=0``, which ``lightning-moe
+    upcycle`` writes, or DeepSeek-V3's ``n_shared_experts=0``) outputs zeros, so Qwen2-MoE's gate of it
+    adds nothing either: the block has no shared expert.
+    """
     attribute = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts"}.get(family)
-    return getattr(block, attribute) if attribute else None
+    mlp = getattr(block, attribute) if attribute else None
+    if mlp is None or mlp.gate_proj.weight.shape[0] == 0:
+        return None
+    return mlp
 
 
 def _mlp_shapes(mlp: nn.Module) -> tuple[int, int]:
@@ -191,7 +199,7 @@ def from_hf_moe_block(block: nn.Module) -> MoELayer:
     shared_d_ff = None
     if shared_mlp is not None:
         shared_d_ff = _mlp_shapes(shared_mlp)[1]
-    shared_gate = getattr(block, "shared_expert_gate", None) if family == "qwen2_moe" else None
+    shared_gate = block.shared_expert_gate if family == "qwen2_moe" and shared_mlp is not None else None
     gate = _gate_for(block, family)
 
     device, dtype = block.experts.gate_up_proj.device, block.experts.gate_up_proj.dtype
@@ -246,12 +254,24 @@ def to_hf_moe_block(layer: MoELayer, block: nn.Module) -> nn.Module:
     fields["shared experts"] = (layer.shared_experts is not None, shared_mlp is not None)
     if shared_mlp is not None and layer.shared_experts is not None:
         fields["shared_expert_d_ff"] = (layer.shared_experts.w_out.in_features, _mlp_shapes(shared_mlp)[1])
-    fields["shared_expert_gate"] = (layer.shared_expert_gate is not None, family == "qwen2_moe")
+    block_gates_shared = family == "qwen2_moe" and shared_mlp is not None
+    fields["shared_expert_gate"] = (layer.shared_expert_gate is not None, block_gates_shared)
     for name, (ours, theirs) in fields.items():
         if ours != theirs:
             raise ValueError(
                 f"to_hf_moe_block: the layer's `{name}` is {ours!r}, the {family} block's is {theirs!r}. "
                 f"Export into a block built from a config with the layer's `{name}`."
+            )
+    if isinstance(expected_gate, SigmoidGate) and expected_gate.n_group > 1:
+        # The score of dropped groups' experts (0.0 in DeepSeek's release, -inf in transformers 5)
+        # decides the routing whenever biased scores are negative; without groups none is dropped.
+        layer_fill, block_fill = layer.gate.dropped_group_fill, expected_gate.dropped_group_fill
+        if layer_fill != block_fill:
+            raise ValueError(
+                f"to_hf_moe_block: the layer's `gate.dropped_group_fill` is {layer_fill}, but the installed "
+                f"transformers fills dropped groups with {block_fill}: the block would route differently. Use a "
+                f"transformers version with the layer's fill, or set `layer.gate.dropped_group_fill = "
+                f"float('{block_fill}')` (which changes the layer's routing) before exporting."
             )
     _copy_weights(source=layer, target=block, family=family, to_hf=True)
     return block
@@ -280,7 +300,7 @@ def _copy_weights(*, source: nn.Module, target: nn.Module, family: str, to_hf: b
             (w_in[d_ff:], shared_mlp.up_proj.weight, False),
             (layer.shared_experts.w_out.weight, shared_mlp.down_proj.weight, False),
         ]
-    if family == "qwen2_moe":
+    if family == "qwen2_moe" and shared_mlp is not None:
         pairs.append((layer.shared_expert_gate.weight, block.shared_expert_gate.weight, False))
     for ours, theirs, transposed in pairs:
         destination, origin = (theirs, ours) if to_hf else (ours, theirs)

@@ -53,6 +53,18 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "olmoe": {"rope_theta": 1e4, "rms_norm_eps": 1e-5, "attention_bias": False, "clip_qkv": None, "norm_topk_prob": False},
     "deepseek_v3": {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "rope_interleave": True, "attention_bias": False},
 }
+#: The value of each architecture argument of MoETransformer that a family without the feature
+#: leaves at "off". Every family's arguments start from these, so that every architecture argument
+#: has the checkpoint's value, and `pretrained_arguments` refuses an override that differs from it
+#: (one it did not see, such as rope_interleave=True on a Mixtral, would silently change the model).
+_FEATURES_OFF: dict[str, Any] = dict(
+    head_dim=None, attention_bias=False, attention_out_bias=False, qk_norm=None, rope_interleave=False,
+    q_lora_rank=None, kv_lora_rank=None, qk_nope_head_dim=None, qk_rope_head_dim=None, v_head_dim=None,
+    num_shared_experts=0, shared_expert_d_ff=None, shared_expert_gate=False, first_k_dense=0, moe_every_n_layers=1,
+    moe_layer_indices=None,
+)
+#: The ``hidden_act`` names of SiLU in transformers (``ACT2FN["swish"]`` is SiLU too).
+_SILU_NAMES = ("silu", "swish")
 #: Keys that name the same quantity in different transformers versions (first: what we write).
 _ALIASES = {"num_experts": ("num_experts", "num_local_experts"), "dtype": ("dtype", "torch_dtype")}
 
@@ -122,7 +134,8 @@ def _layout(n_layers: int, moe_flags: list[bool]) -> dict[str, Any]:
 
 
 def model_kwargs_from_hf_config(config: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
-    """:class:`~lightning_moe.MoETransformer` keyword arguments that reproduce a transformers model.
+    """:class:`~lightning_moe.MoETransformer` keyword arguments that reproduce a transformers model:
+    every architecture argument, those of features the family lacks at their "off" value.
 
     Args:
         config: the parsed ``config.json``.
@@ -137,11 +150,12 @@ def model_kwargs_from_hf_config(config: dict[str, Any], source: str = "config.js
     if c.get("quantization_config"):
         method = c.get("quantization_config").get("quant_method", "?")
         raise c.refuse(f"a quantized checkpoint (quant_method {method!r})", "Dequantize it to bf16 first.")
-    if c.get("hidden_act", "silu") != "silu":
+    if c.get("hidden_act", "silu") not in _SILU_NAMES:
         raise c.refuse(f"hidden_act {c.get('hidden_act')!r}", "Only SiLU-gated (SwiGLU) feed-forwards convert.")
     theta, rope_scaling = _rope(c)
     n_layers, n_heads = c["num_hidden_layers"], c["num_attention_heads"]
     kwargs: dict[str, Any] = dict(
+        **_FEATURES_OFF,
         vocab_size=c["vocab_size"],
         d_model=c["hidden_size"],
         n_layers=n_layers,
@@ -161,7 +175,7 @@ def model_kwargs_from_hf_config(config: dict[str, Any], source: str = "config.js
     no_aux = dict(load_balance_coef=0.0, z_loss_coef=0.0)
 
     if model_type == "mixtral":
-        kwargs.update(num_experts=c["num_experts"], d_ff=c["intermediate_size"],
+        kwargs.update(num_experts=c["num_experts"], d_ff=c["intermediate_size"], moe_d_ff=c["intermediate_size"],
                       gate=TopKGate(top_k=kwargs["top_k"], normalize=True, **no_aux))
         window = c["sliding_window"]
     elif model_type in ("qwen2_moe", "qwen3_moe"):
@@ -185,7 +199,7 @@ def model_kwargs_from_hf_config(config: dict[str, Any], source: str = "config.js
         if kwargs.get("head_dim") not in (None, c["hidden_size"] // n_heads):
             raise c.refuse(f"head_dim={kwargs['head_dim']}", "OLMoE's query norm spans hidden_size features.")
         kwargs.update(
-            num_experts=c["num_experts"], d_ff=c["intermediate_size"], qk_norm="full",
+            num_experts=c["num_experts"], d_ff=c["intermediate_size"], moe_d_ff=c["intermediate_size"], qk_norm="full",
             attention_bias=bool(c["attention_bias"]), attention_out_bias=bool(c["attention_bias"]),
             gate=TopKGate(top_k=kwargs["top_k"], normalize=bool(c["norm_topk_prob"]), **no_aux),
         )
@@ -316,8 +330,9 @@ def hf_config_fields(model: Any) -> tuple[str, dict[str, Any]]:
     normalize = getattr(gate, "normalize", None)
     if model_type != "deepseek_v3":
         require(not hp.rope_interleave, "rope_interleave=True")
-        if hp.head_dim is not None:
-            fields["head_dim"] = hp.head_dim
+        # Always written: transformers' Mixtral config leaves a missing head_dim None (its attention
+        # then takes hidden_size / heads, but its YaRN setup multiplies by it and fails).
+        fields["head_dim"] = model.head_dim
     if model_type in ("mixtral", "olmoe"):
         require(not dense_layers, f"dense blocks {dense_layers} (every block must be MoE)")
         require(shared_d_ff == 0, "shared experts")
@@ -341,7 +356,7 @@ def hf_config_fields(model: Any) -> tuple[str, dict[str, Any]]:
             require(hp.qk_norm == "head", f"qk_norm={hp.qk_norm!r} (Qwen3-MoE normalises each head: 'head')")
             require(shared_d_ff == 0, "shared experts")
             require(hp.attention_bias == hp.attention_out_bias, "attention_bias != attention_out_bias")
-            fields.update(attention_bias=hp.attention_bias, head_dim=model.head_dim)
+            fields.update(attention_bias=hp.attention_bias)
     elif model_type == "olmoe":
         require(hp.qk_norm == "full", f"qk_norm={hp.qk_norm!r} (OLMoE normalises whole projections: 'full')")
         require(hp.head_dim in (None, hp.d_model // hp.n_heads), f"head_dim={hp.head_dim}")
@@ -350,7 +365,8 @@ def hf_config_fields(model: Any) -> tuple[str, dict[str, Any]]:
     elif model_type == "deepseek_v3":
         first_k = next((index for index, is_moe in enumerate(moe_flags) if is_moe), len(moe_flags))
         require(all(moe_flags[first_k:]), f"dense blocks {dense_layers} (only the first blocks may be dense)")
-        require(shared_d_ff > 0 and shared_d_ff % moe_d_ff == 0 and not hp.shared_expert_gate,
+        # No shared expert is n_shared_experts=0 (transformers then builds an empty one).
+        require(shared_d_ff % moe_d_ff == 0 and not hp.shared_expert_gate,
                 "shared experts that are not a whole number of ungated experts")
         require(hp.attention_bias == hp.attention_out_bias, "attention_bias != attention_out_bias")
         if isinstance(gate, SigmoidGate):

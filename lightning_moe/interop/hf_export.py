@@ -26,6 +26,7 @@ from lightning_moe.interop.hf_config import hf_config_from_model
 from lightning_moe.interop.hf_load import INDEX_FILE, SINGLE_FILE
 from lightning_moe.interop.hf_model import resolve_dtype
 from lightning_moe.interop.hf_weights import WeightMapping, empty_shared_expert, hf_weight_mappings
+from lightning_moe.layers.dispatch import LocalDispatcher
 from lightning_moe.layers.moe import MoELayer
 
 #: Files copied from the source checkpoint directory besides the weights and config.json.
@@ -79,14 +80,38 @@ def _shards(named_tensors: Iterator[tuple[str, torch.Tensor]], limit: int) -> It
     yield shard
 
 
+def _experts_by_slot(layer: MoELayer) -> list[int] | None:
+    """The logical expert each row (slot) of ``layer``'s expert weights holds, as its dispatcher routes
+    them; ``None`` for a dispatcher that does not say."""
+    dispatcher = layer.dispatcher
+    if isinstance(dispatcher, LocalDispatcher):
+        if dispatcher.slot_of_expert_E is None:
+            return list(range(dispatcher.num_experts))
+        return torch.argsort(dispatcher.slot_of_expert_E).tolist()
+    placement = getattr(dispatcher, "placement", None)  # the expert-parallel dispatcher's
+    return None if placement is None else placement.experts_on_rank(dispatcher.ep_rank)
+
+
 def _check_unsharded(model: Any) -> None:
+    """Every MoE layer holds all of its experts, row e holding expert e (the checkpoint's order)."""
     for name, module in model.named_modules():
-        if isinstance(module, MoELayer) and module.experts.num_experts != module.num_experts:
+        if not isinstance(module, MoELayer):
+            continue
+        if module.experts.num_experts != module.num_experts:
             experts = module.experts
             raise ValueError(
                 f"save_pretrained: MoE layer `{name}` holds {experts.num_experts} of its {module.num_experts} experts "
                 f"(expert parallelism). Export from a checkpoint instead: `lightning-moe export CKPT OUT` gathers "
                 f"every expert."
+            )
+        by_slot = _experts_by_slot(module)
+        if by_slot is not None and by_slot != list(range(module.num_experts)):
+            raise ValueError(
+                f"save_pretrained: the expert rows of MoE layer `{name}` hold the logical experts {by_slot} (its "
+                f"dispatcher's slot order), and a transformers checkpoint stores expert e at index e: they would be "
+                f"written permuted. Put the rows in logical order first (row e = expert e, with "
+                f"`LocalDispatcher({module.num_experts})`); under expert parallelism, export from a checkpoint "
+                f"instead: `lightning-moe export CKPT OUT` gathers every expert into its place."
             )
 
 
@@ -115,23 +140,25 @@ def save_pretrained(
 
     Raises:
         ValueError: the model's options cannot be expressed by a supported transformers family
-            (the message names each), or its experts are sharded.
+            (the message names each), or its experts are sharded or not in logical order.
     """
     from safetensors.torch import save_file
 
     _check_unsharded(model)
     dtype = resolve_dtype(dtype) or model.embed.weight.dtype
     config = hf_config_from_model(model, dtype_name=str(dtype).removeprefix("torch."))
-    mappings = hf_weight_mappings(model, config["model_type"])
+    family = config["model_type"]
+    mappings = hf_weight_mappings(model, family)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, list[str]]] = []
     total = 0
     tensors = _hf_tensors(model.state_dict(keep_vars=True), mappings, dtype)
-    if config["model_type"] == "qwen2_moe" and not config["shared_expert_intermediate_size"]:
+    no_shared_expert = {"qwen2_moe": "shared_expert_intermediate_size", "deepseek_v3": "n_shared_experts"}
+    if family in no_shared_expert and not config[no_shared_expert[family]]:
         # No shared expert: the empty one transformers builds for width 0 (as `upcycle` writes it).
-        empty = [empty_shared_expert(index, model.hparams.d_model, dtype) for index, block in enumerate(model.blocks)
-                 if block.is_moe]
+        empty = [empty_shared_expert(family, index, model.hparams.d_model, dtype)
+                 for index, block in enumerate(model.blocks) if block.is_moe]
         tensors = itertools.chain(tensors, *empty)
     for shard in _shards(tensors, parse_size(max_shard_size)):
         file = path / f".lightning-moe-shard-{len(written):05d}.tmp"

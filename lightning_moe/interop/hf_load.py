@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from lightning_moe.interop.hf_config import check_hf_config
-from lightning_moe.interop.hf_weights import WeightMapping, hf_weight_mappings
+from lightning_moe.interop.hf_weights import IN_MEMORY_MOE_ATTRIBUTE, WeightMapping, hf_weight_mappings
 from lightning_moe.layers.dispatch import LocalDispatcher
 from lightning_moe.layers.experts import is_expert_param, mark_expert_param
 from lightning_moe.layers.moe import MoELayer
@@ -182,8 +182,28 @@ def _check_local_experts(
                 f"load_pretrained_weights: `local_experts[{name!r}]` must list distinct logical experts in "
                 f"[0, {num_experts}), got {experts}."
             )
+        # A layer that routes on its own sends expert e's tokens to row e. Every expert in another
+        # order would be routed to the wrong rows, silently (fewer experts are a rank's share, awaiting
+        # its expert-parallel dispatcher: that model cannot run nor export until it has one).
+        routes_locally = isinstance(layers[name].dispatcher, LocalDispatcher)
+        if routes_locally and len(experts) == num_experts and experts != list(range(num_experts)):
+            raise ValueError(
+                f"load_pretrained_weights: `local_experts[{name!r}]` lists every expert in the order {experts}, but "
+                f"the layer routes locally (LocalDispatcher): row e must hold expert e. Pass "
+                f"list(range({num_experts})) (or None), or install the expert-parallel dispatcher of a placement "
+                f"with this slot order first."
+            )
         checked[name] = experts
     return checked
+
+
+def _moe_attribute(checkpoint: SafetensorsCheckpoint, family: str) -> str | None:
+    """``"mlp"`` for a Mixtral file of transformers' in-memory state dict (Mixtral has no dense MLP, so
+    only such a file names anything ``mlp``), else ``None``: the family's name on disk."""
+    in_memory = f".{IN_MEMORY_MOE_ATTRIBUTE}."
+    if family == "mixtral" and any(in_memory in key for key in checkpoint.file_of):
+        return IN_MEMORY_MOE_ATTRIBUTE
+    return None
 
 
 def _expected_shape(checkpoint: SafetensorsCheckpoint, key: str, expected: tuple[int, ...], ours: str) -> None:
@@ -219,8 +239,10 @@ def _check_unused(checkpoint: SafetensorsCheckpoint, unused: set[str], expert_ke
     """The unused keys, after checking that each is another rank's expert, a multi-token prediction
     layer (DeepSeek-V3 keeps ``num_nextn_predict_layers`` blocks after the last one, which
     transformers does not load either), an empty tensor (Qwen2-MoE's shared expert of width 0, and its
-    gate) or, with tied embeddings, a stored copy of the embedding as the output head (some exporters
-    write one; a head that differs is refused: tying would lose it)."""
+    gate), a rotary ``inv_freq`` buffer (older transformers and conversion scripts stored the
+    frequencies, which transformers recomputes from the config and ignores on load, as we do) or,
+    with tied embeddings, a stored copy of the embedding as the output head (some exporters write
+    one; a head that differs is refused: tying would lose it)."""
     n_layers = checkpoint.config["num_hidden_layers"]
     extra_layers = range(n_layers, n_layers + int(checkpoint.config.get("num_nextn_predict_layers") or 0))
     prediction_layers = tuple(f"model.layers.{index}." for index in extra_layers)
@@ -233,7 +255,8 @@ def _check_unused(checkpoint: SafetensorsCheckpoint, unused: set[str], expert_ke
     empty = {key for key in unused if 0 in checkpoint.shape(key)}
     empty_gates = {key for key in unused if key.endswith(".mlp.shared_expert_gate.weight")
                    and key.replace("_gate.weight", ".down_proj.weight") in empty}
-    expected = expert_keys | empty | empty_gates | ({head} if tied_copy else set())
+    rotary_frequencies = {key for key in unused if key.endswith("rotary_emb.inv_freq")}
+    expected = expert_keys | empty | empty_gates | rotary_frequencies | ({head} if tied_copy else set())
     unexpected = sorted(key for key in unused - expected if not key.startswith(prediction_layers))
     if unexpected:
         raise ValueError(
@@ -345,8 +368,9 @@ def load_pretrained_weights(
             ``model.safetensors.index.json``).
         local_experts: per MoE layer (module name, e.g. ``"blocks.1.ffn"``), the logical experts to
             load, in the order of the rows they get; ``None`` loads every expert of every layer.
-            When given, it must name every MoE layer. See the module docstring for the contract
-            under expert parallelism.
+            When given, it must name every MoE layer; a layer that routes on its own
+            (``LocalDispatcher``) and gets every expert needs them in order (row ``e`` is expert
+            ``e``). See the module docstring for the contract under expert parallelism.
         device: where tensors that were on the meta device are created.
 
     Returns:
@@ -362,7 +386,7 @@ def load_pretrained_weights(
     experts_of = _check_local_experts(layers, local_experts)
     checkpoint = SafetensorsCheckpoint(path)
     family = checkpoint.config["model_type"]
-    mappings = hf_weight_mappings(model, family)
+    mappings = hf_weight_mappings(model, family, moe_attribute=_moe_attribute(checkpoint, family))
     state = model.state_dict(keep_vars=True)
     used: set[str] = set()
     expert_keys: set[str] = set()

@@ -67,7 +67,8 @@ def from_pretrained(
             ``freeze``, ``load_balance_coef``, ``z_loss_coef``, ``lr_schedule``,
             ``gradient_checkpointing``, ``max_seq_len`` up to the model's, ...); ``gate_kwargs``
             updates the checkpoint's gate (e.g. ``{"bias_update_rate": 1e-3}`` for DeepSeek-V3).
-            Architecture fields that disagree with the weights fail when the weights are read.
+            An architecture argument (``rope_interleave``, ``qk_norm``, ``moe_d_ff``...: every one that
+            config.json determines) set to another value than the checkpoint's fails, naming both.
 
     Raises:
         FileNotFoundError: no such directory, no config.json, no safetensors files.
@@ -89,7 +90,8 @@ def from_pretrained(
 
 
 #: Arguments a fine-tuning run may set to other values than the checkpoint's: the rest of what
-#: ``model_kwargs_from_hf_config`` returns is the architecture, which the weights fix.
+#: ``model_kwargs_from_hf_config`` returns is the architecture (every architecture argument, each
+#: family's features switched off explicitly), which the weights fix.
 _MAY_DIFFER = {"max_seq_len", "capacity_factor", "init_std"}
 
 

@@ -6,7 +6,8 @@ Checkpoints on disk (what transformers' ``save_pretrained`` writes and what the 
 :class:`~lightning_moe.layers.Experts` keeps ``w_in [E, D, 2F]`` (gate half first) and
 ``w_out [E, F, D]``, so expert ``e``'s rows are the transposed concatenations
 ``[gate; up]^T`` and ``down^T``. transformers' in-memory layout (``experts.gate_up_proj
-[E, 2F, D]``, ``experts.down_proj [E, D, F]``) is read too when a file holds it.
+[E, 2F, D]``, ``experts.down_proj [E, D, F]``) is read too when a file holds it (for Mixtral under
+``mlp.``, the name transformers 5 gives the block in memory, see :data:`IN_MEMORY_MOE_ATTRIBUTE`).
 
 Dense tensors map one to one, except two fused projections: ``kv_proj = [k_proj; v_proj]`` and a
 dense or shared FFN's ``w_in = [gate_proj; up_proj]`` (rows concatenated).
@@ -36,6 +37,11 @@ _MOE_NAMES: dict[str, tuple[str, tuple[str, str, str], str | None]] = {
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj"), None),
     "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
 }
+
+#: transformers 5 names every family's MoE block ``mlp`` in memory and renames Mixtral's to
+#: ``block_sparse_moe`` (its name on the Hub) when it saves, so a Mixtral file of the in-memory state
+#: dict (fused experts) has the router and the experts under ``mlp``.
+IN_MEMORY_MOE_ATTRIBUTE = "mlp"
 
 
 @dataclass(frozen=True)
@@ -129,26 +135,36 @@ def _moe(ours: str, hf: str, layer: MoELayer, family: str) -> list[WeightMapping
     return mappings
 
 
-def empty_shared_expert(layer: int, width: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a Qwen2-MoE block's shared expert of width 0 and of its gate (zeros): what
-    transformers builds for ``shared_expert_intermediate_size: 0``. They add nothing to the output
-    (the gate scales a zero)."""
-    prefix = f"model.layers.{layer}.mlp.shared_expert"
+def empty_shared_expert(
+    family: str, layer: int, width: int, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a block's shared expert of width 0, and for Qwen2-MoE of its gate (zeros): what
+    transformers builds for Qwen2-MoE's ``shared_expert_intermediate_size: 0`` and DeepSeek-V3's
+    ``n_shared_experts: 0``. They add nothing to the output (the gate scales a zero)."""
+    prefix = f"model.layers.{layer}.mlp.{_MOE_NAMES[family][2]}"
     yield f"{prefix}.gate_proj.weight", torch.zeros(0, width, dtype=dtype)
     yield f"{prefix}.up_proj.weight", torch.zeros(0, width, dtype=dtype)
     yield f"{prefix}.down_proj.weight", torch.zeros(width, 0, dtype=dtype)
-    yield f"{prefix}_gate.weight", torch.zeros(1, width, dtype=dtype)
+    if family == "qwen2_moe":
+        yield f"{prefix}_gate.weight", torch.zeros(1, width, dtype=dtype)
 
 
-def hf_weight_mappings(model: Any, family: str) -> list[WeightMapping]:
+def hf_weight_mappings(model: Any, family: str, *, moe_attribute: str | None = None) -> list[WeightMapping]:
     """Every parameter and persistent buffer of ``model`` (a tied output head once), with the
     checkpoint tensors of a transformers ``family`` model it is made of.
+
+    Args:
+        model: the :class:`~lightning_moe.MoETransformer`.
+        family: the transformers ``model_type``.
+        moe_attribute: the MoE blocks' name in the checkpoint (``model.layers.i.<name>.gate.weight``);
+            the family's name on disk by default (Mixtral: ``block_sparse_moe``), see
+            :data:`IN_MEMORY_MOE_ATTRIBUTE` for the other.
 
     Raises:
         ValueError: when a tensor of ``model`` has no counterpart in ``family`` (e.g. shared experts
             in a Mixtral), naming it.
     """
-    moe_attribute = _MOE_NAMES[family][0]
+    moe_attribute = moe_attribute or _MOE_NAMES[family][0]
     mappings = [WeightMapping("embed.weight", ("model.embed_tokens.weight",))]
     for index, block in enumerate(model.blocks):
         ours, hf = f"blocks.{index}", f"model.layers.{index}"

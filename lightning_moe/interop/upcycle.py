@@ -211,7 +211,7 @@ def _moe_layer_tensors(
         for projection, tensor in weights.items():
             yield target.expert_key(layer, expert, projection), tensor
     if target.model_type == "qwen2_moe":
-        yield from empty_shared_expert(layer, width, dtype)
+        yield from empty_shared_expert("qwen2_moe", layer, width, dtype)
 
 
 def upcycle(
