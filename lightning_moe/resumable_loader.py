@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 
 class _SkipWhileResuming:
@@ -54,6 +54,14 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if isinstance(self.dataset, IterableDataset):
+            # It would resume from the first batch and count on from the saved position, silently.
+            raise TypeError(
+                f"ResumableDataLoader skips the batches of a resumed epoch by their indices, and "
+                f"{type(self.dataset).__name__} is an IterableDataset, which has none. Use a map-style "
+                f"dataset (`__getitem__` and `__len__`), or an iterable one that saves its own position "
+                f"(`state_dict`/`load_state_dict`, as lightning_moe.TokenizedDataModule's streaming loader does)."
+            )
         self._batches_in_epoch = 0
         self._skip_next = 0
         self._skip_now = 0

@@ -71,3 +71,15 @@ def test_a_plain_run_and_len_are_unchanged():
     loader.load_state_dict({"batches_in_epoch": 5})
     assert len(list(loader)) == 3 and loader.state_dict() == {"batches_in_epoch": 0, "epoch": 0}
     assert len(list(loader)) == 8  # the skip applies to one epoch only
+
+
+def test_an_iterable_dataset_is_refused():
+    """Batches are skipped by their indices: over an IterableDataset the resumed epoch started again
+    from its first batch, and the count went on from the saved position (11 of 8 batches)."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(8))
+
+    with pytest.raises(TypeError, match="Stream is an IterableDataset"):
+        ResumableDataLoader(Stream(), batch_size=1)

@@ -134,6 +134,19 @@ def test_a_txt_file_is_one_document(tmp_path, qwen):
     assert dm.val_windows.ids_N.tolist() == ids_of("the cat sat on the mat <|endoftext|>")
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path, qwen):
+    """Files saved as "UTF-8 with BOM": the mark made the first JSONL line invalid JSON and a text
+    file's first token junk."""
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "the cat sat"}\n{"text": "a dog"}\n')
+    text = tmp_path / "bom.txt"
+    text.write_bytes(b"\xef\xbb\xbfthe cat sat\n")
+    for path, expected in ((jsonl, "the cat sat <|endoftext|> a dog <|endoftext|>"), (text, "the cat sat <|endoftext|>")):
+        dm = module(qwen, [path], val_files=[str(path)])
+        dm.setup()
+        assert dm.val_windows.ids_N.tolist() == ids_of(expected)
+
+
 def test_one_txt_file_and_a_fraction_point_at_val_files(tmp_path, qwen):
     """A `.txt` file is one document and the split keeps whole documents: a fraction puts the one file
     on one side, and the error says that only `val_files` separates them."""
@@ -180,6 +193,34 @@ def test_chat_loss_mask_covers_only_assistant_turns(tmp_path, template):
     targets = torch.cat([dm.val_windows[i][1] for i in range(len(dm.val_windows))])
     expected = [token if position + 1 in trained else -100 for position, token in enumerate(ids_of(tokens)[1:])]
     assert targets[: len(expected)].tolist() == expected and (targets[len(expected) :] == -100).all()
+
+
+def test_both_template_kinds_train_the_same_tokens_with_a_byte_level_tokenizer(tmp_path):
+    """With byte-level BPE, ChatML's newline after <|im_end|> is a token: the prefix-rendering path
+    trained it, the {% generation %} blocks did not. Both now train the turn through <|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["hello there, how are you? fine thanks\n"] * 20, trainer)
+    conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "fine thanks"}]
+    trained = {}
+    for name, template in (("prefix", CHATML), ("generation", CHATML_GENERATION)):
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                       pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
+        fast.chat_template = template
+        fast.save_pretrained(tmp_path / name)
+        data = write_jsonl(tmp_path / f"{name}.jsonl", [{"messages": conversation}])
+        dm = module(tmp_path / name, [data], val_files=[str(data)])
+        dm.setup()
+        ids_N, mask_N = dm.val_windows.ids_N.tolist(), dm.val_windows.trainable_N
+        trained[name] = fast.decode([ids_N[i] for i in np.flatnonzero(mask_N)])
+    assert trained["prefix"] == trained["generation"] == "fine thanks<|im_end|>"
 
 
 def test_an_opening_assistant_message_is_trained_without_its_header(tmp_path, qwen):

@@ -199,7 +199,9 @@ class DocumentEncoder:
                     f"assistant tokens cannot be located. Use a template with {{% generation %}} blocks.",
                 )
             span_starts.append(len(prompt))
-            span_ends.append(len(through))
+            # Up to the end-of-turn token: not the whitespace a template writes after it (ChatML's
+            # newline), which is never generated, and which {% generation %} blocks leave out too.
+            span_ends.append(len(through.rstrip()))
         encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(encoded["input_ids"], dtype=np.int64)
         token_starts_N = np.asarray([start for start, _ in encoded["offset_mapping"]], dtype=np.int64)

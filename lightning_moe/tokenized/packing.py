@@ -12,7 +12,8 @@ it (separated by EOS or the chat template's own tokens), as in GPT-style pretrai
 
 Streaming (:class:`StreamingWindows`): shard ``s`` of ``world_size * num_workers`` shards reads
 pieces ``i`` with ``i % num_shards == s`` (see :mod:`~lightning_moe.tokenized.sources`) and packs
-its own stream, so the shards cover every document once, without duplicates or gaps. With
+its own stream, so the shards cover every document once, without duplicates or gaps (the first
+token of each shard's stream is an input only, as the first of the in-memory stream is). With
 ``windows_per_rank`` set, each rank's epoch is exactly that many windows (every rank runs the same
 number of steps, as collectives need), each worker continuing its stream where the last epoch
 stopped and starting over at the end of its data.

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 #: Bytes of whole lines per piece of a ``.txt`` file (one line longer than this is one piece).
 TEXT_CHUNK_BYTES = 1 << 20
@@ -252,7 +252,7 @@ class DocumentSource:
 
     def _jsonl(self, path: str, counter: _Counter, bad_lines: BadLines, shard: int, num_shards: int) -> Iterator[Piece]:
         with open(path, "rb") as handle:
-            for line, raw in enumerate(handle, start=1):
+            for line, raw in _numbered_lines(handle):
                 if not raw.strip():
                     continue  # blank lines (a trailing newline, a separator) are not documents
                 if not self._keeps(path, line) or counter.next() % num_shards != shard:
@@ -294,12 +294,22 @@ class _Counter:
         return self.value
 
 
+_BYTE_ORDER_MARK = b"\xef\xbb\xbf"
+
+
+def _numbered_lines(handle: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw bytes)`` from 1, without the UTF-8 byte order mark some editors write
+    first (it would make the first JSONL line invalid JSON, and a text file's first token junk)."""
+    for line, raw in enumerate(handle, start=1):
+        yield line, raw.removeprefix(_BYTE_ORDER_MARK) if line == 1 else raw
+
+
 def _line_chunks(path: str) -> Iterator[list[tuple[int, bytes]]]:
     """Runs of whole lines, ``(line number, raw bytes)``, of about :data:`TEXT_CHUNK_BYTES` each."""
     chunk: list[tuple[int, bytes]] = []
     size = 0
     with open(path, "rb") as handle:
-        for line, raw in enumerate(handle, start=1):
+        for line, raw in _numbered_lines(handle):
             chunk.append((line, raw))
             size += len(raw)
             if size >= TEXT_CHUNK_BYTES:
