@@ -7,7 +7,10 @@ the next window's load:
 
 - ``static``: the block placement, never moved (:meth:`PlacementPlan.default`);
 - ``eplb``: DeepSeek's EPLB re-run from scratch (hierarchical by node when the layer has expert
-  groups, as DeepSeek-V3's 8 do);
+  groups, as DeepSeek-V3's 8 do), tokens split evenly over replicas;
+- ``eplb_balanced``: the same plans, judged with the per-step split over replicas that ``ours`` gets
+  (below; aiming at an even share of load per rank, EPLB's own aim): the baseline with our
+  dispatcher, so that ``ours`` against it measures the placement alone;
 - ``smartmoe``: the SmartMoE-style greedy, swapping slots of the current placement;
 - ``planner``: :class:`~lightning_moe.PlacementPlanner` with the current placement (migration-aware),
   every plan taken;
@@ -80,7 +83,7 @@ from lightning_moe.planning.baselines import eplb_plan, oracle_plan, smartmoe_gr
 from lightning_moe.planning.cost_model import assignment_seconds, estimate_plan, migration_transfers, planned_load_share
 from lightning_moe.planning.trigger import MigrationTrigger
 
-POLICIES = ("static", "eplb", "smartmoe", "planner", "ours", "ours_fixed", "oracle")
+POLICIES = ("static", "eplb", "eplb_balanced", "smartmoe", "planner", "ours", "ours_fixed", "oracle")
 #: The splits per-step balancing may keep, as printed, in the order of ``replica_balance.SPLITS``.
 SPLITS = ("planned", "plan's share", "even share", "local plan's share", "local even share", "matched plan's share",
           "matched even share")
@@ -171,17 +174,22 @@ class Workload:
 
 def window_loads(workload, layer, windows, tokens_per_rank, steps, samples, rng) -> list[np.ndarray]:
     """``windows`` loads ``[R, E]``: assignments per step, averaged over a window of ``steps`` steps.
-    Inclusion probabilities are estimated once per distinct logits (the Monte Carlo error must not
-    pass for drift)."""
+    Inclusion probabilities are estimated once per distinct set of logits, whatever their order, and
+    permuted to it (they follow the logits' permutation exactly): the Monte Carlo error must not pass
+    for drift, and a drifting Zipf order permutes the same logits every window."""
     loads, cache = [], {}
     for window in range(windows):
         logits_RE = workload.logits(window)
         unique, inverse = np.unique(logits_RE, axis=0, return_inverse=True)
         probabilities_UE = []
         for row in unique:
-            if row.tobytes() not in cache:
-                cache[row.tobytes()] = inclusion_probabilities(row, layer.top_k, samples, rng)
-            probabilities_UE.append(cache[row.tobytes()])
+            order = np.argsort(row, kind="stable")
+            key = row[order].tobytes()
+            if key not in cache:
+                cache[key] = inclusion_probabilities(row[order], layer.top_k, samples, rng)
+            probabilities_E = np.empty_like(cache[key])
+            probabilities_E[order] = cache[key]
+            probabilities_UE.append(probabilities_E)
         probabilities_UE = np.stack(probabilities_UE)
         expected_RE = probabilities_UE[inverse.ravel()] * tokens_per_rank * steps
         loads.append(rng.poisson(expected_RE) / steps)
@@ -236,6 +244,8 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
                 plan = static
             elif policy == "eplb":
                 plan = eplb_plan(measured, num_ranks, slots, num_nodes=num_nodes, num_groups=layer.num_groups)
+            elif policy == "eplb_balanced":
+                plan = current["eplb"]  # the plan EPLB made just above
             elif policy == "smartmoe":
                 plan = smartmoe_greedy_plan(measured, current[policy])
             elif policy == "planner":
@@ -249,13 +259,16 @@ def simulate(layer, num_nodes, gpus, intra, inter, workload_name, args) -> dict[
                 plan = oracle_plan(planner, upcoming)
             elapsed = time.perf_counter() - start
             routed = plan
-            if policy == "ours":  # the dispatcher splits replicated experts from the step's counts
-                if plan is not current[policy]:  # the callback's new table carries the plan's load shares (and prices)
-                    ours_share = planned_load_share(plan, measured)
-                balancer = ReplicaBalancer(plan.routing_fractions_RER, holders_RE(plan), node_of_rank, ours_share, prices)
+            if policy in ("ours", "eplb_balanced"):  # the dispatcher splits replicated experts from the step's counts
+                share = None  # EPLB aims at an even share of load per rank
+                if policy == "ours":
+                    if plan is not current[policy]:  # the callback's new table carries the plan's load shares (and prices)
+                        ours_share = planned_load_share(plan, measured)
+                    share = ours_share
+                balancer = ReplicaBalancer(plan.routing_fractions_RER, holders_RE(plan), node_of_rank, share, prices)
                 choice, fitted = balancer.choose(torch.from_numpy(upcoming))
                 routed = PlacementPlan(plan.experts_per_rank, fitted)
-                if judged:
+                if judged and policy == "ours":
                     kept[SPLITS[int(balancer.split_of_candidate[choice])]] += 1
             estimate = estimate_plan(routed, upcoming, topology, cost)
             moved = migration_transfers(current[policy].experts_per_rank, plan.experts_per_rank, topology)
@@ -346,6 +359,11 @@ def check_goals(key, rows, per_seed=()) -> list[str]:
         if seeds:
             line += " (per seed: " + ", ".join(f"{seed[index]:.2f}x" for seed in seeds) + ")"
         lines.append(line)
+    balanced = rows["eplb_balanced"]["layer_ms"] / ours["layer_ms"]
+    line = f"{key}: ours vs EPLB with the same per-step balancing, layer time {balanced:.2f}x (the placement alone)"
+    if per_seed:
+        line += " (per seed: " + ", ".join(f"{s['eplb_balanced']['layer_ms'] / s['ours']['layer_ms']:.2f}x" for s in per_seed) + ")"
+    lines.append(line)
     floor = rows["floor"]["cross_gb"]
     if floor > 1e-9:
         lines.append(f"{key}: EPLB / floor, cross-node bytes {eplb['cross_gb'] / floor:.2f}x (no placement crosses less than the floor)")

@@ -62,6 +62,9 @@ def test_main_prints_a_table_per_configuration_and_the_goals(capsys):
     for rows in results.values():
         assert rows["ours"]["layer_ms"] <= rows["static"]["layer_ms"] * (1 + 1e-9)
         assert rows["oracle"]["moved_gb"] >= 0 and rows["floor"]["cross_gb"] <= rows["ours"]["cross_gb"] + 1e-12
+        # EPLB's plans with our per-step split: the same moves, never slower than the even split.
+        assert rows["eplb_balanced"]["moved_gb"] == rows["eplb"]["moved_gb"]
+        assert rows["eplb_balanced"]["layer_ms"] <= rows["eplb"]["layer_ms"] * (1 + 1e-9)
     lines = output.splitlines()
     assert sum(line.startswith("| ours |") for line in lines) == 2  # one table per configuration
     assert sum(line.startswith("| 8x2x256x512 2x2 160/50 GB/s") for line in lines) == 2  # the summary
@@ -69,6 +72,20 @@ def test_main_prints_a_table_per_configuration_and_the_goals(capsys):
     assert all(sum(rows["splits"].values()) == 1 for rows in results.values())
     assert sum(line.startswith("ours' per-step split, judged windows: planned") for line in lines) == 2
     assert "## Goals" not in output  # the goals belong to 2x8 at 160/50 GB/s
+
+
+def test_a_drifting_order_reuses_one_estimate_of_the_inclusion_probabilities(monkeypatch):
+    """A Zipf order that drifts permutes the same logits: one Monte Carlo estimate, permuted, serves
+    every window (an estimate per window passed its noise, 8% per expert at E=256, for drift)."""
+    calls = []
+    estimate = sim.inclusion_probabilities
+    monkeypatch.setattr(sim, "inclusion_probabilities", lambda *args: calls.append(1) or estimate(*args))
+    rng = np.random.default_rng(0)
+    workload = sim.Workload("zipf1", 16, 2, drift=0.5, rng=rng)
+    loads = sim.window_loads(workload, sim.Layer("t", 16, 2, 8, 8), 4, 4096, 10, 2048, rng)
+    assert len(calls) == 1 and len(loads) == 4
+    # Permuted to each window's order: the hottest expert of the last window is the head of its order.
+    assert (loads[-1].sum(axis=0).argmax()) == int(np.argmin(workload.order))
 
 
 def test_several_seeds_give_the_means_of_the_draws_and_each_draws_goals(capsys):
