@@ -44,7 +44,8 @@ softmax over per-source logits; the window's load is Poisson around the expected
 - ``zipfS``: expert popularity ``1 / rank^S`` over a random order that drifts: every window, each
   pair of neighbours in the order trades places with probability ``--drift``;
 - ``rotating``: an eighth of the experts is 8x hotter, and that hot block moves by a sixteenth of
-  the experts every window;
+  the experts every window (at least one: with E=8 the one hot expert is another one every window,
+  which no plan made from the window before can follow);
 - ``hot_source``: popularity ``1 / rank^0.5`` everywhere, but source rank 0's tokens go 16x more
   to a sixteenth of the experts (at least two), a set that drifts by one expert a window.
 

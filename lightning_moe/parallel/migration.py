@@ -162,6 +162,11 @@ def move_slots(
             arriving.append((move, buffers))
             report.slots_received += 1
             report.bytes_received += _row_bytes(tensors)
+    if moves and ep_group is not None:
+        # NCCL: a batch of point-to-point operations that is the group's first collective must involve
+        # every rank of the group (torch's `batch_isend_irecv` docs), and a rank with no move calls
+        # none. A migration before any forward would be that first one: every rank meets here first.
+        dist.barrier(group=ep_group)
     if operations:
         for request in dist.batch_isend_irecv(operations):
             request.wait()
