@@ -54,14 +54,6 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(self.dataset, IterableDataset):
-            # It would resume from the first batch and count on from the saved position, silently.
-            raise TypeError(
-                f"ResumableDataLoader skips the batches of a resumed epoch by their indices, and "
-                f"{type(self.dataset).__name__} is an IterableDataset, which has none. Use a map-style "
-                f"dataset (`__getitem__` and `__len__`), or an iterable one that saves its own position "
-                f"(`state_dict`/`load_state_dict`, as lightning_moe.TokenizedDataModule's streaming loader does)."
-            )
         self._batches_in_epoch = 0
         self._skip_next = 0
         self._skip_now = 0
@@ -102,6 +94,7 @@ class ResumableDataLoader(DataLoader):
         for batch in iterator:
             self._batches_in_epoch += 1
             yield batch
+        self._batches_in_epoch = 0  # the epoch is over (how an iterable dataset without a length tells)
 
     def state_dict(self) -> dict[str, int]:
         batches = self._batches_in_epoch
@@ -115,6 +108,16 @@ class ResumableDataLoader(DataLoader):
         return state
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._skip_next = int(state_dict.get("batches_in_epoch", 0))
+        skip = int(state_dict.get("batches_in_epoch", 0))
+        if skip and isinstance(self.dataset, IterableDataset):
+            # It would resume from the first batch and count on from the saved position, silently.
+            raise TypeError(
+                f"ResumableDataLoader: the checkpoint was written {skip} batches into an epoch, and batches are "
+                f"skipped by their indices: {type(self.dataset).__name__} is an IterableDataset, which has none. "
+                f"Resume from a checkpoint at an epoch's end, use a map-style dataset (`__getitem__` and "
+                f"`__len__`), or an iterable one that saves its own position (`state_dict`/`load_state_dict`, as "
+                f"lightning_moe.TokenizedDataModule's streaming loader does)."
+            )
+        self._skip_next = skip
         epoch = state_dict.get("epoch")
         self._resume_epoch = None if epoch is None else int(epoch)

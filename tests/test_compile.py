@@ -117,6 +117,20 @@ def test_topk_block_is_one_graph_that_routing_does_not_recompile(use_grouped_mm,
     assert not all(torch.equal(routed[0], other) for other in routed[1:])  # the routing did change
 
 
+def test_a_capacity_block_compiles_whole_with_dynamic_shapes():
+    """With ``dynamic=True`` the factor and the token count are symbolic: the capacity must stay plain
+    arithmetic (an exact decimal fraction of the factor broke the graph there)."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="not causal"):
+        model = MoETransformer(**TINY, gate="topk", top_k=2, capacity_factor=1.25, pad_to_capacity=True)
+    block = model.blocks[0]
+    cos_TR, sin_TR = (torch.ones(16, TINY["d_model"] // TINY["n_heads"] // 2),) * 2
+    compiled = torch.compile(block, backend="aot_eager", dynamic=True, fullgraph=True)
+    for batch in (2, 3):
+        x_BTD = torch.randn(batch, 16, TINY["d_model"])
+        torch.testing.assert_close(compiled(x_BTD, cos_TR, sin_TR), block(x_BTD, cos_TR, sin_TR))
+
+
 def test_compile_blocks_trains_like_the_eager_model(tmp_path):
     """``MoETransformer(compile_blocks=True)`` under a Trainer, with the default (inductor) backend:
     the same losses as the eager model, and checkpoints with the eager model's parameter names."""

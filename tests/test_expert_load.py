@@ -238,6 +238,21 @@ def test_two_monitors_keep_their_own_state(tmp_path):
     assert [w.step for w in old.history] == [2, 4]
 
 
+def test_a_monitor_resumed_with_another_cadence_keeps_the_saved_state(tmp_path):
+    """The state key names the settings: resumed with another `every_n_steps`, the checkpoint's one
+    monitor is restored into the new one (with a warning), not dropped."""
+    torch.manual_seed(3)
+    first = ExpertLoadMonitor(every_n_steps=2, log_images=False, log_histograms=False)
+    fit = trainer(tmp_path, first, max_steps=4)
+    fit.fit(TinyMoE(), loader())
+    fit.save_checkpoint(tmp_path / "step4.ckpt")
+    resumed = ExpertLoadMonitor(every_n_steps=3, log_images=False, log_histograms=False)
+    with pytest.warns(UserWarning, match="restoring its history and run totals"):
+        trainer(tmp_path, resumed, max_steps=6).fit(TinyMoE(), loader(), ckpt_path=tmp_path / "step4.ckpt")
+    assert [window.step for window in resumed.history] == [2, 4, 6]
+    assert torch.equal(resumed.run_load(0), first.run_load(0) + resumed.latest_load(0))
+
+
 def test_run_load_is_a_copy(tmp_path):
     """What a caller keeps of `run_load` does not move with later windows, and editing it does not
     edit the monitor's totals."""

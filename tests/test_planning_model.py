@@ -275,6 +275,14 @@ def test_calibrate_recovers_the_per_token_cost_and_overhead():
         assert fitted.cost.seconds_per_token == pytest.approx(2e-6, rel=1e-6)
         assert fitted.cost.per_expert_overhead == pytest.approx(3e-5, rel=1e-4)
         assert fitted.max_relative_error < 1e-6
+    # `fit_overhead=False` keeps the overhead as given, even one that fits worse than none.
+    for per_token in (1e-5, 0.0):
+        kept = calibrate(samples, topology, LayerCost(token_bytes=4096.0, seconds_per_token=per_token,
+                                                      per_expert_overhead=1e-3), fit_overhead=False)
+        assert kept.cost.per_expert_overhead == 1e-3
+        exact = calibrate(samples, topology, LayerCost(token_bytes=4096.0, seconds_per_token=per_token,
+                                                       per_expert_overhead=3e-5), fit_overhead=False)
+        assert exact.cost.seconds_per_token == pytest.approx(2e-6, rel=1e-6)
     with pytest.raises(ValueError, match="positive"):
         calibrate([(samples[0][0], samples[0][1], 0.0)], topology, start)
 

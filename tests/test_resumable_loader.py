@@ -73,13 +73,19 @@ def test_a_plain_run_and_len_are_unchanged():
     assert len(list(loader)) == 8  # the skip applies to one epoch only
 
 
-def test_an_iterable_dataset_is_refused():
-    """Batches are skipped by their indices: over an IterableDataset the resumed epoch started again
-    from its first batch, and the count went on from the saved position (11 of 8 batches)."""
+def test_an_iterable_dataset_resumes_only_at_an_epoch_boundary():
+    """Batches are skipped by their indices: over an IterableDataset a mid-epoch resume started again
+    from the first batch, and the count went on from the saved position (11 of 8 batches). It is
+    refused; a whole epoch, and a resume at its end, work as with a plain DataLoader."""
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             return iter(range(8))
 
-    with pytest.raises(TypeError, match="Stream is an IterableDataset"):
-        ResumableDataLoader(Stream(), batch_size=1)
+    loader = ResumableDataLoader(Stream(), batch_size=1)
+    assert [int(batch) for batch in loader] == list(range(8))
+    assert loader.state_dict() == {"batches_in_epoch": 0}  # the epoch ended (the stream has no length)
+    loader.load_state_dict(loader.state_dict())
+    assert [int(batch) for batch in loader] == list(range(8))
+    with pytest.raises(TypeError, match="3 batches into an epoch.*Stream is an IterableDataset"):
+        loader.load_state_dict({"batches_in_epoch": 3})

@@ -197,7 +197,8 @@ def test_chat_loss_mask_covers_only_assistant_turns(tmp_path, template):
 
 def test_both_template_kinds_train_the_same_tokens_with_a_byte_level_tokenizer(tmp_path):
     """With byte-level BPE, ChatML's newline after <|im_end|> is a token: the prefix-rendering path
-    trained it, the {% generation %} blocks did not. Both now train the turn through <|im_end|>."""
+    trained it, the {% generation %} blocks did not. Both now train the turn through <|im_end|>; a
+    template without an end-of-turn marker keeps the whitespace that ends the turn."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -209,8 +210,9 @@ def test_both_template_kinds_train_the_same_tokens_with_a_byte_level_tokenizer(t
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(["hello there, how are you? fine thanks\n"] * 20, trainer)
     conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "fine thanks"}]
-    trained = {}
-    for name, template in (("prefix", CHATML), ("generation", CHATML_GENERATION)):
+
+    def trained_by(template: str) -> str:
+        name = f"t{abs(hash(template))}"
         fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
                                        pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
         fast.chat_template = template
@@ -219,8 +221,14 @@ def test_both_template_kinds_train_the_same_tokens_with_a_byte_level_tokenizer(t
         dm = module(tmp_path / name, [data], val_files=[str(data)])
         dm.setup()
         ids_N, mask_N = dm.val_windows.ids_N.tolist(), dm.val_windows.trainable_N
-        trained[name] = fast.decode([ids_N[i] for i in np.flatnonzero(mask_N)])
+        return fast.decode([ids_N[i] for i in np.flatnonzero(mask_N)])
+
+    trained = {"prefix": trained_by(CHATML), "generation": trained_by(CHATML_GENERATION)}
     assert trained["prefix"] == trained["generation"] == "fine thanks<|im_end|>"
+    # A template that ends a turn with whitespace alone keeps it: it is how the model learns to end one.
+    bare = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+            "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+    assert trained_by(bare) == "fine thanks\n\n"
 
 
 def test_an_opening_assistant_message_is_trained_without_its_header(tmp_path, qwen):

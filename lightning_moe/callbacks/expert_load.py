@@ -197,6 +197,22 @@ class ExpertLoadMonitor(Callback):
         return type(self).__qualname__
 
     @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Resumed with other settings, the key differs from the checkpoint's: the one monitor saved
+        # there is this one, with a new cadence (Lightning restores by key, after this hook).
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or self._legacy_state_key in states:
+            return
+        saved = [key for key in states if isinstance(key, str) and key.startswith(type(self).__qualname__)]
+        monitors = [c for c in trainer.callbacks if isinstance(c, ExpertLoadMonitor)]
+        if len(saved) == 1 and len(monitors) == 1:
+            rank_zero_warn(
+                f"ExpertLoadMonitor: the checkpoint's monitor was saved as {saved[0]}; restoring its history and "
+                f"run totals into this one ({self.state_key})."
+            )
+            self.load_state_dict(states[saved[0]])
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         for layer in self._layers:  # a layer that does not run in this batch must add nothing
             layer.clear_records()

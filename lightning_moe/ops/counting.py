@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
+import math
 
 import torch
 
@@ -10,17 +10,11 @@ import torch
 def ceil_share(factor: float, count: int, parts: int) -> int:
     """``ceil(factor * count / parts)`` as written in decimal: ``1.1 * 100 / 10`` is 11, not the 12 that
     binary floating point gives (11.000000000000002). Capacities (GShard's ``ceil(c N / E)``) use it."""
-    # Exact, in integers (which the compiler traces with a symbolic `count`): the factor's shortest
-    # decimal form, what `repr` prints, as a fraction. A relative tolerance instead would round a
-    # billion-and-one assignments down to a billion.
-    numerator, denominator = _decimal_ratio(factor)
-    return -(-numerator * count // (denominator * parts))
-
-
-@torch.compiler.assume_constant_result
-def _decimal_ratio(factor: float) -> tuple[int, int]:
-    ratio = Fraction(str(float(factor)))
-    return ratio.numerator, ratio.denominator
+    share = factor * count / parts
+    # Rounding error is relative (about 1e-16), so the allowance is too, but at most 1e-6: a fixed
+    # relative one (1e-9) reached a whole unit at a billion assignments and rounded 1e9 + 1 down.
+    # Plain arithmetic, which torch.compile traces with a symbolic count and factor.
+    return math.ceil(share - min(1e-9 * abs(share), 1e-6))
 
 
 def count_per_expert(expert_index_N: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -88,9 +88,11 @@ def calibrate(
     tokens_MR, slots_MR, target_M = np.array(tokens_MR), np.array(slots_MR), np.array(target_M)
 
     # The alternation stops at a fixed point, not always the best one (from all-zero constants every
-    # sample's slowest rank is rank 0). It runs from the given constants and from two that rank the
-    # samples' ranks by tokens alone and by slots alone; the fit with the least squared error wins.
-    starts = [(cost.seconds_per_token, cost.per_expert_overhead), (1.0, 0.0)] + ([(0.0, 1.0)] if fit_overhead else [])
+    # sample's slowest rank is rank 0). It runs from the given constants and from those that rank the
+    # samples' ranks by tokens alone and by slots alone (a kept overhead stays as given); the fit with
+    # the least squared error wins.
+    given = cost.per_expert_overhead
+    starts = [(cost.seconds_per_token, given)] + ([(1.0, 0.0), (0.0, 1.0)] if fit_overhead else [(1.0, given)])
     fits = [
         _alternate(tokens_MR, slots_MR, target_M, per_token, overhead, fit_overhead=fit_overhead)
         for per_token, overhead in starts

@@ -80,6 +80,18 @@ def _special_tokens_around_text(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def _turn_end(through: str, content: object) -> int:
+    """Where an assistant turn's targets end in ``through`` (the conversation rendered up to it): after
+    its end-of-turn marker, without the whitespace a template writes after one (ChatML's newline after
+    ``<|im_end|>``, never generated, and left out by ``{% generation %}`` blocks too). A template that
+    ends the turn with whitespace alone (``{content}\n\n``) keeps it: it is how the turn ends."""
+    if not (isinstance(content, str) and content and content in through):
+        return len(through)
+    content_end = through.rfind(content) + len(content)
+    marker_end = len(through.rstrip())
+    return marker_end if marker_end > content_end else len(through)
+
+
 class DocumentEncoder:
     """Encodes pieces into ``(ids, trainable)`` arrays with a transformers tokenizer.
 
@@ -199,9 +211,7 @@ class DocumentEncoder:
                     f"assistant tokens cannot be located. Use a template with {{% generation %}} blocks.",
                 )
             span_starts.append(len(prompt))
-            # Up to the end-of-turn token: not the whitespace a template writes after it (ChatML's
-            # newline), which is never generated, and which {% generation %} blocks leave out too.
-            span_ends.append(len(through.rstrip()))
+            span_ends.append(_turn_end(through, message["content"]))
         encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(encoded["input_ids"], dtype=np.int64)
         token_starts_N = np.asarray([start for start, _ in encoded["offset_mapping"]], dtype=np.int64)
