@@ -147,12 +147,16 @@ def world4(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def world2_torchrun(world4) -> Path:
-    """Resume at world 2 / EP 2, started by torchrun (Lightning sees a TorchElastic environment)."""
+    """Resume at world 2 / EP 2, started by torchrun (Lightning sees a TorchElastic environment), from
+    the directory and from the consolidated single file."""
     out = world4 / "world2"
     out.mkdir()
+    consolidated = consolidate_checkpoint(world4 / RESUME_FROM, out / "consolidated-step5.ckpt")
     scenarios = out / "scenarios.json"
     scenarios.write_text(json.dumps([
         {"name": "resume_w2", "ep": 2, "max_epochs": 2, "model": NO_AUX, "resume_from": str(world4 / RESUME_FROM),
+         **TRAIN},
+        {"name": "resume_w2_single_file", "ep": 2, "max_epochs": 2, "model": NO_AUX, "resume_from": str(consolidated),
          **TRAIN},
     ]))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
@@ -296,6 +300,13 @@ def test_resume_at_world4_ep4(world4, tmp_path):
 
 def test_resume_at_world2_ep2_under_torchrun(world2_torchrun, world4, tmp_path):
     _check_resumed(world2_torchrun, "resume_w2", 2, world4, tmp_path)
+
+
+def test_resume_at_ep2_from_a_single_file(world2_torchrun, world4, tmp_path):
+    """A single file (consolidated, or an EP 1 run's) split into EP 2's shards, optimizer state
+    included: the split used to read the number of experts from the state dict it had just made
+    local, and every rank failed."""
+    _check_resumed(world2_torchrun, "resume_w2_single_file", 2, world4, tmp_path)
 
 
 def test_resume_at_world1(world1, world4, tmp_path):

@@ -244,7 +244,9 @@ def load_local_checkpoint(
         CheckpointError: a missing or damaged file, or experts that do not fit the model.
     """
     source = source or SavedCheckpoint(path, weights_only=weights_only, checkpoint_io=checkpoint_io)
-    checkpoint = source.meta
+    # A copy: the source reads its experts' shapes from its own state dict (a single file keeps them
+    # there), which must not become this rank's local one below.
+    checkpoint = dict(source.meta)
     state_dict = dict(checkpoint["state_dict"])
     for info in expert_params:
         if not source.has_expert_param(info.name):
