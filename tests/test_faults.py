@@ -36,6 +36,7 @@ def world2(tmp_path_factory) -> Path:
         {"name": "fp16_inf_fused"},
         {"name": "nan_router"},
         {"name": "nan_loss"},
+        {"name": "nan_in_validation", "validate_every": 4},
         {"name": "base"},
         {"name": "tampered", "base": base},
         {"name": "truncated", "base": base},
@@ -74,6 +75,14 @@ def test_non_finite_values_stop_every_rank_with_the_layer_and_step(world2, name,
     for result in read(world2, name):
         assert result["error"].startswith("NonFiniteError: Non-finite values (NaN or Inf) at optimizer step 3")
         assert what in result["error"]
+
+
+def test_a_non_finite_router_in_validation_does_not_stop_training(world2):
+    """Validation's router logits are NaN on rank 1 (training's stay finite): the run trains on. The
+    flag was set in evaluation forwards too and read at the next training step, which then stopped
+    every rank blaming that step."""
+    for result in read(world2, "nan_in_validation"):
+        assert result["error"] is None and result["global_step"] == 5, result
 
 
 @pytest.mark.parametrize(("name", "message"), [

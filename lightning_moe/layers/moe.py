@@ -224,7 +224,9 @@ class MoELayer(nn.Module):
         self.tokens_per_expert.copy_(counts_E)
         self.dropped_tokens.fill_(dropped)
         self.routed_tokens.fill_(routed)
-        if self.gate.last_logits_finite is not None:
+        if self.training and self.gate.last_logits_finite is not None:
+            # Training forwards only: the strategy checks the flag at the next optimizer step (an
+            # evaluation forward's NaN would stop training, blamed on that step).
             self.nonfinite_router_logits |= ~self.gate.last_logits_finite.to(self.nonfinite_router_logits.device)
         if self.training and self.gate.needs_bias_update:
             self.load_since_bias_update += counts_E

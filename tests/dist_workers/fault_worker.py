@@ -106,6 +106,16 @@ class InjectNaN(Callback):
             pl_module.proj_out.register_forward_pre_hook(poison)
 
 
+class NaNInValidation(Callback):
+    """Rank 1 feeds NaN into the router of `blocks.second` in validation only: training stays finite."""
+
+    def setup(self, trainer, pl_module, stage):
+        def poison(module, args):
+            return (args[0] * float("nan"),) if trainer.validating and trainer.global_rank == 1 else None
+
+        pl_module.blocks["second"].gate.register_forward_pre_hook(poison)
+
+
 class KillAt(Callback):
     """SIGKILL this process (no clean-up at all) when training reaches ``step`` on rank ``rank``."""
 
@@ -159,8 +169,9 @@ def fit(scenario: dict, out_dir: Path, world_size: int, rank: int, *, model=None
     kwargs.update(trainer_kwargs)
     trainer = L.Trainer(**kwargs)
     error = None
+    validation = loader(rank, world_size) if scenario.get("validate_every") else None
     try:
-        trainer.fit(model, loader(rank, world_size), ckpt_path=scenario.get("resume_from"))
+        trainer.fit(model, loader(rank, world_size), validation, ckpt_path=scenario.get("resume_from"))
     except (NonFiniteError, CheckpointError, ValueError) as caught:
         error = f"{type(caught).__name__}: {caught}"
     return model, trainer, recorder, error
@@ -184,6 +195,10 @@ def run(scenario: dict, out_dir: Path, world_size: int, rank: int) -> dict:
         *_, error = fit(scenario, out_dir, world_size, rank, callbacks=[InjectNaN(1 if target == "router" else 0, 3,
                                                                                   target)])
         return {"error": error}
+    if name == "nan_in_validation":
+        model, trainer, recorder, error = fit(scenario, out_dir, world_size, rank, callbacks=[NaNInValidation()],
+                                              val_check_interval=scenario["validate_every"], limit_val_batches=1)
+        return {"error": error, "global_step": trainer.global_step}
     if name == "base":
         checkpoints = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_top_k=-1, every_n_epochs=1)
         model, trainer, recorder, error = fit(scenario, out_dir, world_size, rank, callbacks=[checkpoints])
