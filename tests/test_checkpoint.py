@@ -97,6 +97,26 @@ def test_consolidate_rejects_a_non_checkpoint(tmp_path):
         consolidate_checkpoint(tmp_path, tmp_path / "out.ckpt")
 
 
+def test_consolidate_refuses_a_directory_or_a_file_inside_the_checkpoint(tmp_path, capsys):
+    """Given a directory, the save moved a temporary file into it and changed the directory's mode
+    (its files unreadable to a non-root owner); inside the checkpoint, the file made later saves to
+    that path fail. Both are refused before anything is written, the CLI with exit 2."""
+    _, sharded, optimizer = _sharded([[0, 1, 2, 3]])
+    _save(sharded, optimizer, tmp_path / "ckpt")
+    (tmp_path / "out").mkdir()
+    before = {p: p.stat().st_mode for p in (tmp_path / "ckpt", tmp_path / "out")}
+    with pytest.raises(CheckpointError, match="is a directory; it writes one file"):
+        consolidate_checkpoint(tmp_path / "ckpt", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        consolidate_checkpoint(tmp_path / "ckpt", tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="lies inside the checkpoint directory"):
+        consolidate_checkpoint(tmp_path / "ckpt", tmp_path / "ckpt" / "full.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["consolidate", str(tmp_path / "ckpt"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "is a directory" in capsys.readouterr().err
+    assert {p: p.stat().st_mode for p in before} == before and list((tmp_path / "out").iterdir()) == []
+
+
 class _FailingIO(TorchCheckpointIO):
     """Writes the first ``writes_before_failure`` files, then fails like a full disk."""
 

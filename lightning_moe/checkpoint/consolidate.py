@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
 from lightning_moe.checkpoint.layout import CheckpointError, is_sharded_checkpoint
@@ -76,8 +78,26 @@ def consolidate_checkpoint(checkpoint_dir: _PATH, output_file: _PATH) -> Path:
             f"`{checkpoint_dir}` is not a checkpoint directory written by MoEStrategy. Pass the `.ckpt` "
             f"directory that ModelCheckpoint or `trainer.save_checkpoint` wrote."
         )
+    _check_output_file(checkpoint_dir, output_file)
     TorchCheckpointIO().save_checkpoint(read_full_checkpoint(checkpoint_dir), output_file)
     return Path(str(output_file))
+
+
+def _check_output_file(checkpoint_dir: _PATH, output_file: _PATH) -> None:
+    """Refuse an output that is a directory or lies inside the checkpoint: the save would move its
+    file into the directory and change the directory's permissions (fsspec's commit), or add a file
+    that a later save to the checkpoint path refuses."""
+    if get_filesystem(output_file).isdir(str(output_file)):
+        raise CheckpointError(
+            f"consolidate: `{output_file}` is a directory; it writes one file. Name the file, e.g. "
+            f"`{str(output_file).rstrip('/')}/consolidated.ckpt` (outside the checkpoint directory)."
+        )
+    local = isinstance(get_filesystem(checkpoint_dir), LocalFileSystem)
+    if local and Path(str(output_file)).resolve().is_relative_to(Path(str(checkpoint_dir)).resolve()):
+        raise CheckpointError(
+            f"consolidate: `{output_file}` lies inside the checkpoint directory `{checkpoint_dir}`; write it "
+            f"elsewhere (a checkpoint directory holds only what MoEStrategy wrote)."
+        )
 
 
 def load_from_checkpoint(module_class: type[ModuleT], checkpoint_path: _PATH, **kwargs: Any) -> ModuleT:
