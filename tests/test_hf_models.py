@@ -287,6 +287,11 @@ def test_an_override_of_a_feature_the_family_lacks_is_refused(checkpoints, varia
         MoETransformer.from_pretrained(directory, rope_interleave=True)
     with pytest.raises(ValueError, match=message):
         MoETransformer(pretrained=str(directory), rope_interleave=True)
+    # An override that describes the same model passes: head_dim=None is d_model // n_heads.
+    config = json.loads((directory / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if "kv_lora_rank" not in config:  # multi-head latent attention has its own head widths
+        assert MoETransformer.from_pretrained(directory, head_dim=head_dim).head_dim == head_dim
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -95,6 +95,15 @@ def from_pretrained(
 _MAY_DIFFER = {"max_seq_len", "capacity_factor", "init_std"}
 
 
+def _resolved(name: str, kwargs: dict[str, Any]) -> Any:
+    """The checkpoint's value of an architecture argument, with a ``None`` that means a derived default
+    given as that default (``head_dim=None`` is ``d_model // n_heads``: an override that names it
+    describes the same model)."""
+    if name == "head_dim" and kwargs["head_dim"] is None:
+        return kwargs["d_model"] // kwargs["n_heads"]
+    return kwargs[name]
+
+
 def pretrained_arguments(
     path: str | Path, given: dict[str, Any], defaults: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -117,7 +126,7 @@ def pretrained_arguments(
     defaults = defaults or {}
     given = {name: value for name, value in given.items() if name not in defaults or value != defaults[name]}
     for name, value in given.items():
-        if name in kwargs and name not in _MAY_DIFFER and name != "gate" and value != kwargs[name]:
+        if name in kwargs and name not in _MAY_DIFFER and name != "gate" and value != _resolved(name, kwargs):
             raise ValueError(
                 f"MoETransformer: `{name}`={value!r} differs from the checkpoint's {kwargs[name]!r} ({path}). The "
                 f"architecture comes from the checkpoint: leave `{name}` out."
