@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import time
 
 import torch
@@ -75,7 +76,7 @@ def run_rank(rank: int, args: argparse.Namespace, port: int, results) -> None:
                     times.append(time.perf_counter() - start)
                     sent.append(report.bytes_sent)
         assert all(b == columns * slot_bytes for b in sent), (sent, columns * slot_bytes)
-        rows.append((columns, columns * args.world_size, sent[0], sorted(times)[len(times) // 2]))
+        rows.append((columns, columns * args.world_size, sent[0], statistics.median(times)))
     if rank == 0:
         results["rows"] = rows
         results["slot_bytes"] = slot_bytes

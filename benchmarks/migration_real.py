@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import lightning as L
@@ -57,21 +58,28 @@ class SkewedMoE(L.LightningModule):
 
 
 class StepClock(L.Callback):
-    """Wall-clock seconds of every optimizer step, and the assignments each EP rank's experts got."""
+    """Wall-clock seconds of every optimizer step, the busiest rank's CPU seconds in it, and the
+    assignments each EP rank's experts got."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.busiest_cpu_seconds: list[float] = []
         self.rank_share: list[list[float]] = []
-        self._last = None
+        self._last = self._last_cpu = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._last is None:
-            self._last = time.perf_counter()
+            self._last, self._last_cpu = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.seconds.append(now - self._last)
-        self._last = now
+        # With a core per rank, the busiest rank computes for the whole step; on shared cores the
+        # step's wall time exceeds its CPU time (checked in main).
+        busiest = torch.tensor([cpu - self._last_cpu], dtype=torch.float64)
+        torch.distributed.all_reduce(busiest, op=torch.distributed.ReduceOp.MAX)
+        self.busiest_cpu_seconds.append(float(busiest))
+        self._last, self._last_cpu = now, cpu
         # Assignments each rank's experts processed in this step, over both source ranks.
         traffic = pl_module.moe.traffic.assignments_sent_per_rank.double()
         torch.distributed.all_reduce(traffic)
@@ -112,11 +120,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
+    load_before = os.getloadavg()
     static, _ = train(args, migrate=False)
     clock, migration = train(args, migrate=True)
     if int(os.environ.get("LOCAL_RANK", 0)) != 0:
         return
     move = args.every  # the step the callback re-planned at (it moves before step `every + 1` runs)
+    if not migration.history or migration.history[0]["experts_moved"] == 0:
+        sys.exit(f"no slot moved at step {move} (history: {migration.history}): nothing to measure; raise --skew")
     before = statistics.median(clock.seconds[args.skip:move])
     after = statistics.median(clock.seconds[move + args.skip:])
     # The run without the callback over the same steps as before and after (early steps run slower).
@@ -148,7 +159,17 @@ def main() -> None:
           f"slots ({replan['bytes'] / 2**20:.1f} MiB) {replan['seconds'] * 1e3:.1f} ms")
     print(f"overhead at the default every_n_steps={default_period}: {cost / (cost + default_period * after):.3%} of "
           f"training time (one re-plan per {default_period} steps of {after * 1e3:.0f} ms)")
-    print(json.dumps({"before": before, "after": after, "without": without, "without_early": without_early, "cost": cost}))
+    # Both ranks compute after the move: on two cores shared with other work they cannot both run at
+    # once, and the speed-up measures the contention instead of the placement.
+    cpu_after = statistics.median(clock.busiest_cpu_seconds[move + args.skip:])
+    print(f"busiest rank's CPU time after the move: {cpu_after * 1e3:.0f} ms a step (wall {after * 1e3:.0f} ms); "
+          f"load average before the runs {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    if after > 1.15 * cpu_after:
+        print(f"WARNING: the steps after the move took {after / cpu_after:.2f}x the busiest rank's CPU time: the "
+              f"ranks shared cores with other work, and the speed-up above understates the placement's. Re-run on "
+              f"two idle cores.")
+    print(json.dumps({"before": before, "after": after, "without": without, "without_early": without_early, "cost": cost,
+                      "cpu_after": cpu_after}))
 
 
 if __name__ == "__main__":
