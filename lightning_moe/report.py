@@ -342,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("logdir", help="TensorBoard log directory, e.g. lightning_logs")
     parser.add_argument("--out", required=True, help="output file, .png or .html")
-    parser.add_argument("--run", default=None, help="run directory relative to LOGDIR (default: the newest)")
+    parser.add_argument("--run", default=None,
+                        help="run directory relative to LOGDIR (default: the newest with the monitor's moe/ scalars)")
     args = parser.parse_args(argv)
     try:
         path = build_report(args.logdir, args.out, run=args.run)

@@ -602,6 +602,11 @@ def test_argument_errors_name_the_field(tmp_path, qwen):
         module(qwen, [data], samples_per_epoch=8)
     with pytest.raises(ValueError, match="`tokenizer` .* is not a directory"):
         module(tmp_path / "missing", [data])
+    weights_only = tmp_path / "weights-only"  # a checkpoint copied without its tokenizer files
+    weights_only.mkdir()
+    (weights_only / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 64}))
+    with pytest.raises(ValueError, match="`tokenizer` .* holds no tokenizer files"):
+        module(weights_only, [data])
     with pytest.raises(ValueError, match="`val_fraction` must lie strictly between 0 and 1"):
         module(qwen, [data], val_fraction=0.0)
 

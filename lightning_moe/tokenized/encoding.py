@@ -44,6 +44,13 @@ def load_tokenizer(directory: str, owner: str) -> Any:
             f"{owner}: `tokenizer` {directory!r} is not a directory. Give a local checkpoint directory that holds "
             f"tokenizer.json / tokenizer_config.json (nothing is downloaded)."
         )
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((Path(directory) / name).is_file() for name in names):
+        # transformers would say it needs sentencepiece or tiktoken: the files are what is missing.
+        raise ValueError(
+            f"{owner}: `tokenizer` {directory!r} holds no tokenizer files ({', '.join(names)}). Point it at the "
+            f"checkpoint directory that has them (a weights-only copy lacks them)."
+        )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
