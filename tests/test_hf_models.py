@@ -229,35 +229,36 @@ def test_config_that_does_not_match_the_weights_is_refused(checkpoints, tmp_path
 def test_a_tied_checkpoint_that_also_stores_the_head_loads_as_transformers_loads_it(checkpoints, tmp_path):
     """Some exporters write ``lm_head.weight`` next to the embedding it is tied to: the same model. (A
     stored head that differs from the embedding is refused above: tying would lose it.)"""
+    def add_head(tensors):
+        assert "lm_head.weight" not in tensors
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+
+    _loads_like_transformers_with_more_tensors(checkpoints, "qwen3_moe_bias_tied", tmp_path, add_head)
+
+
+def _loads_like_transformers_with_more_tensors(checkpoints, variant, tmp_path, add) -> None:
+    """A copy of ``variant``'s checkpoint whose tensors ``add`` extends loads with transformers' logits."""
     from safetensors.torch import load_file, save_file
 
-    directory = tmp_path / "tied_with_head"
-    shutil.copytree(checkpoints["qwen3_moe_bias_tied"][0], directory)
+    directory = tmp_path / f"{variant}_more"
+    shutil.copytree(checkpoints[variant][0], directory)
     tensors = load_file(directory / "model.safetensors")
-    assert "lm_head.weight" not in tensors
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    add(tensors)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     ids = token_ids()
     with torch.no_grad():
         torch.testing.assert_close(MoETransformer.from_pretrained(directory).eval()(ids),
-                                   hf_logits(checkpoints["qwen3_moe_bias_tied"][1], ids), **TOLERANCE)
+                                   hf_logits(checkpoints[variant][1], ids), **TOLERANCE)
 
 
 def test_stored_rotary_frequencies_are_ignored_as_transformers_ignores_them(checkpoints, tmp_path):
     """Older transformers versions and conversion scripts store each layer's `rotary_emb.inv_freq`; the
     frequencies follow from the config."""
-    from safetensors.torch import load_file, save_file
+    def add_frequencies(tensors):
+        for layer in range(2):
+            tensors[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = 1e6 ** -(torch.arange(0, 8, 2) / 8)
 
-    directory = tmp_path / "with_inv_freq"
-    shutil.copytree(checkpoints["mixtral"][0], directory)
-    tensors = load_file(directory / "model.safetensors")
-    for layer in range(2):
-        tensors[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = 1e6 ** -(torch.arange(0, 8, 2) / 8)
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    ids = token_ids()
-    with torch.no_grad():
-        torch.testing.assert_close(MoETransformer.from_pretrained(directory).eval()(ids),
-                                   hf_logits(checkpoints["mixtral"][1], ids), **TOLERANCE)
+    _loads_like_transformers_with_more_tensors(checkpoints, "mixtral", tmp_path, add_frequencies)
 
 
 def test_swish_is_read_as_the_silu_it_is(checkpoints, tmp_path):
