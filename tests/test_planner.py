@@ -302,6 +302,53 @@ def test_migration_is_weighed_against_the_horizon():
     assert one_step.plan(load, current=current).experts_per_rank == current.experts_per_rank
 
 
+def _zipf_load(order, rng):
+    """``[16, 8]`` assignments per step: Zipf s=1 popularity (``order`` is each expert's rank in
+    it), the same on every source, with a window's Poisson noise."""
+    popularity = 1 / (1 + order)
+    return rng.poisson(np.tile(popularity / popularity.sum() * 8192, (16, 1)) * 500) / 500
+
+
+def test_of_nearly_equal_plans_the_planner_moves_the_fewest_slots():
+    # Mixtral-like on 2x8 ranks; the four hottest experts trade places in pairs. With move_tolerance=0
+    # the best plan found reshuffles nine slots; within 1% of it, four do (and cross nodes no more).
+    topology = Topology(2, 8, 160e9, 50e9)
+    rng = np.random.default_rng(3)
+    order = rng.permutation(8)
+    current = PlacementPlanner.from_cost(topology, 8, 2, MIXTRAL_LIKE).plan(_zipf_load(order, rng))
+    traded = order.copy()
+    for a, b in ((0, 1), (2, 3)):
+        traded[order == a], traded[order == b] = b, a
+    load = _zipf_load(traded, rng)
+    estimates = {}
+    for tolerance in (0.0, 0.01):
+        planner = PlacementPlanner.from_cost(topology, 8, 2, MIXTRAL_LIKE, move_tolerance=tolerance)
+        plan = planner.plan(load, current=current)
+        estimates[tolerance] = planner.estimate(plan, load, current=current)
+    best, thrifty = estimates[0.0], estimates[0.01]
+    stay = planner.estimate(planner.route(current, load), load)
+    assert thrifty.migration_bytes < best.migration_bytes
+    assert best.layer_seconds <= thrifty.layer_seconds <= 1.01 * best.layer_seconds
+    assert thrifty.cross_node_share <= best.cross_node_share * (1 + 1e-6)
+    assert thrifty.layer_seconds < 0.8 * stay.layer_seconds  # the moves it keeps still pay
+
+
+def test_undoing_moves_takes_a_swap_back_whole():
+    # Four ranks of one node, a uniform load: a plan that swaps experts 1 and 2 between ranks 0 and
+    # 1 is as fast as the placement in force and only costs a copy. Neither half of the swap can be
+    # undone alone (the other expert would lose its only replica); together they give `current`.
+    from lightning_moe.planning.local_search import PlacementScorer, lists_to_holds, undo_small_moves
+
+    topology, cost = Topology(1, 4, 100e9, 100e9), LayerCost(token_bytes=8192.0, seconds_per_token=1e-6, expert_bytes=1e8)
+    current = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    scorer = PlacementScorer(np.full((4, 8), 100.0), topology, cost, locality_weight=1e-3, current=current, horizon_steps=500)
+    swapped = scorer(lists_to_holds([[0, 2], [1, 3], [4, 5], [6, 7]], 8))
+    assert swapped.score > scorer(lists_to_holds(current, 8)).score  # the copy
+    undone = undo_small_moves(swapped, scorer, limit=swapped.score, max_solves=8)
+    assert np.array_equal(undone.holds_ER, lists_to_holds(current, 8))
+    assert undo_small_moves(swapped, scorer, limit=swapped.score, max_solves=0) is swapped
+
+
 def test_fewer_experts_than_ranks():
     topology = Topology(2, 8, 160e9, 50e9)
     rng = np.random.default_rng(4)
@@ -323,6 +370,8 @@ def test_fewer_experts_than_ranks():
         ({"slots_per_rank": 1}, "at least 2"),
         ({"horizon_steps": 0}, "horizon_steps"),
         ({"locality_weight": 2.0}, "locality_weight"),
+        ({"move_tolerance": 1.0}, "move_tolerance"),
+        ({"move_tolerance": -0.01}, "move_tolerance"),
         ({"seconds_per_token": -1.0}, "seconds_per_token"),
     ],
 )

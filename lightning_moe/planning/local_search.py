@@ -299,3 +299,56 @@ def local_search(
         else:
             return state
     return state
+
+
+def cross_node_tokens(state: Scored, scorer: PlacementScorer) -> float:
+    """Assignments per step that ``state``'s routing sends to another node (mean over the windows)."""
+    crossing_RR = ~scorer.topology.same_node()
+    return float((scorer.load_RE[:, :, None] * state.solution.fractions_RER * crossing_RR[:, None, :]).sum())
+
+
+def undo_small_moves(state: Scored, scorer: PlacementScorer, *, limit: float, max_solves: int) -> Scored:
+    """Undo the slot changes from ``scorer.current`` that ``state`` hardly needs: fewer bytes moved,
+    for a score that stays at most ``limit``.
+
+    The search weighs a copy by its time, and copies over distinct links overlap, so a plan may
+    reshuffle many slots to gain a fraction of a percent: twenty slots moved where five give nearly
+    all of the gain. Each changed slot (rank ``d`` took ``e_new`` in place of ``e_old``) is tried
+    back in ``current``'s state, those carrying the fewest tokens first, and kept undone while the
+    score stays at most ``limit`` (one bound for all, so undone slots never add up past it) and no
+    more tokens cross nodes than in ``state`` (fewer bytes moved is not bought with locality). When ``e_new`` would be left without a replica (it moved to ``d``
+    from a rank that took another expert in its place: a swap), that rank's change is undone with
+    it. At most ``max_solves`` undos are scored (one routing LP each), in a deterministic order.
+    """
+    if scorer.current is None or max_solves <= 0:
+        return state
+    current_ER = lists_to_holds(scorer.current, state.holds_ER.shape[0])
+    tokens_ER = (scorer.load_RE[:, :, None] * state.solution.fractions_RER).sum(axis=0)
+    changes = []
+    for rank in range(state.holds_ER.shape[1]):
+        added = np.flatnonzero(state.holds_ER[:, rank] & ~current_ER[:, rank])
+        dropped = np.flatnonzero(current_ER[:, rank] & ~state.holds_ER[:, rank])
+        changes += [(float(tokens_ER[new, rank]), rank, int(new), int(old)) for new, old in zip(added, dropped)]
+    changes.sort()
+    best, solves, crossing = state, 0, cross_node_tokens(state, scorer)
+    for _, rank, new, old in changes:
+        if solves >= max_solves:
+            break
+        holds_ER = best.holds_ER.copy()
+        if not holds_ER[new, rank] or holds_ER[old, rank]:
+            continue  # undone already, with the other half of a swap
+        holds_ER[new, rank], holds_ER[old, rank] = False, True
+        if not holds_ER[new].any():
+            partner = next(
+                ((r, n) for _, r, n, o in changes if o == new and holds_ER[n, r] and not holds_ER[o, r]), None
+            )
+            if partner is None:
+                continue
+            holds_ER[partner[1], partner[0]], holds_ER[new, partner[0]] = False, True
+            if not holds_ER[partner[1]].any():
+                continue
+        solves += 1
+        trial = scorer(holds_ER)
+        if trial.score <= limit and cross_node_tokens(trial, scorer) <= crossing * (1 + 1e-9):
+            best = trial
+    return best

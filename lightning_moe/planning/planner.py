@@ -11,8 +11,12 @@ The algorithm, for one layer and one window of load:
    With a current placement the score adds ``migration_margin`` times the migration time to
    ``horizon_steps`` times the layer time, so a slot moves only when its gain over the horizon
    pays for the copy, with a margin.
-3. Keep the lower score (ties: the current placement's branch), give every expert that stays on a
-   rank the slot it has now, and return the plan with its LP routing fractions.
+3. Keep the lower score (ties: the current placement's branch). With a current placement, undo
+   the slot changes it hardly needs: one at a time, while the score stays within
+   ``move_tolerance`` of the best and no more tokens cross nodes
+   (:func:`~lightning_moe.planning.local_search.undo_small_moves`).
+4. Give every expert that stays on a rank the slot it has now, and return the plan with its LP
+   routing fractions.
 
 Balance and locality are optimised together because the score is the whole modelled layer time:
 the LP chooses fractions that even out compute and keep traffic on-node, and the placement moves
@@ -32,7 +36,14 @@ import torch
 
 from lightning_moe.planning.construct import balanced_placement, initial_placement, random_placements
 from lightning_moe.planning.cost_model import LayerCost, PlanEstimate, as_windows_WRE, estimate_plan
-from lightning_moe.planning.local_search import PlacementScorer, Scored, holds_to_lists, lists_to_holds, local_search
+from lightning_moe.planning.local_search import (
+    PlacementScorer,
+    Scored,
+    holds_to_lists,
+    lists_to_holds,
+    local_search,
+    undo_small_moves,
+)
 from lightning_moe.planning.plan import PlacementPlan, check_shape
 from lightning_moe.planning.routing_lp import program_size, solve_routing
 from lightning_moe.planning.topology import Topology
@@ -65,13 +76,20 @@ class PlacementPlanner:
             most this share of the layer time is traded for it).
         search_rounds: most slot changes one plan makes (each is one accepted local-search move).
         candidates_per_round: moves scored exactly per round.
-        max_solves: most moves scored exactly (one routing LP each) in one call, over all starts:
-            a deterministic bound on the planner's run time. ``None`` picks
-            ``clip(1.2e6 / size, 24, 256)`` with ``size`` the routing LP's flows plus pairs of
-            flows of one source and expert: about two seconds of LP work on one CPU core for 256
-            experts over 32 ranks, and the full search of every start for small layers.
+        max_solves: most moves scored exactly (one routing LP each) in one call, over all starts
+            (undoing small moves scores up to a quarter more): a deterministic bound on the
+            planner's run time. ``None`` picks ``clip(1.2e6 / size, 24, 256)`` with ``size`` the
+            routing LP's flows plus pairs of flows of one source and expert: about two seconds of
+            LP work on one CPU core for 256 experts over 32 ranks, and the full search of every
+            start for small layers.
         random_starts: extra starting placements drawn from a fixed-seed generator (they matter
             for small problems, whose search converges well within the budget).
+        move_tolerance: with a current placement, the best plan's slot changes are undone while its
+            score stays within this share of the best and no more tokens cross nodes: fewer bytes
+            moved for nearly the same plan. Copies over distinct links overlap, so their time alone
+            barely tells four moved slots from nine (see
+            :func:`~lightning_moe.planning.local_search.undo_small_moves`). 0 returns the best plan
+            found.
     """
 
     def __init__(
@@ -92,6 +110,7 @@ class PlacementPlanner:
         candidates_per_round: int = 24,
         max_solves: int | None = None,
         random_starts: int = 3,
+        move_tolerance: float = 0.01,
     ) -> None:
         if not isinstance(topology, Topology):
             raise ValueError(f"PlacementPlanner: `topology` must be a Topology, got {type(topology).__name__}.")
@@ -108,6 +127,8 @@ class PlacementPlanner:
             raise ValueError(f"PlacementPlanner: `max_solves` must be None (automatic) or an integer >= 0, got {max_solves!r}.")
         if not np.isfinite(migration_margin) or migration_margin < 0:
             raise ValueError(f"PlacementPlanner: `migration_margin` must be a non-negative number, got {migration_margin!r}.")
+        if isinstance(move_tolerance, bool) or not isinstance(move_tolerance, (int, float)) or not 0 <= move_tolerance < 1:
+            raise ValueError(f"PlacementPlanner: `move_tolerance` must be a number in [0, 1), got {move_tolerance!r}.")
         if not 0 <= locality_weight <= 1:
             raise ValueError(f"PlacementPlanner: `locality_weight` must lie in [0, 1], got {locality_weight!r}.")
         self.topology = topology
@@ -127,6 +148,7 @@ class PlacementPlanner:
         self.candidates_per_round = candidates_per_round
         self.max_solves = max_solves
         self.random_starts = random_starts
+        self.move_tolerance = float(move_tolerance)
 
     @classmethod
     def from_cost(cls, topology: Topology, num_experts: int, slots_per_rank: int, cost: LayerCost, **options) -> PlacementPlanner:
@@ -200,6 +222,7 @@ class PlacementPlanner:
         if budget is None:
             size = program_size(scorer.load, scored[0].holds_ER)
             budget = int(np.clip(_AUTO_SEARCH_WORK / max(size, 1), _AUTO_MIN_SOLVES, _AUTO_MAX_SOLVES))
+        undo_budget = (budget + 3) // 4  # on top of the search's: undoing changes is a cheaper plan, not a better one
         best: Scored | None = None
         for state in scored:
             solves_before = scorer.solves
@@ -213,6 +236,10 @@ class PlacementPlanner:
             budget -= scorer.solves - solves_before
             if best is None or result.score < best.score:
                 best = result
+        if current is not None and self.move_tolerance > 0:
+            # Undo the slot changes the plan hardly needs (fewer bytes moved for nearly its score).
+            limit = best.score + self.move_tolerance * abs(best.score)
+            best = undo_small_moves(best, scorer, limit=limit, max_solves=undo_budget)
         self.last_solves = scorer.solves  # LP solves of the last call, for benchmarks
         experts_per_rank = _keep_slots(holds_to_lists(best.holds_ER), current)
         fractions = torch.tensor(best.solution.fractions_RER, dtype=torch.float64)
