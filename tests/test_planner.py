@@ -333,20 +333,67 @@ def test_of_nearly_equal_plans_the_planner_moves_the_fewest_slots():
     assert thrifty.layer_seconds < 0.8 * stay.layer_seconds  # the moves it keeps still pay
 
 
-def test_undoing_moves_takes_a_swap_back_whole():
-    # Four ranks of one node, a uniform load: a plan that swaps experts 1 and 2 between ranks 0 and
-    # 1 is as fast as the placement in force and only costs a copy. Neither half of the swap can be
-    # undone alone (the other expert would lose its only replica); together they give `current`.
+@pytest.mark.parametrize(
+    ("current", "moved"),
+    [
+        ([[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 2], [1, 3], [4, 5], [6, 7]]),  # a swap of 1 and 2
+        ([[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 2], [4, 3], [1, 5], [6, 7]]),  # a rotation 1 -> 2 -> 4 -> 1
+        ([[0, 1], [0, 2], [1, 2], [3, 4]], [[0, 2], [0, 1], [1, 2], [3, 4]]),  # a swap of replicated experts
+    ],
+    ids=["swap", "rotation", "swap-of-replicas"],
+)
+def test_undoing_moves_takes_a_chain_back_whole(current, moved):
+    # Four ranks of one node, a uniform load: `moved` is as fast as `current` and only costs copies.
+    # Undoing one of its slots alone either leaves an expert without a replica (a swap, a rotation)
+    # or unbalances the replica counts (a swap of replicated experts, past the limit); the chain
+    # undone whole gives `current` back.
     from lightning_moe.planning.local_search import PlacementScorer, lists_to_holds, undo_small_moves
 
     topology, cost = Topology(1, 4, 100e9, 100e9), LayerCost(token_bytes=8192.0, seconds_per_token=1e-6, expert_bytes=1e8)
-    current = [[0, 1], [2, 3], [4, 5], [6, 7]]
-    scorer = PlacementScorer(np.full((4, 8), 100.0), topology, cost, locality_weight=1e-3, current=current, horizon_steps=500)
-    swapped = scorer(lists_to_holds([[0, 2], [1, 3], [4, 5], [6, 7]], 8))
-    assert swapped.score > scorer(lists_to_holds(current, 8)).score  # the copy
-    undone = undo_small_moves(swapped, scorer, limit=swapped.score, max_solves=8)
-    assert np.array_equal(undone.holds_ER, lists_to_holds(current, 8))
-    assert undo_small_moves(swapped, scorer, limit=swapped.score, max_solves=0) is swapped
+    load = np.full((4, 8), 100.0)
+    if current[3] == [3, 4]:  # five experts, three replicated twice: their share makes the counts matter
+        load = np.array([[300.0, 300.0, 300.0, 100.0, 100.0]] * 4)
+    num_experts = load.shape[1]
+    scorer = PlacementScorer(load, topology, cost, locality_weight=1e-3, current=current, horizon_steps=500)
+    start = scorer(lists_to_holds(moved, num_experts))
+    assert start.score > scorer(lists_to_holds(current, num_experts)).score  # the copies
+    undone = undo_small_moves(start, scorer, limit=start.score, max_solves=8)
+    assert np.array_equal(undone.holds_ER, lists_to_holds(current, num_experts))
+    assert undo_small_moves(start, scorer, limit=start.score, max_solves=0) is start
+
+
+def test_moves_that_keep_tokens_on_their_node_are_not_undone():
+    # Two nodes of two ranks, experts 0 and 1 only on node 0 and 2 and 3 only on node 1: half the
+    # tokens cross. The plan puts a replica of each on both nodes. Staying is within a tolerance of
+    # 50% of its score, but sends more tokens across nodes: the moves stay.
+    topology = Topology(2, 2, 100e9, 100e9)
+    cost = LayerCost(token_bytes=8192.0, seconds_per_token=1e-6, expert_bytes=1.0)
+    current = PlacementPlan.even_split([[0, 1], [0, 1], [2, 3], [2, 3]], 4)
+    load = np.full((4, 4), 100.0)
+    planner = PlacementPlanner.from_cost(topology, 4, 2, cost, move_tolerance=0.5)
+    plan = planner.plan(load, current=current)
+    estimate = planner.estimate(plan, load, current=current)
+    assert estimate.migration_bytes > 0
+    assert estimate.cross_node_share < planner.estimate(planner.route(current, load), load).cross_node_share
+
+
+def test_undoing_moves_never_moves_more_and_gives_valid_deterministic_plans():
+    rng = np.random.default_rng(11)
+    for _ in range(12):
+        topology, cost, load, num_experts = _random_instance(rng)
+        slots = 2 if 2 * topology.num_ranks >= num_experts else 3
+        cost = dataclasses.replace(cost, expert_bytes=float(rng.uniform(1e6, 3e8)))
+        current = PlacementPlanner.from_cost(topology, num_experts, slots, cost).plan(load)
+        drifted = rng.poisson(0.7 * load + 0.3 * load[:, rng.permutation(num_experts)]).astype(np.float64)
+        plans = {}
+        for tolerance in (0.0, 0.01, 0.2):
+            planner = PlacementPlanner.from_cost(topology, num_experts, slots, cost, move_tolerance=tolerance)
+            plans[tolerance] = planner.plan(drifted, current=current).validate()
+            again = planner.plan(drifted, current=current)
+            assert again.experts_per_rank == plans[tolerance].experts_per_rank
+            assert torch.equal(again.routing_fractions_RER, plans[tolerance].routing_fractions_RER)
+        moved = [planner.estimate(plans[t], drifted, current=current).migration_bytes for t in (0.0, 0.01, 0.2)]
+        assert moved[0] >= max(moved[1], moved[2])  # undos only take changes back
 
 
 def test_fewer_experts_than_ranks():

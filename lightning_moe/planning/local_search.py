@@ -312,43 +312,72 @@ def undo_small_moves(state: Scored, scorer: PlacementScorer, *, limit: float, ma
     for a score that stays at most ``limit``.
 
     The search weighs a copy by its time, and copies over distinct links overlap, so a plan may
-    reshuffle many slots to gain a fraction of a percent: twenty slots moved where five give nearly
+    reshuffle many slots to gain a fraction of a percent: nine slots moved where four give nearly
     all of the gain. Each changed slot (rank ``d`` took ``e_new`` in place of ``e_old``) is tried
-    back in ``current``'s state, those carrying the fewest tokens first, and kept undone while the
-    score stays at most ``limit`` (one bound for all, so undone slots never add up past it) and no
-    more tokens cross nodes than in ``state`` (fewer bytes moved is not bought with locality). When ``e_new`` would be left without a replica (it moved to ``d``
-    from a rank that took another expert in its place: a swap), that rank's change is undone with
-    it. At most ``max_solves`` undos are scored (one routing LP each), in a deterministic order.
+    back in ``current``'s state, the slots carrying the fewest tokens first, in two forms (see
+    :func:`_undos`): alone, and with the changes that close its chain (a swap's other half, the
+    rest of a rotation), which leaves every expert with the replica count it had. An undo is kept
+    while the score stays at most ``limit`` (one bound for all, so undone slots never add up past
+    it) and no more tokens cross nodes than in ``state`` (fewer bytes moved is not bought with
+    locality). Passes repeat while one keeps an undo; at most ``max_solves`` undos are scored (one
+    routing LP each), in a deterministic order. Every placement tried holds each expert at least
+    once and no expert twice on a rank.
     """
     if scorer.current is None or max_solves <= 0:
         return state
     current_ER = lists_to_holds(scorer.current, state.holds_ER.shape[0])
     tokens_ER = (scorer.load_RE[:, :, None] * state.solution.fractions_RER).sum(axis=0)
-    changes = []
-    for rank in range(state.holds_ER.shape[1]):
-        added = np.flatnonzero(state.holds_ER[:, rank] & ~current_ER[:, rank])
-        dropped = np.flatnonzero(current_ER[:, rank] & ~state.holds_ER[:, rank])
-        changes += [(float(tokens_ER[new, rank]), rank, int(new), int(old)) for new, old in zip(added, dropped)]
-    changes.sort()
-    best, solves, crossing = state, 0, cross_node_tokens(state, scorer)
-    for _, rank, new, old in changes:
-        if solves >= max_solves:
-            break
-        holds_ER = best.holds_ER.copy()
-        if not holds_ER[new, rank] or holds_ER[old, rank]:
-            continue  # undone already, with the other half of a swap
-        holds_ER[new, rank], holds_ER[old, rank] = False, True
-        if not holds_ER[new].any():
-            partner = next(
-                ((r, n) for _, r, n, o in changes if o == new and holds_ER[n, r] and not holds_ER[o, r]), None
-            )
-            if partner is None:
-                continue
-            holds_ER[partner[1], partner[0]], holds_ER[new, partner[0]] = False, True
-            if not holds_ER[partner[1]].any():
-                continue
-        solves += 1
-        trial = scorer(holds_ER)
-        if trial.score <= limit and cross_node_tokens(trial, scorer) <= crossing * (1 + 1e-9):
-            best = trial
+    changes = sorted(
+        (float(tokens_ER[new, rank]), rank, int(new))
+        for new, rank in zip(*np.nonzero(state.holds_ER & ~current_ER))
+    )
+    best, solves, crossing, tried = state, 0, cross_node_tokens(state, scorer), set()
+    kept = True
+    while kept and solves < max_solves:
+        kept = False
+        for _, rank, new in changes:
+            if not best.holds_ER[new, rank]:
+                continue  # undone already (in another change's chain)
+            for holds_ER in _undos(best.holds_ER, current_ER, rank, new):
+                key = holds_ER.tobytes()
+                if key in tried or solves >= max_solves:
+                    continue
+                tried.add(key)
+                solves += 1
+                trial = scorer(holds_ER)
+                if trial.score <= limit and cross_node_tokens(trial, scorer) <= crossing * (1 + 1e-9):
+                    best, kept = trial, True
+                    break
     return best
+
+
+def _undos(holds_ER: np.ndarray, current_ER: np.ndarray, rank: int, new: int) -> list[np.ndarray]:
+    """The placements that take slot ``(rank, new)`` back to ``current_ER``, valid ones only.
+
+    ``rank`` gets back one expert it held in ``current_ER`` and lost (the lowest such). That alone
+    is the first undo, when ``new`` keeps a replica elsewhere. The second closes the chain: ``new``
+    goes back to a rank that held it in ``current_ER`` and took another expert in its place (the
+    lowest such rank), that expert goes back in turn, and so on, until the chain reaches the expert
+    ``rank`` got back (every replica count is as in ``holds_ER``) or finds no rank to continue.
+    """
+    old = int(np.flatnonzero(current_ER[:, rank] & ~holds_ER[:, rank])[0])
+    single = holds_ER.copy()
+    single[new, rank], single[old, rank] = False, True
+    undos = [single] if single[new].any() else []
+    chain, missing, visited = single.copy(), new, {rank}
+    while missing != old:
+        ranks = [
+            r for r in np.flatnonzero(current_ER[missing] & ~chain[missing])
+            if r not in visited and (chain[:, r] & ~current_ER[:, r]).any()
+        ]
+        if not ranks:
+            break
+        other = int(ranks[0])
+        taken = np.flatnonzero(chain[:, other] & ~current_ER[:, other])
+        given = int(old if old in taken else taken[0])  # close the chain when it can
+        chain[given, other], chain[missing, other] = False, True
+        visited.add(other)
+        missing = given
+    if chain.any(axis=1).all() and not np.array_equal(chain, single):
+        undos.append(chain)
+    return undos
