@@ -77,11 +77,11 @@ class PlacementPlanner:
         search_rounds: most slot changes one plan makes (each is one accepted local-search move).
         candidates_per_round: moves scored exactly per round.
         max_solves: most moves scored exactly (one routing LP each) in one call, over all starts
-            (undoing small moves scores up to a quarter more): a deterministic bound on the
-            planner's run time. ``None`` picks ``clip(1.2e6 / size, 24, 256)`` with ``size`` the
-            routing LP's flows plus pairs of flows of one source and expert: about two seconds of
-            LP work on one CPU core for 256 experts over 32 ranks, and the full search of every
-            start for small layers.
+            (undoing small moves scores up to a quarter of it more, rounded up): a deterministic
+            bound on the planner's run time. ``None`` picks ``clip(1.2e6 / size, 24, 256)`` with
+            ``size`` the routing LP's flows plus pairs of flows of one source and expert: about two
+            seconds of LP work on one CPU core for 256 experts over 32 ranks, and the full search
+            of every start for small layers.
         random_starts: extra starting placements drawn from a fixed-seed generator (they matter
             for small problems, whose search converges well within the budget).
         move_tolerance: with a current placement, the best plan's slot changes are undone while its
