@@ -17,8 +17,9 @@ the next window's load:
 - ``ours``: what :class:`~lightning_moe.ExpertMigration` does: the planner's plan for the last
   windows (up to four, when a backtest says the history helps), taken only when
   :class:`~lightning_moe.planning.trigger.MigrationTrigger` (the callback's rule, its defaults)
-  accepts it: a predicted gain of at least 5% that pays twice for the move over the window; fresh
-  routing fractions for the slots in force otherwise (they move nothing); and the static placement
+  accepts it: a predicted gain of at least 2% over the slots in force with fresh routing fractions,
+  that pays twice for the move over the window; those fresh fractions otherwise (they move
+  nothing); and the static placement
   in place of the plan when a plan made from the window before loses to it on the measured window
   (a load that cannot be followed). The plan's slots are judged with the split over replicas the
   dispatcher makes at every step (``MoEStrategy(balance_replicas=True)``, the default: of the

@@ -368,6 +368,34 @@ def test_trigger_refreshes_the_fractions_when_moving_does_not_pay():
     assert planner.estimate(chosen, load).layer_seconds < 0.95 * planner.estimate(now, load).layer_seconds
 
 
+def test_trigger_weighs_a_move_against_the_slots_in_force_with_fresh_fractions():
+    # The plan in force was made for a load with experts 1 and 2 at 2000 and 1400 tokens per
+    # source; they are now at 2200 and 1200. With the fractions it has, it is about 10% slower than
+    # the planner's new plan; with fractions fitted to the new load, only about 4%. Changing
+    # fractions moves nothing, so the move must clear the hysteresis on the 4%: it does at 3%, and
+    # at 5% the trigger keeps the slots and takes the fresh fractions.
+    from lightning_moe.planning.trigger import MigrationTrigger
+
+    planner, _ = _one_node_of_four_planner()
+    old = np.tile([4000.0, 2000.0, 1400.0, 600.0], (4, 1))
+    new = np.tile([4000.0, 2200.0, 1200.0, 600.0], (4, 1))
+    now = planner.plan(old, PlacementPlan.default(4, 4, 2))
+    candidate = planner.plan(new, now)
+
+    def seconds(plan):
+        return planner.estimate(plan, new).layer_seconds
+
+    assert candidate.experts_per_rank != now.experts_per_rank
+    assert seconds(candidate) < 0.92 * seconds(now)  # against the stale fractions: > 8%
+    fresh = planner.route(now, new)
+    assert 0.95 * seconds(fresh) < seconds(candidate) < 0.97 * seconds(fresh)  # against fresh ones: 3% to 5%
+    kept = MigrationTrigger(horizon_steps=100, min_gain=0.05).choose(now, [new], planner)
+    assert kept.experts_per_rank == now.experts_per_rank
+    assert seconds(kept) == pytest.approx(seconds(fresh))
+    moved = MigrationTrigger(horizon_steps=100, min_gain=0.03).choose(now, [new], planner)
+    assert moved.experts_per_rank == candidate.experts_per_rank
+
+
 def test_trigger_does_not_follow_a_hot_expert_that_rotates():
     # Four experts on two ranks of one node, one spare slot each. When a plan made from the window
     # before (hot expert 3) loses to the default placement on the latest window (hot expert 1), the

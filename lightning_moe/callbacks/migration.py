@@ -7,11 +7,12 @@ MoE layer for a plan (slots with replicas and routing fractions) that lowers the
 on the cluster's :class:`~lightning_moe.planning.Topology` over the last windows, and moves only the
 layers whose predicted gain pays for the move (:class:`~lightning_moe.planning.trigger.MigrationTrigger`):
 
-    gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)          (hysteresis)
-    gain * horizon_steps                        >  migration_margin * migration_time  (cost of moving)
+    gain = layer_time(kept) - layer_time(plan)  >  min_gain * layer_time(kept)          (hysteresis)
+    gain * horizon_steps                         >  migration_margin * migration_time  (cost of moving)
 
-averaged over the windows planned for. A layer that does not move still gets fresh routing
-fractions for its slots (they cost nothing to change). The windows planned for are the last
+averaged over the windows planned for, with ``kept`` the slots in force with fresh routing fractions:
+what the layer gets without moving (fractions cost nothing to change, so a layer that does not move
+still gets them). The windows planned for are the last
 ``history_windows`` unless fractions fitted to them predicted the last window worse, by more than
 half the hysteresis, than fractions fitted to one window (a load that drifts away from its past);
 then the last window alone. When a plan made from the window
@@ -99,8 +100,9 @@ class ExpertMigration(Callback):
         horizon_steps: steps a new plan is expected to stay in force, over which its gain is
             counted; ``None`` is ``every_n_steps``.
         migration_margin: the gain over the horizon must exceed this many times the move's time.
-        min_gain: the predicted layer time must drop by at least this share before a layer moves,
-            so that noise in the load does not make placements oscillate.
+        min_gain: the predicted layer time must drop by at least this share (of the time the slots
+            in force reach with fresh fractions) before a layer moves, so that noise in the load
+            does not make placements oscillate.
         history_windows: most windows of load a plan is made for (see above); 1 plans for the last
             window alone.
         flops_per_second: expert GEMM throughput assumed before the step times calibrate it;
@@ -118,7 +120,7 @@ class ExpertMigration(Callback):
         measure_links: bool | dict[str, int] = False,
         horizon_steps: int | None = None,
         migration_margin: float = 2.0,
-        min_gain: float = 0.05,
+        min_gain: float = 0.02,
         history_windows: int = 4,
         flops_per_second: float | None = None,
         calibrate: bool = True,

@@ -6,17 +6,19 @@ load that wobbles between states (two experts trading places in popularity and b
 slots and fractions that hold in every state seen, where a plan fitted to the last window alone
 loses balance as soon as the load steps back.
 
-The planner's plan replaces the plan in force (``now``) only when both hold (``layer_time``: the
-cost model's, averaged over the windows planned for):
+The alternative to moving is free: the slots in force (``now``) with fresh routing fractions for the
+windows (``kept``; changing fractions moves no data, so every re-plan takes them). The planner's
+plan replaces them only when both hold (``layer_time``: the cost model's, averaged over the windows
+planned for):
 
-    gain = layer_time(now) - layer_time(plan)  >  min_gain * layer_time(now)           (hysteresis)
-    gain * horizon_steps                        >  migration_margin * migration_time   (cost of moving)
+    gain = layer_time(kept) - layer_time(plan)  >  min_gain * layer_time(kept)          (hysteresis)
+    gain * horizon_steps                         >  migration_margin * migration_time   (cost of moving)
 
-A plan made for several windows must also be no slower than ``now`` on the latest of them: one that
+The gain is measured against ``kept``, not against ``now`` with the fractions it has: those were
+fitted to older windows, and a gain that new fractions alone would give must not pay for a copy.
+A plan made for several windows must also be no slower than ``kept`` on the latest of them: one that
 wins on their mean but loses on the window that just ended pays for its move only if the load goes
-back to older states, a bet the data of the last window speaks against. When the plan is not taken,
-the slots in force stay but get fresh routing fractions for the windows: changing fractions moves no
-data, so every re-plan takes them.
+back to older states, a bet the data of the last window speaks against.
 
 Which windows are planned for is itself checked on the past (a backtest on the slots in force):
 fractions fitted to the windows before the last one are compared, on the last one, with fractions
@@ -34,8 +36,9 @@ plan in force on the last window by the same two inequalities, so a layer bet on
 back to it and a layer on it stays.
 
 The first inequality keeps small predicted gains, within the noise of the measured load, from making
-placements oscillate; the second weighs the copy of weights and optimizer state against the time
-the plan saves until the next re-plan.
+placements oscillate (2% by default: a window's load is the mean of hundreds of steps); the second
+weighs the copy of weights and optimizer state against the time the plan saves until the next
+re-plan.
 
 :class:`~lightning_moe.ExpertMigration` applies it to every layer at every re-plan, and
 ``benchmarks/placement_sim.py`` applies the same rule to the planner's plans, so the simulated
@@ -69,7 +72,7 @@ class MigrationTrigger:
 
     horizon_steps: int
     migration_margin: float = 2.0
-    min_gain: float = 0.05
+    min_gain: float = 0.02
     history_windows: int = 4
 
     def __post_init__(self) -> None:
@@ -113,13 +116,15 @@ class MigrationTrigger:
         if candidate.experts_per_rank == now.experts_per_rank:
             kept = candidate  # the planner kept the slots: its fractions are the fresh ones
         else:
+            kept = planner.route(now, windows)  # the slots in force, fresh fractions: nothing moves
             migration = planner.estimate(candidate, latest, now).migration_seconds
-            now_W, new_W = _seconds_per_window(planner, now, windows), _seconds_per_window(planner, candidate, windows)
+            # The move is weighed against what staying gets for free: the slots in force with fresh
+            # fractions. A gain that changing the tables alone would give does not pay for a copy.
+            kept_W, new_W = _seconds_per_window(planner, kept, windows), _seconds_per_window(planner, candidate, windows)
             # The plan must not lose on the latest window (windows[0]; see the module docstring). With
             # one window the hysteresis implies it; with several it is a check of its own.
-            if self.accepts(now_W.mean(), new_W.mean(), migration) and new_W[0] <= now_W[0]:
+            if self.accepts(kept_W.mean(), new_W.mean(), migration) and new_W[0] <= kept_W[0]:
                 return candidate
-            kept = planner.route(now, windows)  # the slots in force, fresh fractions: nothing moves
         return now if kept.same_as(now) else kept
 
     def _history_helps(self, now: PlacementPlan, loads: Sequence[np.ndarray], planner: PlacementPlanner) -> bool:
