@@ -461,6 +461,26 @@ def test_plans_and_fresh_fractions_are_never_slower_than_the_plan_in_force_with_
     assert planner.estimate(chosen, load).layer_seconds <= planner.estimate(now, load).layer_seconds
 
 
+def test_a_plan_that_loses_to_the_plan_in_force_gives_it_fresh_fractions():
+    """When the search's plan loses to the plan in force by :meth:`estimate` (the per-slot overhead),
+    `plan` returns the slots in force with fractions for the new load, not with the stale ones
+    (here 5.5% slower), and the trigger keeps those."""
+    planner = PlacementPlanner(Topology(1, 3), 4, 3, token_bytes=8192.0, seconds_per_token=1e-7,
+                               per_expert_overhead=1e-5, expert_bytes=0.0)
+    before = np.array([[0.0, 0.0, 7.0, 28.0], [0.0, 0.0, 14.0, 0.0], [11.0, 0.0, 11.0, 0.0]])
+    load = np.array([[0.0, 7.0, 0.0, 15.0], [0.0, 0.0, 0.0, 28.0], [0.0, 40.0, 3.0, 28.0]])
+    now = planner.route(PlacementPlan.default(4, 3, 3), before)
+
+    def seconds(plan):
+        return planner.estimate(plan, load).layer_seconds
+
+    fresh = planner.route(now, load)
+    assert seconds(fresh) < 0.95 * seconds(now)
+    for chosen in (planner.plan(load, current=now), MigrationTrigger(horizon_steps=500).choose(now, [load], planner)):
+        assert chosen.experts_per_rank == now.experts_per_rank
+        assert seconds(chosen) == pytest.approx(seconds(fresh))
+
+
 def test_route_returns_a_plan_with_colocated_replicas_unchanged():
     """EPLB can put two replicas of one expert on one GPU; the LP does not model that, and `route`
     hands such a plan back as it is instead of refusing it."""
