@@ -12,8 +12,8 @@ layers whose predicted gain pays for the move (:class:`~lightning_moe.planning.t
 
 averaged over the windows planned for, with ``kept`` the slots in force with fresh routing fractions:
 what the layer gets without moving (fractions cost nothing to change, so a layer that does not move
-still gets them). The windows planned for are the last
-``history_windows`` unless fractions fitted to them predicted the last window worse, by more than
+still gets them, except where the load cannot be followed, below). The windows planned for are
+the last ``history_windows`` unless fractions fitted to them predicted the last window worse, by more than
 half the hysteresis, than fractions fitted to one window (a load that drifts away from its past);
 then the last window alone. When a plan made from the window
 before loses to the default placement on the window that ended (a hot spot that moves on every
@@ -102,7 +102,8 @@ class ExpertMigration(Callback):
         migration_margin: the gain over the horizon must exceed this many times the move's time.
         min_gain: the predicted layer time must drop by at least this share (of the time the slots
             in force reach with fresh fractions) before a layer moves, so that noise in the load
-            does not make placements oscillate.
+            does not make placements oscillate; it also sets how much a load must be predictable to
+            be followed (see :class:`~lightning_moe.planning.trigger.MigrationTrigger`).
         history_windows: most windows of load a plan is made for (see above); 1 plans for the last
             window alone.
         flops_per_second: expert GEMM throughput assumed before the step times calibrate it;

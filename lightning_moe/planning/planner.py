@@ -66,8 +66,8 @@ class PlacementPlanner:
         seconds_per_token: expert compute seconds per assignment, forward plus backward.
         per_expert_overhead: seconds per non-empty local slot. The search's LP leaves it out (it is
             the same on every rank for every plan whose slots all receive tokens); a plan it would
-            make slower than ``current`` by :meth:`estimate` (slots left empty by a cold expert) is
-            not returned: ``current``'s slots with fresh fractions (:meth:`route`) are.
+            make slower than ``current``'s slots with fresh fractions (:meth:`route`) by
+            :meth:`estimate` (slots left empty by a cold expert) is not returned: those are.
         expert_bytes: bytes to migrate one slot (weights and optimizer state).
         all_to_all_passes: all-to-alls per step (4 when training).
         horizon_steps: steps until the next re-plan: the gain of a move is weighed over them.
@@ -244,11 +244,12 @@ class PlacementPlanner:
         experts_per_rank = _keep_slots(holds_to_lists(best.holds_ER), current)
         fractions = torch.tensor(best.solution.fractions_RER, dtype=torch.float64)
         plan = PlacementPlan(experts_per_rank, fractions).validate()
-        if current is not None:
-            # The search's LP leaves out the per-slot overhead: with it, the plan must not lose. When
-            # it does, staying is the plan: the slots in force, with fractions for this load.
-            if _slower(self._full_score(plan, load_WRE, current), self._full_score(current, load_WRE, current)):
-                return self.route(current, load_WRE)
+        if current is not None and not plan.same_as(current):
+            # The search's LP leaves out the per-slot overhead: with it, the plan must not lose to
+            # staying, which is the slots in force with fractions for this load (free to change).
+            staying = self.route(current, load_WRE)
+            if _slower(self._full_score(plan, load_WRE, current), self._full_score(staying, load_WRE, current)):
+                return staying
         return plan
 
     def _full_score(self, plan: PlacementPlan, load_WRE: np.ndarray, current: PlacementPlan) -> float:

@@ -33,7 +33,9 @@ default placement (:meth:`~lightning_moe.planning.PlacementPlan.default`, no bet
 window that ended, by at least ``min_gain``. When it does not (a hot spot that moves on every
 window), the load is not one a placement can follow: the default placement is weighed against the
 plan in force on the last window by the same two inequalities, so a layer bet on an old load goes
-back to it and a layer on it stays.
+back to it and a layer on it stays. Here, and only here, the plan in force keeps the fractions it
+has and is weighed with them: fractions fitted to the last window are one more bet on a load that
+does not hold from one window to the next (and the dispatcher re-fits them at every step).
 
 The first inequality keeps small predicted gains, within the noise of the measured load, from making
 placements oscillate (2% by default: a window's load is the mean of hundreds of steps); the second
@@ -66,7 +68,10 @@ class MigrationTrigger:
     Args:
         horizon_steps: steps the new plan is expected to stay in force.
         migration_margin: the gain over the horizon must exceed this many times the move's time.
-        min_gain: the predicted layer time must drop by at least this share of the current one.
+        min_gain: the predicted layer time must drop by at least this share of what staying gets
+            (the hysteresis); also the margin by which a plan from the window before must beat the
+            default placement for the load to count as one to follow, and twice the tolerance of
+            the history backtest.
         history_windows: windows of load the plans are made for (the latest and those before it).
     """
 
