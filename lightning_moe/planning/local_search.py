@@ -307,6 +307,12 @@ def cross_node_tokens(state: Scored, scorer: PlacementScorer) -> float:
     return float((scorer.load_RE[:, :, None] * state.solution.fractions_RER * crossing_RR[:, None, :]).sum())
 
 
+def off_rank_tokens(state: Scored, scorer: PlacementScorer) -> float:
+    """Assignments per step that ``state``'s routing sends to another rank (mean over the windows)."""
+    elsewhere_RR = ~np.eye(scorer.topology.num_ranks, dtype=bool)
+    return float((scorer.load_RE[:, :, None] * state.solution.fractions_RER * elsewhere_RR[:, None, :]).sum())
+
+
 def undo_small_moves(state: Scored, scorer: PlacementScorer, *, limit: float, max_solves: int) -> Scored:
     """Undo the slot changes from ``scorer.current`` that ``state`` hardly needs: fewer bytes moved,
     for a score that stays at most ``limit``.
@@ -318,8 +324,11 @@ def undo_small_moves(state: Scored, scorer: PlacementScorer, *, limit: float, ma
     :func:`_undos`): alone, and with the changes that close its chain (a swap's other half, the
     rest of a rotation), which leaves every expert with the replica count it had. An undo is kept
     while the score stays at most ``limit`` (one bound for all, so undone slots never add up past
-    it) and no more tokens cross nodes than in ``state`` (fewer bytes moved is not bought with
-    locality). Passes repeat while one keeps an undo; at most ``max_solves`` undos are scored (one
+    it), no more tokens cross nodes than in ``state``, and the tokens that leave their source rank
+    grow by at most the same share of all tokens as ``limit`` allows the score (fewer bytes moved is
+    not bought with locality: link speeds are the cost model's least certain figures, and a plan
+    that balances the ranks by sending tokens over fast-looking links is only as good as they are).
+    Passes repeat while one keeps an undo; at most ``max_solves`` undos are scored (one
     routing LP each), in a deterministic order. Every placement tried holds each expert at least
     once and no expert twice on a rank.
     """
@@ -331,7 +340,9 @@ def undo_small_moves(state: Scored, scorer: PlacementScorer, *, limit: float, ma
         (float(tokens_ER[new, rank]), rank, int(new))
         for new, rank in zip(*np.nonzero(state.holds_ER & ~current_ER))
     )
-    best, solves, crossing, tried = state, 0, cross_node_tokens(state, scorer), set()
+    best, solves, tried = state, 0, set()
+    crossing = cross_node_tokens(state, scorer)
+    leaving = off_rank_tokens(state, scorer) + (limit / state.score - 1) * float(scorer.load_RE.sum())
     kept = True
     while kept and solves < max_solves:
         kept = False
@@ -345,7 +356,11 @@ def undo_small_moves(state: Scored, scorer: PlacementScorer, *, limit: float, ma
                 tried.add(key)
                 solves += 1
                 trial = scorer(holds_ER)
-                if trial.score <= limit and cross_node_tokens(trial, scorer) <= crossing * (1 + 1e-9):
+                if (
+                    trial.score <= limit
+                    and cross_node_tokens(trial, scorer) <= crossing * (1 + 1e-9)
+                    and off_rank_tokens(trial, scorer) <= leaving * (1 + 1e-9) + 1e-9
+                ):
                     best, kept = trial, True
                     break
     return best

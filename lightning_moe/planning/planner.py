@@ -13,8 +13,8 @@ The algorithm, for one layer and one window of load:
    pays for the copy, with a margin.
 3. Keep the lower score (ties: the current placement's branch). With a current placement, undo
    the slot changes it hardly needs: one at a time, while the score stays within
-   ``move_tolerance`` of the best and no more tokens cross nodes
-   (:func:`~lightning_moe.planning.local_search.undo_small_moves`).
+   ``move_tolerance`` of the best, no more tokens cross nodes and at most that share of the
+   tokens more leave their rank (:func:`~lightning_moe.planning.local_search.undo_small_moves`).
 4. Give every expert that stays on a rank the slot it has now, and return the plan with its LP
    routing fractions.
 
@@ -85,9 +85,9 @@ class PlacementPlanner:
         random_starts: extra starting placements drawn from a fixed-seed generator (they matter
             for small problems, whose search converges well within the budget).
         move_tolerance: with a current placement, the best plan's slot changes are undone while its
-            score stays within this share of the best and no more tokens cross nodes: fewer bytes
-            moved for nearly the same plan. Copies over distinct links overlap, so their time alone
-            barely tells four moved slots from nine (see
+            score stays within this share of the best, no more tokens cross nodes and at most this
+            share of the tokens more leave their rank: fewer bytes moved for nearly the same plan. Copies over distinct links
+            overlap, so their time alone barely tells four moved slots from nine (see
             :func:`~lightning_moe.planning.local_search.undo_small_moves`). 0 returns the best plan
             found.
     """
