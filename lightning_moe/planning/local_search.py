@@ -342,7 +342,8 @@ def undo_small_moves(state: Scored, scorer: PlacementScorer, *, limit: float, ma
     )
     best, solves, tried = state, 0, set()
     crossing = cross_node_tokens(state, scorer)
-    leaving = off_rank_tokens(state, scorer) + (limit / state.score - 1) * float(scorer.load_RE.sum())
+    share = (limit - state.score) / state.score if state.score > 0 else 0.0  # the score's tolerance
+    leaving = off_rank_tokens(state, scorer) + share * float(scorer.load_RE.sum())
     kept = True
     while kept and solves < max_solves:
         kept = False

@@ -86,8 +86,9 @@ class PlacementPlanner:
             for small problems, whose search converges well within the budget).
         move_tolerance: with a current placement, the best plan's slot changes are undone while its
             score stays within this share of the best, no more tokens cross nodes and at most this
-            share of the tokens more leave their rank: fewer bytes moved for nearly the same plan. Copies over distinct links
-            overlap, so their time alone barely tells four moved slots from nine (see
+            share of the tokens more leave their rank: fewer bytes moved for nearly the same plan.
+            Copies over distinct links overlap, so their time alone barely tells four moved slots
+            from nine (see
             :func:`~lightning_moe.planning.local_search.undo_small_moves`). 0 returns the best plan
             found.
     """
