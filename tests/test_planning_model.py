@@ -379,7 +379,7 @@ def test_trigger_weighs_a_move_against_the_slots_in_force_with_fresh_fractions()
     planner, _ = _one_node_of_four_planner()
     old = np.tile([4000.0, 2000.0, 1400.0, 600.0], (4, 1))
     new = np.tile([4000.0, 2200.0, 1200.0, 600.0], (4, 1))
-    now = planner.plan(old, PlacementPlan.default(4, 4, 2))
+    now = planner.route(PlacementPlan.even_split([[0, 1], [1, 2], [2, 3], [3, 0]], 4), old)
     candidate = planner.plan(new, now)
 
     def seconds(plan):
