@@ -13,8 +13,8 @@ layers whose predicted gain pays for the move (:class:`~lightning_moe.planning.t
 averaged over the windows planned for, with ``kept`` the slots in force with fresh routing fractions:
 what the layer gets without moving (fractions cost nothing to change, so a layer that does not move
 still gets them, except where the load cannot be followed, below). The windows planned for are
-the last ``history_windows`` unless fractions fitted to them predicted the last window worse, by more than
-half the hysteresis, than fractions fitted to one window (a load that drifts away from its past);
+the last ``history_windows`` unless fractions fitted to them predicted the last window worse, by
+more than half the hysteresis, than fractions fitted to one window (a load that drifts away from its past);
 then the last window alone. When a plan made from the window
 before loses to the default placement on the window that ended (a hot spot that moves on every
 window), the load cannot be followed: the default placement is weighed instead.
